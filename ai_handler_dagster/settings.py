@@ -1,0 +1,62 @@
+"""Every setting of the project, read from environment variables in one place.
+
+The one environment switch is ``AI_HANDLER_ENV``: ``embedded`` (the default: SQLite, the Replicate
+emulator and a local S3 endpoint under the state folder) or ``production`` (PostgreSQL, S3 and
+Replicate). An unknown value is an error, never a silent default.
+
+Settings are read when called, not at import time, so tests and the CLI can set them first.
+Secrets (the Replicate token, S3 keys) are not read here: resources take them through
+``dagster.EnvVar`` so they never reach run config, logs or metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value the project cannot use; the message says which and why."""
+
+
+class Environment(enum.StrEnum):
+    EMBEDDED = "embedded"
+    PRODUCTION = "production"
+
+
+ENV_VAR = "AI_HANDLER_ENV"
+STATE_DIR_VAR = "AI_HANDLER_STATE_DIR"
+DATABASE_URL_VAR = "AI_HANDLER_DATABASE_URL"
+PRICING_FILE_VAR = "AI_HANDLER_PRICING_FILE"
+
+
+def environment() -> Environment:
+    """The environment chosen by ``AI_HANDLER_ENV`` (default ``embedded``)."""
+    raw = os.environ.get(ENV_VAR, Environment.EMBEDDED.value).strip().lower()
+    try:
+        return Environment(raw)
+    except ValueError:
+        allowed = ", ".join(e.value for e in Environment)
+        raise ConfigError(f"{ENV_VAR}={raw!r} is not one of: {allowed}") from None
+
+
+def state_dir() -> Path:
+    """Local state folder (``AI_HANDLER_STATE_DIR``, default ``./.state``); created on demand."""
+    path = Path(os.environ.get(STATE_DIR_VAR, ".state")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url() -> str:
+    """SQLAlchemy URL of the app database (``AI_HANDLER_DATABASE_URL``).
+
+    Default: a SQLite file ``app.db`` in the state folder. In production the URL is required and
+    must name its driver explicitly (``postgresql+psycopg2://...``).
+    """
+    url = os.environ.get(DATABASE_URL_VAR)
+    if url:
+        return url
+    if environment() is Environment.PRODUCTION:
+        raise ConfigError(f"{DATABASE_URL_VAR} must be set when {ENV_VAR}=production")
+    return f"sqlite:///{state_dir() / 'app.db'}"
