@@ -60,3 +60,43 @@ def database_url() -> str:
     if environment() is Environment.PRODUCTION:
         raise ConfigError(f"{DATABASE_URL_VAR} must be set when {ENV_VAR}=production")
     return f"sqlite:///{state_dir() / 'app.db'}"
+
+
+def _int_setting(name: str, default: int, *, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def max_batch_size() -> int:
+    """Most generations one run processes (``AI_HANDLER_MAX_BATCH``, default 32)."""
+    return _int_setting("AI_HANDLER_MAX_BATCH", 32)
+
+
+def max_in_flight() -> int:
+    """Most generations queued or running at once (``AI_HANDLER_MAX_IN_FLIGHT``, default 128)."""
+    return _int_setting("AI_HANDLER_MAX_IN_FLIGHT", 128)
+
+
+def max_in_flight_per_user() -> int:
+    """Most generations one user may have queued or running (``AI_HANDLER_MAX_IN_FLIGHT_PER_USER``,
+    default 64), so one user's backlog cannot starve the others."""
+    return _int_setting("AI_HANDLER_MAX_IN_FLIGHT_PER_USER", 64)
+
+
+def small_backlog() -> int:
+    """Backlog at or below which each generation gets a run of its own
+    (``AI_HANDLER_SMALL_BACKLOG``, default 4): lowest latency and the clearest UI."""
+    return _int_setting("AI_HANDLER_SMALL_BACKLOG", 4, minimum=0)
+
+
+def sensor_interval_s() -> int:
+    """Seconds between ticks of the request sensor (``AI_HANDLER_SENSOR_INTERVAL_S``, default 2)."""
+    return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 2)

@@ -1,0 +1,74 @@
+"""The Dagster definitions of the project: ``defs`` is what ``workspace.yaml`` loads.
+
+Resources follow the one environment switch (``AI_HANDLER_ENV``): the embedded setup points them at
+the local emulator and S3 endpoint that ``ai-handler dev`` starts; production at Replicate and S3.
+Secrets (the Replicate token, AWS keys) are read only through ``EnvVar`` or the AWS credential
+chain at run time, so they never appear in run config, logs or metadata.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import Definitions, EnvVar
+from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+from ai_handler_dagster import settings
+from ai_handler_dagster.orchestration.jobs import (
+    generation_job,
+    reconcile_job,
+    reprocess_day_job,
+    reprocess_generations_job,
+)
+from ai_handler_dagster.orchestration.schedules import reconcile_schedule
+from ai_handler_dagster.orchestration.sensors import (
+    generation_request_sensor,
+    refund_canceled_runs,
+    refund_failed_runs,
+)
+from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
+from ai_handler_dagster.resources.outputs import OutputPolicyResource
+from ai_handler_dagster.resources.replicate import ReplicateResource
+from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
+
+DEFAULT_BUCKET = "ai-handler-outputs"
+
+
+def _optional_env(name: str) -> EnvVar | None:
+    """``EnvVar(name)`` when the variable is set (read again at run time), else None."""
+    return EnvVar(name) if os.environ.get(name) else None
+
+
+def build_resources() -> dict[str, object]:
+    """Resources for the current environment (``AI_HANDLER_ENV``)."""
+    embedded = settings.environment() is settings.Environment.EMBEDDED
+    base_url = _optional_env("REPLICATE_BASE_URL")
+    s3 = S3Resource(
+        endpoint_url=_optional_env("AI_HANDLER_S3_ENDPOINT_URL"),
+        region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+    )
+    bucket = os.environ.get("AI_HANDLER_S3_BUCKET", DEFAULT_BUCKET)
+    replicate_kwargs: dict[str, object] = {"api_token": EnvVar("REPLICATE_API_TOKEN")}
+    if base_url is not None:
+        replicate_kwargs["base_url"] = base_url
+    return {
+        "database": DatabaseResource(),
+        "pricing": PricingResource(),
+        "replicate": ReplicateResource(**replicate_kwargs),
+        "output_policy": OutputPolicyResource(
+            emulator_base_url=base_url if embedded else None
+        ),
+        "s3": s3,
+        "outputs_io_manager": GenerationOutputsIOManager(s3=s3, bucket=bucket),
+        # Small intermediate values (lists of ids) between ops, in the same bucket: nothing
+        # assumes that the ops of a run share a disk.
+        "io_manager": S3PickleIOManager(s3_resource=s3, s3_bucket=bucket, s3_prefix="dagster-io"),
+    }
+
+
+defs = Definitions(
+    jobs=[generation_job, reprocess_day_job, reprocess_generations_job, reconcile_job],
+    sensors=[generation_request_sensor, refund_failed_runs, refund_canceled_runs],
+    schedules=[reconcile_schedule],
+    resources=build_resources(),
+)

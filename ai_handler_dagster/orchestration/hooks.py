@@ -1,0 +1,28 @@
+"""The fast refund path: when an op of a generation run fails for good, release the holds of the
+run's unfinished generations at once, before the run itself is marked failed."""
+
+from __future__ import annotations
+
+from dagster import HookContext, failure_hook
+
+from ai_handler_dagster.errors import RUN_FAILED
+from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinished
+
+
+@failure_hook(required_resource_keys={"database", "replicate"})
+def refund_on_failure(context: HookContext) -> None:
+    """Fail and refund the unfinished generations of this run (idempotent)."""
+    run = context.instance.get_run_by_id(context.run_id)
+    batch_key = run.tags.get(BATCH_TAG) if run else None
+    error = context.op_exception
+    reason = f"{type(error).__name__}: {error}" if error else "op failed"
+    refunded = refund_unfinished(
+        context.resources.database.engine(),
+        run_id=context.run_id,
+        batch_key=batch_key,
+        code=RUN_FAILED,
+        message=f"step {context.step_key} failed: {reason}"[:1000],
+        cancel_prediction=context.resources.replicate.cancel,
+    )
+    if refunded:
+        context.log.warning(f"refunded generations {refunded} after step {context.step_key} failed")

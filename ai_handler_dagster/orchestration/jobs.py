@@ -1,0 +1,210 @@
+"""The jobs: what a generation run does, reprocessing (Launchpad and backfills), reconciliation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from dagster import (
+    Config,
+    DailyPartitionsDefinition,
+    OpExecutionContext,
+    in_process_executor,
+    job,
+    op,
+)
+from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+from pydantic import Field
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.errors import DEADLINE_EXCEEDED, RUN_FAILED
+from ai_handler_dagster.orchestration.hooks import refund_on_failure
+from ai_handler_dagster.orchestration.ops import (
+    await_predictions,
+    create_predictions,
+    finalize,
+    reserve_credits,
+    store_outputs,
+)
+from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinished
+from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.resources.replicate import ReplicateResource
+
+#: Partitions of the reprocessing job: one per day of generation requests (UTC).
+REQUEST_DAYS = DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
+
+
+@job(
+    executor_def=in_process_executor,
+    hooks={refund_on_failure},
+    tags={"ai_handler/kind": "generation"},
+    description=(
+        "Charge, generate, store and settle a batch of generations: hold credits, run the model "
+        "on Replicate, store the outputs in S3, capture the charge. Failures refund."
+    ),
+)
+def generation_job() -> None:
+    held = reserve_credits()
+    created = create_predictions(held)
+    awaited = await_predictions(created)
+    finalize(store_outputs(awaited), awaited)
+
+
+class ReprocessDayConfig(Config):
+    """What a reprocessing backfill re-queues for one day of requests."""
+
+    include_succeeded: bool = Field(
+        default=False,
+        description="Also re-run generations that succeeded (a new attempt, charged again).",
+    )
+
+
+def _requeue(engine: sa.Engine, ids: list[int], *, include_succeeded: bool) -> list[int]:
+    statuses = ["failed", "canceled"] + (["succeeded"] if include_succeeded else [])
+    requeued = []
+    for generation_id in ids:
+        with session_scope(engine) as session:
+            row = session.get(Generation, generation_id, with_for_update=True)
+            if row is None or row.status not in statuses:
+                continue
+            gens.requeue(session, generation_id)
+            requeued.append(generation_id)
+    return requeued
+
+
+@op
+def requeue_day(
+    context: OpExecutionContext, config: ReprocessDayConfig, database: DatabaseResource
+) -> list[int]:
+    """Re-queue the failed (and, if asked, succeeded) generations requested on this day."""
+    day = datetime.fromisoformat(context.partition_key).replace(tzinfo=UTC)
+    engine = database.engine()
+    statuses = ["failed", "canceled"] + (["succeeded"] if config.include_succeeded else [])
+    with session_scope(engine) as session:
+        ids = list(
+            session.scalars(
+                sa.select(Generation.id)
+                .where(
+                    Generation.created_at >= day.replace(tzinfo=None),
+                    Generation.created_at < (day + timedelta(days=1)).replace(tzinfo=None),
+                    Generation.status.in_(statuses),
+                )
+                .order_by(Generation.id)
+            )
+        )
+    requeued = _requeue(engine, ids, include_succeeded=config.include_succeeded)
+    context.add_output_metadata({"day": context.partition_key, "requeued": len(requeued)})
+    context.log.info(f"re-queued {len(requeued)} generations of {context.partition_key}")
+    return requeued
+
+
+@job(
+    executor_def=in_process_executor,
+    partitions_def=REQUEST_DAYS,
+    description="Backfill over request days: re-queue the failed generations of each day.",
+)
+def reprocess_day_job() -> None:
+    requeue_day()
+
+
+class ReprocessIdsConfig(Config):
+    """Generations to re-queue, by id (from the Launchpad)."""
+
+    generation_ids: list[int] = Field(description="Ids of failed or canceled generations.")
+    include_succeeded: bool = Field(
+        default=False, description="Also re-run listed generations that succeeded (charged again)."
+    )
+
+
+@op
+def requeue_ids(
+    context: OpExecutionContext, config: ReprocessIdsConfig, database: DatabaseResource
+) -> list[int]:
+    """Re-queue the listed generations (new attempt, new hold); others are reported and skipped."""
+    requeued = _requeue(
+        database.engine(), config.generation_ids, include_succeeded=config.include_succeeded
+    )
+    skipped = sorted(set(config.generation_ids) - set(requeued))
+    if skipped:
+        context.log.warning(f"not re-queued (not failed/canceled or unknown): {skipped}")
+    context.add_output_metadata({"requeued": len(requeued), "skipped": str(skipped)})
+    return requeued
+
+
+@job(executor_def=in_process_executor, description="Re-queue given generations by id.")
+def reprocess_generations_job() -> None:
+    requeue_ids()
+
+
+#: A queued generation whose batch has no run after this long is considered lost.
+LOST_BATCH_AFTER = timedelta(minutes=10)
+
+
+@op
+def reconcile(
+    context: OpExecutionContext, database: DatabaseResource, replicate: ReplicateResource
+) -> dict[str, int]:
+    """Settle what every other path missed: expired holds, and unfinished generations whose run
+    has ended (or never existed). Predictions still running on Replicate are canceled."""
+    engine = database.engine()
+    now = datetime.now(UTC).replace(tzinfo=None)
+
+    # 1. Holds past their deadline: expire them and fail their generations.
+    with session_scope(engine) as session:
+        expired = ledger.expire(session)
+        expired_gens = [h.generation_id for h in expired if h.generation_id is not None]
+    for generation_id in expired_gens:
+        refund_unfinished_one(engine, replicate, generation_id)
+
+    # 2. Unfinished generations whose run is over or missing.
+    with session_scope(engine) as session:
+        batches = session.execute(
+            sa.select(Generation.batch_key, sa.func.min(Generation.queued_at))
+            .where(Generation.status.in_(("queued", "running")), Generation.batch_key.is_not(None))
+            .group_by(Generation.batch_key)
+            .limit(500)
+        ).all()
+    settled = 0
+    for batch_key, queued_at in batches:
+        runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: batch_key}))
+        if any(not run.is_finished for run in runs):
+            continue
+        if not runs and queued_at is not None and now - queued_at < LOST_BATCH_AFTER:
+            continue  # the sensor may still be launching it
+        ended = runs[0].status.value if runs else "missing"
+        settled += len(
+            refund_unfinished(
+                engine,
+                batch_key=batch_key,
+                code=RUN_FAILED,
+                message=f"run of batch {batch_key} is {ended}; settled by reconciliation",
+                status="canceled" if runs and runs[0].status == DagsterRunStatus.CANCELED
+                else "failed",
+                cancel_prediction=replicate.cancel,
+            )
+        )
+    result = {"expired_holds": len(expired), "settled_generations": settled}
+    context.add_output_metadata(result)
+    return result
+
+
+def refund_unfinished_one(engine: sa.Engine, replicate: ReplicateResource, gid: int) -> None:
+    with session_scope(engine) as session:
+        row = session.get(Generation, gid)
+        prediction_id = row.prediction_id if row else None
+    if prediction_id:
+        try:
+            replicate.cancel(prediction_id)
+        except Exception:  # reconciliation will try again on its next run
+            pass
+    with session_scope(engine) as session:
+        gens.fail(session, gid, code=DEADLINE_EXCEEDED, message="credit hold expired")
+
+
+@job(executor_def=in_process_executor, description="Settle stuck generations and expired holds.")
+def reconcile_job() -> None:
+    reconcile()
+

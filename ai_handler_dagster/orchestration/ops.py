@@ -1,0 +1,389 @@
+"""What a run of the generation job does, one op per step, for a batch of generations.
+
+reserve_credits -> create_predictions -> await_predictions -> store_outputs -> finalize
+
+Each op handles the whole batch, with the generations progressing concurrently inside the op (the
+in-process executor runs ops one after another). Each generation succeeds or fails on its own: a
+generation that fails at any step is failed and refunded right there, in one database transaction
+with its ledger entry, and leaves the batch; its neighbours go on. Only an infrastructure failure
+(the app database unreachable, S3 down) fails an op, and the op's retry policy or the failure hook
+takes over from there.
+
+Every step is idempotent, so an op retry or a re-executed run repeats no paid work: a generation
+already holding credits keeps its hold, one with a prediction keeps polling it, and S3 keys are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from dagster import (
+    Backoff,
+    Config,
+    In,
+    Jitter,
+    MetadataValue,
+    OpExecutionContext,
+    Out,
+    RetryPolicy,
+    op,
+)
+from pydantic import Field
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
+from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
+from ai_handler_dagster.resources.outputs import OutputPolicyResource
+from ai_handler_dagster.resources.replicate import PredictionSnapshot, ReplicateResource, snapshot_error
+
+#: Transient infrastructure errors (database, S3) retry the op with exponential backoff and
+#: jitter; per-generation provider errors never reach this, they fail only their generation.
+TRANSIENT_RETRY = RetryPolicy(
+    max_retries=3, delay=1.0, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
+
+#: Upper bound on threads one op uses for a batch (I/O bound work: HTTP calls and small
+#: transactions).
+MAX_WORKERS = 16
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchConfig(Config):
+    """Which generations this run processes. The sensor fills it in; an operator can too."""
+
+    generation_ids: list[int] = Field(
+        description="Ids of the generations (status queued or pending) this run processes."
+    )
+
+
+@dataclass(frozen=True)
+class AwaitedPrediction:
+    """A generation whose prediction succeeded, with what the next steps need."""
+
+    generation_id: int
+    prediction_id: str
+    output: Any
+    predict_time: float | None
+    web_url: str | None = None
+
+
+@dataclass
+class BatchReport:
+    """Per-op tally that becomes the op's metadata in the UI."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        if not self.rows:
+            return "_none_"
+        columns = list(self.rows[0])
+        lines = [
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+        ]
+        for row in self.rows:
+            lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        return "\n".join(lines)
+
+
+def _in_parallel(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
+    """Run ``fn`` over items on a small thread pool, results in input order.
+
+    Exceptions propagate (after all items ran) so an infrastructure failure still fails the op.
+    """
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _fail(engine: sa.Engine, generation_id: int, error: GenerationError) -> bool:
+    """Fail one generation and release its hold, in one transaction. True if this call did it."""
+    with session_scope(engine) as session:
+        return gens.fail(session, generation_id, code=error.code, message=error.message)
+
+
+def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
+    ids = list(ids)
+    if not ids:
+        return {}
+    with session_scope(engine) as session:
+        rows = session.scalars(sa.select(Generation).where(Generation.id.in_(ids))).all()
+        session.expunge_all()
+    return {row.id: row for row in rows}
+
+
+@op(retry_policy=TRANSIENT_RETRY, out=Out(list[int], description="Generations now holding credits."))
+def reserve_credits(
+    context: OpExecutionContext,
+    config: BatchConfig,
+    database: DatabaseResource,
+    pricing: PricingResource,
+) -> list[int]:
+    """Hold each generation's price (the maximum, for metered models) on its user's account.
+
+    A user who cannot afford it gets that generation failed with ``insufficient_credits`` and no
+    charge; the others go on.
+    """
+    engine = database.engine()
+    prices = pricing.book()
+    held: list[int] = []
+    report = BatchReport()
+    for generation_id in config.generation_ids:
+        with session_scope(engine) as session:
+            row = gens.start_attempt(session, generation_id, run_id=context.run_id, prices=prices)
+            status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
+            code = row.error_code
+        report.rows.append(
+            {"generation": generation_id, "user": user, "model": model, "held": amount,
+             "status": status}
+        )
+        if status == "running":
+            held.append(generation_id)
+        else:
+            report.failed[generation_id] = code or status
+            context.log.warning(f"generation {generation_id} not started: {code or status}")
+    context.add_output_metadata(
+        {
+            "generation_ids": MetadataValue.json(list(config.generation_ids)),
+            "held": len(held),
+            "refused": MetadataValue.json(report.failed),
+            "credits_held": sum(r["held"] or 0 for r in report.rows if r["status"] == "running"),
+            "generations": MetadataValue.md(report.markdown()),
+        }
+    )
+    return held
+
+
+@op(
+    retry_policy=TRANSIENT_RETRY,
+    pool="replicate",
+    ins={"generation_ids": In(list[int])},
+    out=Out(list[int], description="Generations with a prediction on Replicate."),
+)
+def create_predictions(
+    context: OpExecutionContext,
+    generation_ids: list[int],
+    database: DatabaseResource,
+    replicate: ReplicateResource,
+) -> list[int]:
+    """Start (or find again) one Replicate prediction per generation.
+
+    A generation that already has a prediction (op retry, resumed run) keeps it. One whose earlier
+    attempt may have created a prediction without recording it adopts that prediction instead of
+    paying for a second one.
+    """
+    engine = database.engine()
+    rows = _load(engine, generation_ids)
+
+    def claimed_ids() -> frozenset[str]:
+        with session_scope(engine) as session:
+            found = session.scalars(
+                sa.select(Generation.prediction_id).where(
+                    Generation.prediction_id.is_not(None),
+                    Generation.status.in_(("running", "queued")),
+                )
+            ).all()
+        return frozenset(p for p in found if p)
+
+    claimed = claimed_ids()
+
+    def start(generation_id: int) -> tuple[int, str | None, str | None]:
+        row = rows[generation_id]
+        if row.prediction_id:
+            return generation_id, row.prediction_id, None
+        try:
+            snapshot = replicate.create(row.model, row.input, claimed=claimed)
+        except GenerationError as error:
+            _fail(engine, generation_id, error)
+            return generation_id, None, error.code
+        with session_scope(engine) as session:
+            gens.record_prediction(
+                session, generation_id, snapshot.id, snapshot.model, snapshot.version
+            )
+        return generation_id, snapshot.id, None
+
+    results = _in_parallel(list(rows), start)
+    created = [gid for gid, pid, _ in results if pid]
+    failed = {gid: code for gid, pid, code in results if not pid}
+    context.add_output_metadata(
+        {
+            "predictions": MetadataValue.md(
+                BatchReport(
+                    rows=[
+                        {"generation": gid, "prediction": pid or "", "error": code or ""}
+                        for gid, pid, code in results
+                    ]
+                ).markdown()
+            ),
+            "created": len(created),
+            "failed": MetadataValue.json(failed),
+        }
+    )
+    return created
+
+
+@op(
+    retry_policy=TRANSIENT_RETRY,
+    ins={"generation_ids": In(list[int])},
+    out=Out(list[AwaitedPrediction], description="Succeeded predictions with their outputs."),
+)
+def await_predictions(
+    context: OpExecutionContext,
+    generation_ids: list[int],
+    database: DatabaseResource,
+    replicate: ReplicateResource,
+) -> list[AwaitedPrediction]:
+    """Wait for every prediction of the batch, failing and refunding each one as soon as it fails.
+
+    Polling backs off per prediction; when webhooks are configured the state they recorded is read
+    from the database first and the API is only polled slowly as a fallback.
+    """
+    engine = database.engine()
+    rows = _load(engine, generation_ids)
+    by_prediction = {row.prediction_id: gid for gid, row in rows.items() if row.prediction_id}
+    succeeded: list[AwaitedPrediction] = []
+    failed: dict[int, str] = {}
+    total = len(by_prediction)
+    done = 0
+    for snapshot in replicate.wait_many(list(by_prediction)):
+        generation_id = by_prediction[snapshot.id]
+        done += 1
+        error = snapshot_error(snapshot)
+        if error is None and snapshot.status == "succeeded":
+            succeeded.append(
+                AwaitedPrediction(
+                    generation_id=generation_id,
+                    prediction_id=snapshot.id,
+                    output=snapshot.output,
+                    predict_time=snapshot.predict_time,
+                    web_url=snapshot.web_url,
+                )
+            )
+        else:
+            error = error or GenerationError(
+                INTERNAL_ERROR, f"prediction {snapshot.id} ended as {snapshot.status}"
+            )
+            _fail(engine, generation_id, error)
+            failed[generation_id] = error.code
+            context.log.warning(f"generation {generation_id} failed: {error.code}: {error.message}")
+        if done == total or done % 10 == 0:
+            context.log.info(f"{done}/{total} predictions finished ({len(failed)} failed)")
+    metadata: dict[str, Any] = {
+        "succeeded": len(succeeded),
+        "failed": MetadataValue.json(failed),
+        "predictions": MetadataValue.md(
+            BatchReport(
+                rows=[
+                    {
+                        "generation": a.generation_id,
+                        "prediction": f"[{a.prediction_id}]({a.web_url})"
+                        if a.web_url
+                        else a.prediction_id,
+                        "predict_time_s": a.predict_time,
+                    }
+                    for a in succeeded
+                ]
+            ).markdown()
+        ),
+    }
+    if len(succeeded) == 1 and succeeded[0].web_url:
+        metadata["prediction_url"] = MetadataValue.url(succeeded[0].web_url)
+    context.add_output_metadata(metadata)
+    return succeeded
+
+
+@op(
+    retry_policy=TRANSIENT_RETRY,
+    ins={"awaited": In(list[AwaitedPrediction])},
+    out=Out(io_manager_key="outputs_io_manager", description="Output files, stored in S3."),
+)
+def store_outputs(
+    context: OpExecutionContext,
+    awaited: list[AwaitedPrediction],
+    database: DatabaseResource,
+    output_policy: OutputPolicyResource,
+) -> dict[int, list[Any]]:
+    """Download each prediction's outputs safely into temporary files; the IO manager uploads
+    them to S3 under deterministic keys. A refused or expired output fails its generation only."""
+    engine = database.engine()
+    policy = output_policy.policy()
+    staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
+
+    def stage(item: AwaitedPrediction) -> tuple[int, list[Any] | None]:
+        try:
+            return item.generation_id, output_policy.stage(item.output, policy, staging)
+        except GenerationError as error:
+            _fail(engine, item.generation_id, error)
+            context.log.warning(
+                f"generation {item.generation_id} output refused: {error.code}: {error.message}"
+            )
+            return item.generation_id, None
+
+    staged = {gid: files for gid, files in _in_parallel(awaited, stage) if files is not None}
+    return staged
+
+
+@op(
+    retry_policy=TRANSIENT_RETRY,
+    ins={
+        "stored": In(dict[int, list[Any]], input_manager_key="outputs_io_manager"),
+        "awaited": In(list[AwaitedPrediction]),
+    },
+    out=Out(list[int], description="Generations that succeeded."),
+)
+def finalize(
+    context: OpExecutionContext,
+    stored: dict[int, list[Any]],
+    awaited: list[AwaitedPrediction],
+    database: DatabaseResource,
+    pricing: PricingResource,
+) -> list[int]:
+    """Capture each generation's charge (the rest of a metered hold returns to the user) and mark
+    it succeeded with its S3 objects, in one transaction per generation."""
+    engine = database.engine()
+    prices = pricing.book()
+    predict_times = {a.generation_id: a.predict_time for a in awaited}
+    done: list[int] = []
+    charged = 0
+    rows: list[dict[str, Any]] = []
+    for generation_id, objects in sorted(stored.items()):
+        with session_scope(engine) as session:
+            row = gens.succeed(
+                session,
+                generation_id,
+                outputs=[obj.to_json() for obj in objects],
+                predict_time=predict_times.get(generation_id),
+                prices=prices,
+            )
+            status, amount = row.status, row.amount_charged
+        if status == "succeeded":
+            done.append(generation_id)
+            charged += amount or 0
+        rows.append(
+            {
+                "generation": generation_id,
+                "status": status,
+                "charged": amount,
+                "objects": ", ".join(obj.uri for obj in objects),
+            }
+        )
+    context.add_output_metadata(
+        {
+            "succeeded": len(done),
+            "credits_charged": charged,
+            "generations": MetadataValue.md(BatchReport(rows=rows).markdown()),
+        }
+    )
+    return done

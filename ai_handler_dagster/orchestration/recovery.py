@@ -1,0 +1,77 @@
+"""Refunds for generations whose run cannot finish them.
+
+Four paths lead here, and all of them may fire for the same generation: the failure hook (an op
+failed for good), the run-failure sensor (the run failed, or its worker crashed and run monitoring
+gave up on it), the run-canceled sensor, and the reconciliation schedule (anything the others
+missed). Exactly one refund happens because ``generations.fail`` releases a hold only while it is
+pending, under a row lock, in the same transaction that marks the generation terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import Generation
+
+log = logging.getLogger(__name__)
+
+#: Run tag carrying the batch key (the sensor's run key) of the generations a run processes.
+BATCH_TAG = "ai_handler/batch"
+
+UNFINISHED = ("queued", "running")
+
+
+def unfinished_generations(
+    engine: sa.Engine, *, run_id: str | None = None, batch_key: str | None = None
+) -> list[tuple[int, str | None]]:
+    """(id, prediction id) of the unfinished generations of a run or of a batch."""
+    matches = []
+    if run_id:
+        matches.append(Generation.dagster_run_id == run_id)
+    if batch_key:
+        matches.append(Generation.batch_key == batch_key)
+    if not matches:
+        return []
+    with session_scope(engine) as session:
+        rows = session.execute(
+            sa.select(Generation.id, Generation.prediction_id)
+            .where(Generation.status.in_(UNFINISHED), sa.or_(*matches))
+            .order_by(Generation.id)
+        ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
+def refund_unfinished(
+    engine: sa.Engine,
+    *,
+    run_id: str | None = None,
+    batch_key: str | None = None,
+    code: str,
+    message: str,
+    status: str = "failed",
+    cancel_prediction: Callable[[str], object] | None = None,
+) -> list[int]:
+    """Fail every unfinished generation of a run (or batch) and release its hold.
+
+    Predictions still running on Replicate are canceled first (best effort: a prediction that
+    cannot be canceled now is caught by the reconciliation schedule). Returns the ids this call
+    refunded; ids another path already settled are left alone.
+    """
+    refunded: list[int] = []
+    for generation_id, prediction_id in unfinished_generations(
+        engine, run_id=run_id, batch_key=batch_key
+    ):
+        if prediction_id and cancel_prediction is not None:
+            try:
+                cancel_prediction(prediction_id)
+            except Exception as exc:  # the refund must not depend on the provider being up
+                log.warning("could not cancel prediction %s: %s", prediction_id, exc)
+        with session_scope(engine) as session:
+            if gens.fail(session, generation_id, code=code, message=message, status=status):
+                refunded.append(generation_id)
+    return refunded

@@ -1,0 +1,229 @@
+"""Sensors: new requests become runs; failed and canceled runs are refunded.
+
+The request sensor is the only writer that moves rows from ``pending`` to ``queued``. It claims a
+bounded number of rows per tick, in batches whose size follows the backlog (one generation per run
+when the queue is short, up to ``AI_HANDLER_MAX_BATCH`` when it is long), and names each run after
+the first generation attempt of its batch, so a re-tick never launches a batch twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from dagster import (
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    RunRequest,
+    RunStatusSensorContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    run_status_sensor,
+    sensor,
+)
+from dagster._core.storage.dagster_run import DagsterRunStatus
+from dagster._core.storage.tags import WILL_RETRY_TAG
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import settings
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.errors import RUN_FAILED
+from ai_handler_dagster.orchestration.jobs import generation_job
+from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinished
+from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.resources.replicate import ReplicateResource
+
+#: Most runs one tick launches: bounds the work of a tick whatever the backlog.
+MAX_RUNS_PER_TICK = 8
+#: Counting the backlog stops here: past it the batch plan no longer changes.
+BACKLOG_COUNT_CAP = 10_000
+#: A queued batch with no run after this long is requested again (the tick that claimed it may
+#: have crashed between committing and launching; Dagster drops the repeat if the run exists).
+RELAUNCH_AFTER = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How much work the sensor hands to Dagster per tick."""
+
+    max_batch: int
+    max_in_flight: int
+    small_backlog: int
+    max_runs_per_tick: int = MAX_RUNS_PER_TICK
+
+    @classmethod
+    def from_settings(cls) -> QueuePolicy:
+        return cls(
+            max_batch=settings.max_batch_size(),
+            max_in_flight=settings.max_in_flight(),
+            small_backlog=settings.small_backlog(),
+        )
+
+
+def plan_batches(pending: int, in_flight: int, policy: QueuePolicy) -> list[int]:
+    """Sizes of the batches to launch this tick.
+
+    A short queue gets one generation per run (lowest latency, one run per request in the UI);
+    a long one is spread over up to ``max_runs_per_tick`` runs of at most ``max_batch`` each,
+    never taking the number in flight past ``max_in_flight``.
+    """
+    take = min(pending, max(0, policy.max_in_flight - in_flight))
+    if take <= 0:
+        return []
+    if pending <= policy.small_backlog:
+        return [1] * min(take, policy.max_runs_per_tick)
+    size = min(policy.max_batch, max(1, math.ceil(take / policy.max_runs_per_tick)))
+    batches: list[int] = []
+    while take > 0 and len(batches) < policy.max_runs_per_tick:
+        batches.append(min(size, take))
+        take -= batches[-1]
+    return batches
+
+
+def batch_key_for(rows: Sequence[Generation]) -> str:
+    """Run key of a batch: its first generation attempt, unique for the life of the table."""
+    first = min(rows, key=lambda r: r.id)
+    return f"gen-{first.id}-a{first.attempt}"
+
+
+def _common(values: set[str]) -> str:
+    return next(iter(values)) if len(values) == 1 else "mixed"
+
+
+def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
+    """The run of one batch: its ids in the op config, tags for filtering in the UI."""
+    ids = sorted(r.id for r in rows)
+    return RunRequest(
+        run_key=batch_key,
+        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
+        tags={
+            BATCH_TAG: batch_key,
+            "ai_handler/batch_size": str(len(ids)),
+            "ai_handler/user": _common({r.user_id for r in rows}),
+            "ai_handler/model": _common({r.model.split(":")[0] for r in rows}),
+        },
+    )
+
+
+def _count(session: sa.orm.Session, *statuses: str, cap: int = BACKLOG_COUNT_CAP) -> int:
+    # Counting a capped subquery keeps the cost bounded by the cap, not by the table.
+    inner = (
+        sa.select(Generation.id).where(Generation.status.in_(statuses)).limit(cap).subquery()
+    )
+    return int(session.scalar(sa.select(sa.func.count()).select_from(inner)) or 0)
+
+
+def _stale_batches(session: sa.orm.Session, now: datetime) -> dict[str, list[Generation]]:
+    rows = session.scalars(
+        sa.select(Generation)
+        .where(
+            Generation.status == "queued",
+            Generation.dagster_run_id.is_(None),
+            Generation.queued_at < now - RELAUNCH_AFTER,
+        )
+        .order_by(Generation.id)
+        .limit(500)
+    ).all()
+    batches: dict[str, list[Generation]] = {}
+    for row in rows:
+        if row.batch_key:
+            batches.setdefault(row.batch_key, []).append(row)
+    return batches
+
+
+@sensor(
+    job=generation_job,
+    minimum_interval_seconds=settings.sensor_interval_s(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Launches generation runs for pending requests, in batches sized to the backlog.",
+)
+def generation_request_sensor(
+    context: SensorEvaluationContext, database: DatabaseResource
+) -> SensorResult | SkipReason:
+    engine = database.engine()
+    policy = QueuePolicy.from_settings()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    requests: list[RunRequest] = []
+
+    with session_scope(engine) as session:
+        for batch_key, rows in _stale_batches(session, now).items():
+            requests.append(run_request_for(batch_key, rows))
+        pending = _count(session, "pending")
+        in_flight = _count(session, "queued", "running")
+
+    plan = plan_batches(pending, in_flight, policy)
+    for size in plan:
+        with session_scope(engine) as session:
+            rows = gens.claim_pending(session, limit=size, batch_key_fn=batch_key_for)
+            if not rows:
+                break
+            requests.append(run_request_for(rows[0].batch_key or batch_key_for(rows), rows))
+
+    if not requests:
+        if pending == 0:
+            return SkipReason("No pending generation requests.")
+        return SkipReason(
+            f"{pending} pending, but {in_flight} already in flight "
+            f"(limit AI_HANDLER_MAX_IN_FLIGHT={policy.max_in_flight})."
+        )
+    claimed = sum(int(r.tags["ai_handler/batch_size"]) for r in requests)
+    context.log.info(
+        f"launching {len(requests)} runs for {claimed} generations "
+        f"(backlog {pending}, in flight {in_flight}, batches {plan})"
+    )
+    return SensorResult(run_requests=requests)
+
+
+def _refund_run(
+    context: RunStatusSensorContext,
+    database: DatabaseResource,
+    replicate: ReplicateResource,
+    *,
+    status: str,
+) -> None:
+    run = context.dagster_run
+    if run.tags.get(WILL_RETRY_TAG) == "true":
+        context.log.info(f"run {run.run_id} will be retried by Dagster; not refunding")
+        return
+    refunded = refund_unfinished(
+        database.engine(),
+        run_id=run.run_id,
+        batch_key=run.tags.get(BATCH_TAG),
+        code=RUN_FAILED,
+        message=f"run {run.run_id} ended {run.status.value} before this generation finished",
+        status=status,
+        cancel_prediction=replicate.cancel,
+    )
+    if refunded:
+        context.log.warning(f"run {run.run_id} {run.status.value}: refunded {refunded}")
+
+
+@run_failure_sensor(
+    monitored_jobs=[generation_job],
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=5,
+    description="Refunds the unfinished generations of failed or crashed generation runs.",
+)
+def refund_failed_runs(
+    context: RunFailureSensorContext, database: DatabaseResource, replicate: ReplicateResource
+) -> None:
+    _refund_run(context, database, replicate, status="failed")
+
+
+@run_status_sensor(
+    run_status=DagsterRunStatus.CANCELED,
+    monitored_jobs=[generation_job],
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=5,
+    description="Refunds the unfinished generations of canceled generation runs.",
+)
+def refund_canceled_runs(
+    context: RunStatusSensorContext, database: DatabaseResource, replicate: ReplicateResource
+) -> None:
+    _refund_run(context, database, replicate, status="canceled")
