@@ -1,0 +1,867 @@
+"""The Replicate resource: create, watch and cancel predictions without losing or doubling money.
+
+Everything goes through the official ``replicate`` client (its auth, base URL, timeouts and its own
+GET retries on 429/503/504). This module adds what the client leaves to its callers:
+
+* **Error mapping.** Every failure becomes a :class:`~ai_handler_dagster.errors.GenerationError`
+  with a stable code and a ``retryable`` flag (:func:`classify`, :func:`snapshot_error`).
+* **Safe create retries.** The client never retries a POST, and Replicate has no idempotency key.
+  :meth:`ReplicateResource.create` retries throttling, 5xx, timeouts and dropped connections, and
+  before each retry after a response that may have been lost it looks for the prediction the lost
+  attempt created and *adopts* it, so one generation never pays for two predictions.
+* **Efficient waiting.** :meth:`ReplicateResource.wait_many` watches hundreds of predictions from
+  one loop and a small thread pool, with per-prediction adaptive polling, a shared pause on 429,
+  optional webhook-fed state, and cancellation at a deadline.
+
+Two details of the client shape the code. Its ``ReplicateError`` keeps only the problem's title
+and detail, so an httpx response hook (:func:`_raise_problem`) raises a richer subclass that also
+keeps ``Retry-After`` and ``invalid_fields``. And its ``Prediction`` model (pydantic v1, client
+1.0.7) drops ``data_removed`` and rejects statuses newer than the client (``aborted``); both
+decide what happens to money, so reads (get, list, cancel) use the client's request method and
+keep the raw JSON.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import email.utils
+import hashlib
+import heapq
+import itertools
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import dagster as dg
+import httpx
+import replicate
+from pydantic import Field
+from replicate.exceptions import ModelError, ReplicateError
+
+from ai_handler_dagster import errors
+from ai_handler_dagster.errors import GenerationError
+
+#: Statuses after which a prediction never changes again. ``aborted`` is newer than the client.
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+#: Upper bound of any single backoff sleep, whatever the attempt number or Retry-After says.
+_MAX_SLEEP_S = 60.0
+#: Pages of ``GET /v1/predictions`` (100 each) scanned when looking for a lost create.
+_ADOPT_MAX_PAGES = 5
+#: Longest message kept from a provider error (model errors can carry whole tracebacks).
+_MAX_MESSAGE_CHARS = 2000
+
+_MODEL_REF = re.compile(r"^(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?::(?P<version>[0-9A-Za-z]+))?$")
+# Shapes of secrets that must never reach an error message, whatever produced the message.
+_SECRET_PATTERNS = (re.compile(r"(?i)bearer\s+\S+"), re.compile(r"\br8_[0-9A-Za-z_]+"))
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+
+
+@dataclass(frozen=True)
+class PredictionSnapshot:
+    """An immutable view of one prediction at one moment, as the API (or a webhook) showed it.
+
+    ``raw`` is the JSON object exactly as received, for storage and for fields not modelled here.
+    ``deadline_exceeded`` is set only by :meth:`ReplicateResource.wait_many`: the prediction ran
+    past the caller's deadline and was canceled by us; its ``status`` is then ``canceled`` (even
+    if the provider had not finished canceling yet) and :func:`snapshot_error` reports
+    ``deadline_exceeded`` rather than ``prediction_canceled``.
+    """
+
+    id: str
+    status: str
+    model: str | None
+    version: str | None
+    output: Any
+    error: str | None
+    metrics: Mapping[str, Any]
+    data_removed: bool
+    urls: Mapping[str, str]
+    created_at: str | None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    deadline_exceeded: bool = False
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PredictionSnapshot:
+        """Build a snapshot from a prediction JSON object (API response or webhook payload)."""
+        if not data.get("id") or not data.get("status"):
+            raise GenerationError(
+                errors.INTERNAL_ERROR, "prediction JSON without id or status from the provider"
+            )
+        return cls(
+            id=str(data["id"]),
+            status=str(data["status"]),
+            model=data.get("model"),
+            version=data.get("version"),
+            output=data.get("output"),
+            error=_error_text(data.get("error")),
+            metrics=dict(data.get("metrics") or {}),
+            data_removed=bool(data.get("data_removed", False)),
+            urls=dict(data.get("urls") or {}),
+            created_at=data.get("created_at"),
+            raw=dict(data),
+        )
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the prediction can no longer change (succeeded, failed, canceled, aborted)."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def predict_time(self) -> float | None:
+        """Seconds of model time billed by the provider (``metrics.predict_time``), if known."""
+        value = self.metrics.get("predict_time")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def web_url(self) -> str | None:
+        """The provider's page for this prediction (``urls.web``), if it gave one."""
+        return self.urls.get("web")
+
+
+def _error_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def snapshot_error(snapshot: PredictionSnapshot) -> GenerationError | None:
+    """The error a terminal snapshot stands for, or ``None`` if it is usable (or still running).
+
+    ``deadline_exceeded`` (our cancel at the deadline) wins over the plain canceled status; a
+    succeeded prediction whose outputs the provider already deleted is ``output_expired``.
+    """
+    if snapshot.deadline_exceeded:
+        return GenerationError(
+            errors.DEADLINE_EXCEEDED,
+            f"prediction {snapshot.id} ran past its deadline and was canceled",
+        )
+    if snapshot.status == "failed":
+        detail = _truncate(snapshot.error or "no error message")
+        return GenerationError(
+            errors.PREDICTION_FAILED, f"prediction {snapshot.id} failed: {detail}"
+        )
+    if snapshot.status in ("canceled", "aborted"):
+        return GenerationError(
+            errors.PREDICTION_CANCELED, f"prediction {snapshot.id} was {snapshot.status}"
+        )
+    if snapshot.status == "succeeded" and snapshot.data_removed:
+        return GenerationError(
+            errors.OUTPUT_EXPIRED,
+            f"prediction {snapshot.id} succeeded but the provider already removed its output",
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Error classification
+
+
+class ProviderHTTPError(ReplicateError):
+    """A ``ReplicateError`` that also keeps ``Retry-After`` and the 422 ``invalid_fields``.
+
+    Raised by this module's response hook in place of the client's own ``ReplicateError``, which
+    keeps neither.
+    """
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        title: str | None = None,
+        detail: str | None = None,
+        type: str | None = None,
+        instance: str | None = None,
+        retry_after_s: float | None = None,
+        invalid_fields: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(type=type, title=title, status=status, detail=detail, instance=instance)
+        self.retry_after_s = retry_after_s
+        self.invalid_fields = invalid_fields or []
+
+    @classmethod
+    def from_http_response(cls, response: httpx.Response) -> ProviderHTTPError:
+        """Parse a problem+json (or any) error response."""
+        try:
+            data = response.json()
+        except ValueError:
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        fields = data.get("invalid_fields")
+        return cls(
+            status=response.status_code,
+            title=data.get("title"),
+            detail=_error_text(data.get("detail")),
+            type=data.get("type"),
+            instance=data.get("instance"),
+            retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+            invalid_fields=[f for f in fields if isinstance(f, dict)]
+            if isinstance(fields, list)
+            else None,
+        )
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or HTTP date), if valid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def classify(exc: BaseException) -> GenerationError:
+    """Map any exception raised while talking to Replicate to a :class:`GenerationError`.
+
+    Terminal: 401/403 ``unauthorized``, 404 ``model_not_found``, 422 ``invalid_input`` (or
+    ``model_not_found`` for "Invalid version or not permitted"), a model error
+    ``prediction_failed``. Retryable: 429 ``rate_limited`` (with ``retry_after_s``), 5xx, 408,
+    connection errors and timeouts ``provider_unavailable``. Anything else is ``internal_error``.
+    Messages are scrubbed of anything shaped like a token.
+    """
+    if isinstance(exc, GenerationError):
+        return exc
+    if isinstance(exc, ReplicateError):
+        return _classify_http(exc)
+    if isinstance(exc, ModelError):
+        detail = _truncate(str(exc.prediction.error or "no error message"))
+        return GenerationError(
+            errors.PREDICTION_FAILED, f"prediction {exc.prediction.id} failed: {detail}"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return GenerationError(
+            errors.PROVIDER_UNAVAILABLE,
+            _scrub(f"request to Replicate timed out ({type(exc).__name__})"),
+            retryable=True,
+        )
+    if isinstance(exc, httpx.TransportError):
+        return GenerationError(
+            errors.PROVIDER_UNAVAILABLE,
+            _scrub(f"connection to Replicate failed ({type(exc).__name__}: {exc})"),
+            retryable=True,
+        )
+    return GenerationError(
+        errors.INTERNAL_ERROR,
+        _scrub(_truncate(f"unexpected error talking to Replicate: {type(exc).__name__}: {exc}")),
+    )
+
+
+def _classify_http(exc: ReplicateError) -> GenerationError:
+    status = exc.status or 0
+    title = exc.title or ""
+    detail = exc.detail or ""
+    summary = _scrub(_truncate(" - ".join(p for p in (title, detail) if p) or f"HTTP {status}"))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if status in (401, 403):
+        return GenerationError(errors.UNAUTHORIZED, f"Replicate refused the API token: {summary}")
+    if status == 404:
+        return GenerationError(errors.MODEL_NOT_FOUND, f"model or version not found: {summary}")
+    if status == 422:
+        # Replicate answers 422 both for bad input and for a version id it does not know.
+        if "version" in title.lower() and "input" not in title.lower():
+            return GenerationError(errors.MODEL_NOT_FOUND, f"version not usable: {summary}")
+        fields = [
+            f"{f.get('field', '?')}: {f.get('description', f.get('type', 'invalid'))}"
+            for f in getattr(exc, "invalid_fields", [])
+        ]
+        message = summary if not fields else f"{summary} (invalid fields: {'; '.join(fields)})"
+        return GenerationError(errors.INVALID_INPUT, _scrub(_truncate(message)))
+    if status == 429:
+        return GenerationError(
+            errors.RATE_LIMITED,
+            f"Replicate throttled the request: {summary}",
+            retryable=True,
+            retry_after_s=retry_after,
+        )
+    if status >= 500 or status == 408:
+        return GenerationError(
+            errors.PROVIDER_UNAVAILABLE,
+            f"Replicate answered HTTP {status}: {summary}",
+            retryable=True,
+            retry_after_s=retry_after,
+        )
+    return GenerationError(errors.INTERNAL_ERROR, f"Replicate answered HTTP {status}: {summary}")
+
+
+def _may_have_been_accepted(exc: BaseException) -> bool:
+    """Whether a failed create may still have started a (paid) prediction on the server.
+
+    Only failures that provably happened before the request reached the server, or that the
+    server answered with a refusal (4xx), are safe to retry blindly.
+    """
+    if isinstance(exc, ReplicateError):
+        return (exc.status or 0) >= 500 or exc.status == 408
+    # Never sent: no connection, or refused by our own checks. Anything else (read/write
+    # timeouts, dropped connections, a 2xx answer we could not parse) may have been accepted.
+    never_sent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, GenerationError)
+    return not isinstance(exc, never_sent)
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def _scrub(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub("[redacted]", text)
+    return text
+
+
+def _redacted(err: GenerationError, secret: str) -> GenerationError:
+    clean = _scrub(err.message, secret)
+    if clean == err.message:
+        return err
+    return GenerationError(err.code, clean, err.retryable, retry_after_s=err.retry_after_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Client construction
+
+
+def _raise_problem(response: httpx.Response) -> None:
+    """httpx response hook: turn an error response into a :class:`ProviderHTTPError`.
+
+    Runs after the client's retry transport, so it only sees the final answer of a request.
+    """
+    if response.status_code >= 400:
+        response.read()
+        raise ProviderHTTPError.from_http_response(response)
+
+
+_CLIENTS: dict[tuple[str, str, float], replicate.Client] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(base_url: str, token: str, timeout_s: float) -> replicate.Client:
+    """One client (one connection pool) per endpoint, token and timeout, shared by threads.
+
+    Resources are frozen pydantic models that Dagster copies freely, so the client lives in a
+    module cache; the key holds a hash of the token, never the token itself.
+    """
+    key = (base_url, hashlib.sha256(token.encode()).hexdigest(), timeout_s)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = replicate.Client(
+                api_token=token,
+                base_url=base_url,
+                timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+                event_hooks={"response": [_raise_problem]},
+            )
+            # The client builds its httpx client lazily without a lock; build it here, once.
+            _ = client._client
+            _CLIENTS[key] = client
+        return client
+
+
+def parse_model_ref(model_ref: str) -> tuple[str, str | None]:
+    """Split ``owner/name`` or ``owner/name:version`` into ``("owner/name", version | None)``."""
+    match = _MODEL_REF.match(model_ref.strip())
+    if not match:
+        raise GenerationError(
+            errors.MODEL_NOT_FOUND,
+            f"model reference {model_ref!r} is not 'owner/name' or 'owner/name:version'",
+        )
+    return f"{match['owner']}/{match['name']}", match["version"]
+
+
+def _normalize_json(value: Any) -> Any:
+    """The JSON value as the API would echo it, for comparing inputs."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _parse_time(value: Any) -> float | None:
+    """Epoch seconds of an RFC 3339 timestamp (any number of fraction digits), or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    # Python 3.11 accepts at most microseconds; providers may send nanoseconds.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+# --------------------------------------------------------------------------------------------
+# The resource
+
+
+@dataclass
+class _Watch:
+    """Polling state of one prediction inside :meth:`ReplicateResource.wait_many`."""
+
+    prediction_id: str
+    deadline_at: float
+    interval: float
+    last_get_at: float = float("-inf")
+    cancel_failures: int = 0
+
+
+class ReplicateResource(dg.ConfigurableResource):
+    """Creates, watches and cancels Replicate predictions; every failure is a GenerationError.
+
+    Thread-safe: all methods may be called from many threads; they share one HTTP connection
+    pool per (base URL, token).
+    """
+
+    api_token: str = Field(
+        repr=False,
+        description=(
+            "Replicate API token. Set it with EnvVar('REPLICATE_API_TOKEN'); it is never logged."
+        ),
+    )
+    base_url: str = Field(
+        default="https://api.replicate.com",
+        description="API root (the emulator's URL in the embedded stack). Paths start with /v1.",
+    )
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Read/write timeout of one HTTP request in seconds (connect: at most 5 s).",
+    )
+    create_attempts: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Attempts of one create on 429, 5xx, timeouts and dropped connections. A create "
+            "whose answer was lost is found and adopted rather than repeated."
+        ),
+    )
+    request_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts of one get, cancel or list on transient errors.",
+    )
+    retry_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="First retry delay; doubles per attempt, with jitter (Retry-After wins).",
+    )
+    poll_initial_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="First polling interval of a prediction; grows x1.5 per poll.",
+    )
+    poll_max_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest polling interval; also the interval when a webhook is expected.",
+    )
+    deadline_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description=(
+            "Default time a prediction may take from when wait_many starts watching it; past "
+            "it the prediction is canceled and reported as deadline_exceeded."
+        ),
+    )
+    adopt_window_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "Clock slack when looking for a lost create: predictions created up to this many "
+            "seconds before the first attempt started are candidates for adoption."
+        ),
+    )
+    poll_workers: int = Field(
+        default=8,
+        ge=1,
+        description="Threads wait_many uses for concurrent GETs, whatever the number of ids.",
+    )
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _client(self) -> replicate.Client:
+        if not self.api_token:
+            raise GenerationError(errors.UNAUTHORIZED, "no Replicate API token is configured")
+        return _shared_client(self.base_url.rstrip("/"), self.api_token, self.timeout_s)
+
+    def _classify(self, exc: BaseException) -> GenerationError:
+        return _redacted(classify(exc), self.api_token)
+
+    def _backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Sleep before retry number ``attempt`` (1-based): Retry-After, else jittered doubling."""
+        if retry_after_s is not None:
+            # A small jitter keeps many throttled workers from retrying in the same instant.
+            return min(_MAX_SLEEP_S, retry_after_s + random.uniform(0, 0.1 + retry_after_s / 10))
+        base = min(_MAX_SLEEP_S, self.retry_backoff_s * (2 ** (attempt - 1)))
+        return random.uniform(base / 2, base)
+
+    def _request_json(
+        self, method: str, path: str, *, attempts: int | None = None
+    ) -> dict[str, Any]:
+        """One idempotent request (GET, cancel) with retries of transient errors; raw JSON."""
+        client = self._client()
+        attempts = attempts or self.request_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                # The client's request method: the public models drop fields we need (see top).
+                response = client._request(method, path)
+                data = response.json()
+                if not isinstance(data, dict):
+                    raise GenerationError(
+                        errors.INTERNAL_ERROR, f"{method} {path}: answer is not a JSON object"
+                    )
+                return data
+            except Exception as exc:
+                err = self._classify(exc)
+                if not err.retryable or attempt == attempts:
+                    raise err from exc
+                time.sleep(self._backoff(attempt, err.retry_after_s))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- create -----------------------------------------------------------------------------
+
+    def create(
+        self,
+        model_ref: str,
+        input: Mapping[str, Any],
+        *,
+        webhook: str | None = None,
+        webhook_events_filter: Iterable[str] | None = None,
+        claimed: frozenset[str] | set[str] = frozenset(),
+    ) -> PredictionSnapshot:
+        """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
+
+        Transient failures are retried up to ``create_attempts`` times with backoff (429 waits
+        ``Retry-After``). When an attempt's answer was lost after the server may have accepted
+        it (timeout, dropped connection, 5xx), the next step first lists recent predictions and
+        adopts the one that attempt created: same model, equal input, created since the first
+        attempt (minus ``adopt_window_s``), and id not in ``claimed`` (predictions already owned
+        by other generations). Among several candidates the oldest is adopted.
+
+        Raises:
+            GenerationError: terminal errors at once; retryable ones after the last attempt.
+        """
+        model, version = parse_model_ref(model_ref)
+        client = self._client()
+        payload = dict(input)
+        params: dict[str, Any] = {}
+        if webhook is not None:
+            params["webhook"] = webhook
+        if webhook_events_filter is not None:
+            params["webhook_events_filter"] = list(webhook_events_filter)
+
+        since = time.time() - self.adopt_window_s
+        maybe_created = False
+        error: GenerationError | None = None
+        for attempt in range(1, self.create_attempts + 1):
+            if maybe_created:
+                adopted = self._find_lost_create(model, version, payload, since, claimed)
+                if adopted is not None:
+                    return adopted
+            try:
+                if version is not None:
+                    prediction = client.predictions.create(version=version, input=payload, **params)
+                else:
+                    prediction = client.models.predictions.create(
+                        model=model, input=payload, **params
+                    )
+                return PredictionSnapshot.from_json(prediction.dict())
+            except Exception as exc:
+                error = self._classify(exc)
+                error.__cause__ = exc
+                maybe_created = maybe_created or _may_have_been_accepted(exc)
+                if not error.retryable:
+                    break
+                if attempt < self.create_attempts:
+                    time.sleep(self._backoff(attempt, error.retry_after_s))
+        assert error is not None
+        if maybe_created:
+            # Last look, so that a prediction started by a lost attempt is never orphaned.
+            with contextlib.suppress(GenerationError):
+                adopted = self._find_lost_create(model, version, payload, since, claimed)
+                if adopted is not None:
+                    return adopted
+        raise error
+
+    def _find_lost_create(
+        self,
+        model: str,
+        version: str | None,
+        payload: Mapping[str, Any],
+        since: float,
+        claimed: frozenset[str] | set[str],
+    ) -> PredictionSnapshot | None:
+        """The oldest unclaimed recent prediction matching a create, if the server has one."""
+        wanted_input = _normalize_json(payload)
+        candidates: list[tuple[float, dict[str, Any]]] = []
+        path = "/v1/predictions"
+        for _ in range(_ADOPT_MAX_PAGES):
+            page = self._request_json("GET", path)
+            reached_older = False
+            for item in page.get("results") or []:
+                if not isinstance(item, dict):
+                    continue
+                created = _parse_time(item.get("created_at"))
+                if created is not None and created < since:
+                    reached_older = True  # newest first: the rest of the list is older
+                    continue
+                if item.get("id") in claimed:
+                    continue
+                same_model = (
+                    item.get("version") == version
+                    if version is not None
+                    else item.get("model") == model
+                )
+                if same_model and _normalize_json(item.get("input")) == wanted_input:
+                    candidates.append((created if created is not None else float("inf"), item))
+            next_page = page.get("next")
+            if reached_older or not next_page:
+                break
+            path = _cursor_path(str(next_page), self.base_url)
+        if not candidates:
+            return None
+        candidates.sort(key=lambda pair: pair[0])
+        adopted = PredictionSnapshot.from_json(candidates[0][1])
+        dg.get_dagster_logger().warning(
+            f"Replicate create answer was lost; adopted prediction {adopted.id} "
+            f"({len(candidates)} candidate(s)) instead of creating another"
+        )
+        return adopted
+
+    # ---- get / cancel -----------------------------------------------------------------------
+
+    def get(self, prediction_id: str) -> PredictionSnapshot:
+        """The current state of a prediction (transient errors retried)."""
+        return self._get(prediction_id, attempts=self.request_attempts)
+
+    def _get(self, prediction_id: str, *, attempts: int) -> PredictionSnapshot:
+        try:
+            data = self._request_json(
+                "GET", f"/v1/predictions/{_safe_id(prediction_id)}", attempts=attempts
+            )
+        except GenerationError as err:
+            raise _prediction_not_found(err, prediction_id) from err
+        return PredictionSnapshot.from_json(data)
+
+    def cancel(self, prediction_id: str) -> PredictionSnapshot:
+        """Cancel a prediction; canceling one that already finished is not an error.
+
+        Returns the prediction as the cancel (or, for a finished one, a get) left it. Cancel is
+        asynchronous on Replicate: the status may still read ``processing`` right after.
+        """
+        path = f"/v1/predictions/{_safe_id(prediction_id)}/cancel"
+        try:
+            data = self._request_json("POST", path)
+        except GenerationError as err:
+            if err.retryable or err.code == errors.UNAUTHORIZED:
+                raise
+            # Some API versions refuse (409/422) to cancel a finished prediction: not our error.
+            current = self.get(prediction_id)
+            if current.is_terminal:
+                return current
+            raise _prediction_not_found(err, prediction_id) from err
+        return PredictionSnapshot.from_json(data)
+
+    # ---- waiting ----------------------------------------------------------------------------
+
+    def wait(
+        self,
+        prediction_id: str,
+        *,
+        deadline_s: float | None = None,
+        lookup: Callable[[str], PredictionSnapshot | None] | None = None,
+        expect_webhooks: bool = False,
+    ) -> PredictionSnapshot:
+        """Wait for one prediction; see :meth:`wait_many`."""
+        return next(
+            self.wait_many(
+                [prediction_id],
+                deadline_s=deadline_s,
+                lookup=lookup,
+                expect_webhooks=expect_webhooks,
+            )
+        )
+
+    def wait_many(
+        self,
+        ids: Iterable[str],
+        *,
+        deadline_s: float | None = None,
+        lookup: Callable[[str], PredictionSnapshot | None] | None = None,
+        expect_webhooks: bool = False,
+    ) -> Iterator[PredictionSnapshot]:
+        """Yield each prediction of ``ids`` once, as soon as it is terminal (in finishing order).
+
+        One loop schedules every prediction; at most ``poll_workers`` GETs run at once, so
+        hundreds of predictions need no more threads. Each prediction is polled first after
+        ``poll_initial_s``, then at intervals growing x1.5 up to ``poll_max_s`` (with jitter).
+        A 429 pauses all polling for its ``Retry-After``; other transient errors just delay
+        that prediction's next poll.
+
+        ``lookup(id)`` may return the state learned from a webhook (e.g. read from the
+        database): a terminal snapshot is yielded without any GET. When it has nothing terminal,
+        the prediction is polled at ``poll_max_s`` if ``expect_webhooks`` (the webhook should
+        come first; polling is the safety net) else at the adaptive interval; ``lookup`` itself
+        is consulted at the adaptive interval.
+
+        A prediction still running ``deadline_s`` (default: the resource's) after this call
+        started is canceled and yielded with status ``canceled`` and ``deadline_exceeded=True``,
+        unless the cancel shows it had already finished, in which case it is yielded as it is.
+
+        Raises:
+            GenerationError: a terminal API error (e.g. unauthorized, unknown prediction), or
+                a prediction that could not be canceled at its deadline.
+        """
+        ordered = list(dict.fromkeys(ids))
+        if not ordered:
+            return
+        start = time.monotonic()
+        deadline_at = start + (self.deadline_s if deadline_s is None else deadline_s)
+        watches = {
+            pid: _Watch(pid, deadline_at=deadline_at, interval=self.poll_initial_s)
+            for pid in ordered
+        }
+        seq = itertools.count()
+        heap: list[tuple[float, int, str]] = []
+        # The first look is immediate: a prediction may already be done (or known via lookup).
+        for pid in ordered:
+            heapq.heappush(heap, (start, next(seq), pid))
+        paused_until = 0.0
+        workers = min(self.poll_workers, len(ordered))
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="replicate-poll")
+        inflight: dict[cf.Future[PredictionSnapshot], tuple[str, str]] = {}
+
+        def schedule(pid: str, delay: float) -> None:
+            watch = watches[pid]
+            due = min(time.monotonic() + delay, watch.deadline_at)
+            heapq.heappush(heap, (due, next(seq), pid))
+
+        def grow(watch: _Watch) -> float:
+            delay = watch.interval * random.uniform(0.8, 1.2)
+            watch.interval = min(self.poll_max_s, watch.interval * 1.5)
+            return delay
+
+        try:
+            while watches:
+                now = time.monotonic()
+                # Launch everything that is due, within the worker budget and outside a pause.
+                while (
+                    heap and heap[0][0] <= now and len(inflight) < workers and now >= paused_until
+                ):
+                    _, _, pid = heapq.heappop(heap)
+                    watch = watches[pid]
+                    if now >= watch.deadline_at:
+                        inflight[pool.submit(self._cancel_at_deadline, pid)] = (pid, "cancel")
+                        continue
+                    if lookup is not None:
+                        known = lookup(pid)
+                        if known is not None and known.is_terminal:
+                            del watches[pid]
+                            yield known
+                            now = time.monotonic()
+                            continue
+                        if expect_webhooks and now - watch.last_get_at < self.poll_max_s:
+                            schedule(pid, grow(watch))
+                            continue
+                    watch.last_get_at = now
+                    inflight[pool.submit(self._get, pid, attempts=1)] = (pid, "get")
+
+                if not watches:
+                    break
+                # Sleep until a request finishes or the next prediction is due.
+                wake_at = heap[0][0] if heap else now + self.poll_max_s
+                if len(inflight) >= workers and heap:
+                    wake_at = now + self.poll_max_s  # only a finished request can free a worker
+                wake_at = max(wake_at, paused_until)
+                timeout = max(0.0, wake_at - time.monotonic())
+                if inflight:
+                    done, _ = cf.wait(inflight, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+                else:
+                    time.sleep(timeout)
+                    done = set()
+
+                for future in done:
+                    pid, kind = inflight.pop(future)
+                    watch = watches[pid]
+                    try:
+                        snapshot = future.result()
+                    except GenerationError as err:
+                        if not err.retryable:
+                            raise
+                        if err.code == errors.RATE_LIMITED and err.retry_after_s is not None:
+                            paused_until = max(paused_until, time.monotonic() + err.retry_after_s)
+                        if kind == "cancel":
+                            watch.cancel_failures += 1
+                            if watch.cancel_failures >= self.request_attempts:
+                                raise GenerationError(
+                                    errors.PROVIDER_UNAVAILABLE,
+                                    f"prediction {pid} passed its deadline and could not be "
+                                    f"canceled: {err.message}",
+                                    retryable=True,
+                                ) from err
+                            schedule(pid, self._backoff(watch.cancel_failures))
+                        else:
+                            schedule(pid, max(grow(watch), self._backoff(1, err.retry_after_s)))
+                        continue
+                    if kind == "cancel" or snapshot.is_terminal:
+                        del watches[pid]
+                        yield snapshot
+                        continue
+                    # Without a lookup, polling is the only way to learn the result; with one, the
+                    # lookup keeps the adaptive pace and the GETs are throttled above.
+                    slow = expect_webhooks and lookup is None
+                    schedule(pid, self.poll_max_s if slow else grow(watch))
+        finally:
+            # Leaving early (consumer stopped, error) must not wait for slow requests.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _cancel_at_deadline(self, prediction_id: str) -> PredictionSnapshot:
+        snapshot = self.cancel(prediction_id)
+        if snapshot.status in ("succeeded", "failed"):
+            return snapshot  # it finished before our cancel landed: report what really happened
+        return dataclasses.replace(snapshot, status="canceled", deadline_exceeded=True)
+
+
+def _safe_id(prediction_id: str) -> str:
+    """Refuse ids that could change the request path (they come from databases and webhooks)."""
+    if not re.fullmatch(r"[0-9A-Za-z_-]+", prediction_id or ""):
+        raise GenerationError(errors.INTERNAL_ERROR, f"invalid prediction id {prediction_id!r}")
+    return prediction_id
+
+
+def _prediction_not_found(err: GenerationError, prediction_id: str) -> GenerationError:
+    # For prediction paths a 404 means the prediction, not a model: say so.
+    if err.code == errors.MODEL_NOT_FOUND:
+        return GenerationError(
+            errors.INTERNAL_ERROR, f"Replicate does not know prediction {prediction_id}"
+        )
+    return err
+
+
+def _cursor_path(url: str, base_url: str) -> str:
+    """A pagination cursor to request, never pointing at a host other than ``base_url``.
+
+    A cursor is a full URL chosen by the server; following one to another host would send it
+    the token. A foreign origin (e.g. a proxy's public name) keeps only its path and query.
+    """
+    parts, base = urlsplit(url), urlsplit(base_url)
+    if (parts.scheme, parts.netloc) == (base.scheme, base.netloc) or not parts.netloc:
+        return url
+    return parts.path + (f"?{parts.query}" if parts.query else "")
