@@ -1,0 +1,247 @@
+"""Tables of the app database: accounts, holds, ledger entries and generations.
+
+The database enforces the money rules itself, so a bug in Python (or a hand-written SQL update)
+cannot break them silently:
+
+- ``accounts``: ``held >= 0`` and ``balance - held >= 0`` (available credits never go negative).
+- ``holds``: one per idempotency key, positive amount, ``0 <= captured_amount <= amount``, and
+  ``ended_at`` is set exactly when the hold is no longer pending.
+- ``ledger_entries``: append-only; one per idempotency key; partial unique indexes allow a hold at
+  most one ``hold`` entry and at most one ending entry (``capture``, ``release`` or ``expire``).
+- ``generations``: a prediction id can belong to one generation only, so two generations can never
+  adopt the same paid prediction.
+
+Credits are integers. Timestamps are timezone-aware UTC in Python on both databases.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Deterministic constraint names on every database, so migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+HOLD_STATUSES = ("pending", "captured", "released", "expired")
+ENTRY_KINDS = ("grant", "hold", "capture", "release", "expire")
+ENDING_KINDS = ("capture", "release", "expire")
+GENERATION_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "canceled")
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+# SQLite only autoincrements an ``INTEGER PRIMARY KEY``; PostgreSQL gets 64-bit ids.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# Credits are whole numbers; 64-bit leaves room for any realistic balance.
+Credits = sa.BigInteger()
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the only kind of datetime stored here)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are stored as naive UTC
+    text (so ``<`` comparisons in SQL stay correct) and come back tagged as UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use a timezone-aware UTC datetime")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    """Declarative base sharing one MetaData (with the naming convention)."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON()}
+
+
+class Account(Base):
+    """A user's credits. ``balance`` and ``held`` are caches of the ledger entries' sums."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        sa.CheckConstraint("held >= 0", name="held_nonnegative"),
+        sa.CheckConstraint("balance - held >= 0", name="available_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    balance: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    held: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=sa.func.now()
+    )
+
+    @property
+    def available(self) -> int:
+        """Credits the user can still reserve."""
+        return self.balance - self.held
+
+
+class Hold(Base):
+    """A reservation of credits (a TigerBeetle-style pending transfer).
+
+    It ends exactly once: ``captured`` (part or all of it is spent, the rest returns), ``released``
+    (all returns) or ``expired`` (released by the expiry sweep after ``expires_at``).
+    """
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        sa.CheckConstraint("amount > 0", name="amount_positive"),
+        sa.CheckConstraint(_in("status", HOLD_STATUSES), name="status_valid"),
+        sa.CheckConstraint(
+            "captured_amount >= 0 AND captured_amount <= amount", name="captured_within_amount"
+        ),
+        sa.CheckConstraint(
+            "status = 'captured' OR captured_amount = 0", name="captured_only_when_captured"
+        ),
+        sa.CheckConstraint(
+            "(status = 'pending' AND ended_at IS NULL)"
+            " OR (status <> 'pending' AND ended_at IS NOT NULL)",
+            name="ended_at_matches_status",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"), index=True)
+    # No foreign key: the ledger does not depend on generations (generations.hold_id points here).
+    generation_id: Mapped[int | None] = mapped_column(sa.BigInteger(), index=True)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    amount: Mapped[int] = mapped_column(Credits)
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
+    captured_amount: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    expires_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+
+# Partial unique indexes: the database refuses a second opening or a second ending of one hold.
+_ENDING_WHERE = sa.text(_in("kind", ENDING_KINDS))
+_OPENING_WHERE = sa.text("kind = 'hold'")
+
+
+class LedgerEntry(Base):
+    """One append-only movement of credits.
+
+    ``balance_delta`` and ``held_delta`` are what the entry did to the account: a grant adds to the
+    balance, a hold adds to ``held``, a capture removes the hold and spends ``amount`` of it, a
+    release or expiry removes the hold and spends nothing.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        sa.CheckConstraint(_in("kind", ENTRY_KINDS), name="kind_valid"),
+        sa.CheckConstraint("amount >= 0", name="amount_nonnegative"),
+        sa.CheckConstraint("kind = 'grant' OR hold_id IS NOT NULL", name="hold_entries_have_hold"),
+        sa.Index(
+            "uq_ledger_entries_hold_ending",
+            "hold_id",
+            unique=True,
+            sqlite_where=_ENDING_WHERE,
+            postgresql_where=_ENDING_WHERE,
+        ),
+        sa.Index(
+            "uq_ledger_entries_hold_opening",
+            "hold_id",
+            unique=True,
+            sqlite_where=_OPENING_WHERE,
+            postgresql_where=_OPENING_WHERE,
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"), index=True)
+    hold_id: Mapped[int | None] = mapped_column(sa.ForeignKey("holds.id"), index=True)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    amount: Mapped[int] = mapped_column(Credits)
+    balance_delta: Mapped[int] = mapped_column(Credits)
+    held_delta: Mapped[int] = mapped_column(Credits)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(300), unique=True)
+    # Why the entry exists (a release reason, a grant note); informational only.
+    memo: Mapped[str | None] = mapped_column(sa.String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+
+
+class Generation(Base):
+    """One generation request and the state of its current attempt.
+
+    Status: ``pending -> queued -> running -> succeeded | failed | canceled``. ``requeue`` starts a
+    new attempt (``attempt + 1``) from ``failed``/``canceled``; the old attempt's money is settled.
+    ``prediction_model``/``prediction_version`` are what the provider answered, which is not always
+    what ``model`` asked for.
+    """
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", GENERATION_STATUSES), name="status_valid"),
+        sa.CheckConstraint("attempt >= 1", name="attempt_positive"),
+        sa.CheckConstraint("amount_held >= 0", name="amount_held_nonnegative"),
+        sa.CheckConstraint("amount_charged >= 0", name="amount_charged_nonnegative"),
+        # The sensor scans pending rows in id order.
+        sa.Index("ix_generations_status_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    request_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    user_id: Mapped[str] = mapped_column(sa.String(255), index=True)
+    model: Mapped[str] = mapped_column(sa.String(255))
+    input: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
+    attempt: Mapped[int] = mapped_column(default=1, server_default="1")
+    batch_key: Mapped[str | None] = mapped_column(sa.String(255), index=True)
+    dagster_run_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    prediction_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    prediction_model: Mapped[str | None] = mapped_column(sa.String(255))
+    prediction_version: Mapped[str | None] = mapped_column(sa.String(255))
+    hold_id: Mapped[int | None] = mapped_column(sa.ForeignKey("holds.id"))
+    amount_held: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    amount_charged: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON())
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    queued_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=sa.func.now()
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the current attempt has ended (succeeded, failed or canceled)."""
+        return self.status in TERMINAL_STATUSES
