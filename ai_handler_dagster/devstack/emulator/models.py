@@ -1,0 +1,376 @@
+"""The emulator's demo models: real (if tiny) work done offline.
+
+* ``demo/pixel-sketch`` renders PNG images with Pillow: shapes and colours derived from a hash
+  of prompt, seed and size, with the prompt written on the picture. Same inputs, same bytes.
+* ``demo/haiku-text`` writes a haiku (a list of text chunks, like a language model's stream)
+  derived from a hash of the prompt.
+
+Each model describes its inputs once (:class:`InputField`); the same description produces the
+OpenAPI schema served by the versions endpoint and validates create requests, so the two cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import random
+import re
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image, ImageDraw, ImageFont
+
+COG_VERSION = "0.9.6"
+VERSION_CREATED_AT = "2025-01-01T00:00:00.000000Z"
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One model input, described the way Cog publishes it in the OpenAPI schema."""
+
+    name: str
+    type: Literal["string", "integer"]
+    description: str
+    required: bool = False
+    default: Any = None
+    minimum: int | None = None
+    maximum: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+
+    def schema(self, order: int) -> dict[str, Any]:
+        """The field's JSON schema property, as Cog writes it."""
+        prop: dict[str, Any] = {
+            "type": self.type,
+            "title": self.name.replace("_", " ").title(),
+            "description": self.description,
+            "x-order": order,
+        }
+        if self.default is not None:
+            prop["default"] = self.default
+        for key, value in (
+            ("minimum", self.minimum),
+            ("maximum", self.maximum),
+            ("minLength", self.min_length),
+            ("maxLength", self.max_length),
+        ):
+            if value is not None:
+                prop[key] = value
+        return prop
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One output file a prediction serves under ``/files/{id}/{index}.{ext}``."""
+
+    data: bytes
+    ext: str
+    content_type: str
+
+
+@dataclass
+class ModelResult:
+    """What one run of a model produced: files (served by URL) or a list of text chunks."""
+
+    files: list[OutputFile] = field(default_factory=list)
+    chunks: list[str] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class DemoModel:
+    """A model the emulator can run: its identity, input contract and implementation."""
+
+    owner: str = ""
+    name: str = ""
+    description: str = ""
+    inputs: tuple[InputField, ...] = ()
+    output_schema: dict[str, Any] = {}
+
+    @property
+    def ref(self) -> str:
+        """``owner/name``."""
+        return f"{self.owner}/{self.name}"
+
+    @functools.cached_property
+    def version_id(self) -> str:
+        """A stable 64-hex version id, derived from the model's name and input contract."""
+        contract = repr([(f.name, f.type, f.minimum, f.maximum) for f in self.inputs])
+        return hashlib.sha256(f"{self.ref}:{contract}".encode()).hexdigest()
+
+    def openapi_schema(self) -> dict[str, Any]:
+        """An OpenAPI document in Cog's shape (``components.schemas.Input`` / ``Output``)."""
+        return {
+            "openapi": "3.0.2",
+            "info": {"title": "Cog", "version": "0.1.0"},
+            "paths": {},
+            "components": {
+                "schemas": {
+                    "Input": {
+                        "type": "object",
+                        "title": "Input",
+                        "required": [f.name for f in self.inputs if f.required],
+                        "properties": {f.name: f.schema(i) for i, f in enumerate(self.inputs)},
+                    },
+                    "Output": {"title": "Output", **self.output_schema},
+                }
+            },
+        }
+
+    def version_json(self) -> dict[str, Any]:
+        """The version object of ``GET /v1/models/{owner}/{name}/versions/{id}``."""
+        return {
+            "id": self.version_id,
+            "created_at": VERSION_CREATED_AT,
+            "cog_version": COG_VERSION,
+            "openapi_schema": self.openapi_schema(),
+        }
+
+    def validate(self, raw: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """Check ``raw`` against the inputs.
+
+        Returns the inputs with defaults filled in, and the ``invalid_fields`` list of a 422
+        (empty when valid). Unknown fields are ignored, as Replicate does.
+        """
+        if not isinstance(raw, Mapping):
+            return {}, [_invalid("invalid_type", "input", _type_message("object", raw))]
+        resolved: dict[str, Any] = {}
+        problems: list[dict[str, str]] = []
+        for spec in self.inputs:
+            value = raw.get(spec.name)
+            if value is None:
+                if spec.name in raw and spec.required:
+                    problems.append(
+                        _invalid(
+                            "invalid_type", f"input.{spec.name}", _type_message(spec.type, None)
+                        )
+                    )
+                elif spec.required:
+                    problems.append(_invalid("required", "input", f"{spec.name} is required"))
+                else:
+                    resolved[spec.name] = spec.default
+                continue
+            problem = _check_value(spec, value)
+            if problem:
+                problems.append(problem)
+            else:
+                resolved[spec.name] = int(value) if spec.type == "integer" else value
+        return resolved, problems
+
+    def preview(self, inputs: Mapping[str, Any], seed: int) -> list[str] | None:
+        """Text chunks known before the run ends (streamed while processing), if any."""
+        return None
+
+    def run(self, inputs: Mapping[str, Any], seed: int) -> ModelResult:
+        """Do the work. Called once per prediction, off the request threads."""
+        raise NotImplementedError
+
+
+def _invalid(kind: str, field_name: str, description: str) -> dict[str, str]:
+    return {"type": kind, "field": field_name, "description": description}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _type_message(expected: str, value: Any) -> str:
+    return f"Invalid type. Expected: {expected}, given: {_json_type(value)}"
+
+
+def _check_value(spec: InputField, value: Any) -> dict[str, str] | None:
+    where = f"input.{spec.name}"
+    if spec.type == "integer":
+        # JSON Schema counts 256.0 as an integer; booleans are not numbers.
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int and not (isinstance(value, float) and value.is_integer()):
+            return _invalid("invalid_type", where, _type_message("integer", value))
+        if spec.minimum is not None and value < spec.minimum:
+            return _invalid("number_gte", where, f"Must be greater than or equal to {spec.minimum}")
+        if spec.maximum is not None and value > spec.maximum:
+            return _invalid("number_lte", where, f"Must be less than or equal to {spec.maximum}")
+        return None
+    if not isinstance(value, str):
+        return _invalid("invalid_type", where, _type_message("string", value))
+    if spec.min_length is not None and len(value) < spec.min_length:
+        return _invalid(
+            "string_gte", where, f"String length must be greater than or equal to {spec.min_length}"
+        )
+    if spec.max_length is not None and len(value) > spec.max_length:
+        return _invalid(
+            "string_lte", where, f"String length must be less than or equal to {spec.max_length}"
+        )
+    return None
+
+
+def _rng(*parts: Any) -> random.Random:
+    """A random stream determined only by ``parts`` (never by process state)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return random.Random(int.from_bytes(digest, "big"))
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def render_sketch(prompt: str, seed: int, width: int, height: int) -> bytes:
+    """Render the PNG for one image: a deterministic function of its four arguments."""
+    rng = _rng("pixel-sketch", prompt, seed, width, height)
+
+    def colour(lo: int = 0, hi: int = 255) -> tuple[int, int, int]:
+        return (rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi))
+
+    image = Image.new("RGB", (width, height), colour(20, 235))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(5, 12)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1 = min(width, x0 + rng.randint(width // 8, width // 2))
+        y1 = min(height, y0 + rng.randint(height // 8, height // 2))
+        shape = rng.choice(("ellipse", "rectangle", "triangle", "line"))
+        fill = colour()
+        if shape == "ellipse":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape == "rectangle":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=fill)
+        else:
+            draw.line((x0, y0, x1, y1), fill=fill, width=max(1, width // 64))
+
+    # The prompt on a banner at the bottom, so a person looking at an output can tell which
+    # request made it.
+    font_size = max(8, min(width, height) // 18)
+    font = _font(font_size)
+    lines = textwrap.wrap(prompt, max(8, int(width / (font_size * 0.6))))[:3] or [""]
+    line_h = int(font_size * 1.25)
+    banner_h = min(height, line_h * len(lines) + 6)
+    draw.rectangle((0, height - banner_h, width, height), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((4, height - banner_h + 3 + i * line_h), line, fill=(255, 255, 255), font=font)
+
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+class PixelSketch(DemoModel):
+    """``demo/pixel-sketch``: prompt in, PNG images out (a list of file URLs)."""
+
+    owner = "demo"
+    name = "pixel-sketch"
+    description = "Sketches a small PNG from a prompt; deterministic for a given seed."
+    inputs = (
+        InputField(
+            "prompt", "string", "What to draw", required=True, min_length=1, max_length=2000
+        ),
+        InputField("width", "integer", "Width in pixels", default=256, minimum=64, maximum=1024),
+        InputField("height", "integer", "Height in pixels", default=256, minimum=64, maximum=1024),
+        InputField("seed", "integer", "Random seed; leave blank to randomize"),
+        InputField("num_outputs", "integer", "Number of images", default=1, minimum=1, maximum=4),
+    )
+    output_schema = {"type": "array", "items": {"type": "string", "format": "uri"}}
+
+    def run(self, inputs: Mapping[str, Any], seed: int) -> ModelResult:
+        files = [
+            OutputFile(
+                render_sketch(inputs["prompt"], seed + i, inputs["width"], inputs["height"]),
+                "png",
+                "image/png",
+            )
+            for i in range(inputs["num_outputs"])
+        ]
+        return ModelResult(files=files, metrics={"image_count": len(files)})
+
+
+_ADJECTIVES = (
+    "silent", "amber", "quiet", "distant", "frozen", "golden", "hollow", "gentle", "restless",
+    "pale", "crimson", "misty", "ancient", "falling", "endless", "small",
+)  # fmt: skip
+_NOUNS = (
+    "river", "lantern", "mountain", "harbor", "sparrow", "orchard", "moon", "kettle", "meadow",
+    "station", "willow", "ember", "tide", "garden", "signal", "rain",
+)  # fmt: skip
+_VERBS = (
+    "drifts", "waits", "hums", "settles", "wanders", "glows", "listens", "turns", "fades",
+    "breathes", "returns", "sleeps",
+)  # fmt: skip
+
+
+class HaikuText(DemoModel):
+    """``demo/haiku-text``: prompt in, a haiku out as a list of text chunks."""
+
+    owner = "demo"
+    name = "haiku-text"
+    description = "Writes a haiku about the prompt, streamed as text chunks."
+    inputs = (
+        InputField(
+            "prompt", "string", "Topic of the haiku", required=True, min_length=1, max_length=2000
+        ),
+        InputField(
+            "max_tokens",
+            "integer",
+            "Maximum chunks to generate",
+            default=64,
+            minimum=1,
+            maximum=512,
+        ),
+    )
+    output_schema = {
+        "type": "array",
+        "items": {"type": "string"},
+        "x-cog-array-type": "iterator",
+        "x-cog-array-display": "concatenate",
+    }
+
+    def preview(self, inputs: Mapping[str, Any], seed: int) -> list[str] | None:
+        return self._chunks(inputs)
+
+    def run(self, inputs: Mapping[str, Any], seed: int) -> ModelResult:
+        chunks = self._chunks(inputs)
+        words = re.findall(r"\w+", inputs["prompt"])
+        return ModelResult(
+            chunks=chunks,
+            metrics={"input_token_count": len(words), "output_token_count": len(chunks)},
+        )
+
+    @staticmethod
+    def _chunks(inputs: Mapping[str, Any]) -> list[str]:
+        prompt: str = inputs["prompt"]
+        rng = _rng("haiku-text", prompt)
+        topic = next(iter(re.findall(r"[A-Za-z]{3,}", prompt)), rng.choice(_NOUNS)).lower()
+        lines = [
+            [rng.choice(_ADJECTIVES), topic, rng.choice(_VERBS)],
+            ["the", rng.choice(_ADJECTIVES), rng.choice(_NOUNS), rng.choice(_VERBS)],
+            [rng.choice(_NOUNS), "and", rng.choice(_NOUNS)],
+        ]
+        chunks: list[str] = []
+        for n, line in enumerate(lines):
+            for i, word in enumerate(line):
+                last = i == len(line) - 1
+                chunks.append(
+                    word + ("" if last and n == len(lines) - 1 else "\n" if last else " ")
+                )
+        return chunks[: inputs["max_tokens"]]
+
+
+MODELS: dict[str, DemoModel] = {m.ref: m for m in (PixelSketch(), HaikuText())}
+"""Every model the emulator serves, by ``owner/name``."""
+
+VERSIONS: dict[str, DemoModel] = {m.version_id: m for m in MODELS.values()}
+"""The same models, by version id."""
