@@ -53,7 +53,8 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     """A timestamp that is always timezone-aware UTC in Python.
 
     PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are stored as naive UTC
-    text (so ``<`` comparisons in SQL stay correct) and come back tagged as UTC.
+    text (so ``<`` comparisons in SQL stay correct) and come back tagged as UTC. Naive values
+    given in Python (or in a query's bound parameters) are taken to be UTC.
     """
 
     impl = sa.DateTime(timezone=True)
@@ -62,9 +63,8 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: use a timezone-aware UTC datetime")
-        value = value.astimezone(UTC)
+        # A naive value is taken as UTC (what SQLite stores), never as the server's local time.
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         if dialect.name == "sqlite":
             return value.replace(tzinfo=None)
         return value
