@@ -19,8 +19,9 @@ from ai_handler_dagster.devstack.emulator import MODELS, EmulatorHandle, Faults
 
 from .conftest import client_for
 
-SKETCH = MODELS["demo/pixel-sketch"]
-HAIKU = MODELS["demo/haiku-text"]
+PS, HT = "demo/pixel-sketch", "demo/haiku-text"
+SKETCH = MODELS[PS]
+HAIKU = MODELS[HT]
 PREDICTION_KEYS = {
     "id", "model", "version", "input", "output", "logs", "error", "status", "created_at",
     "started_at", "completed_at", "data_removed", "metrics", "urls",
@@ -282,22 +283,17 @@ def test_unknown_prediction_and_model_are_404(client: replicate.Client) -> None:
 @pytest.mark.parametrize(
     ("model", "payload", "field", "kind"),
     [
-        ("demo/pixel-sketch", {}, "input", "required"),
-        ("demo/pixel-sketch", {"prompt": 7}, "input.prompt", "invalid_type"),
-        ("demo/pixel-sketch", {"prompt": ""}, "input.prompt", "string_gte"),
-        ("demo/pixel-sketch", {"prompt": "x" * 2001}, "input.prompt", "string_lte"),
-        ("demo/pixel-sketch", {"prompt": "x", "width": 32}, "input.width", "number_gte"),
-        ("demo/pixel-sketch", {"prompt": "x", "height": 4096}, "input.height", "number_lte"),
-        ("demo/pixel-sketch", {"prompt": "x", "width": "wide"}, "input.width", "invalid_type"),
-        ("demo/pixel-sketch", {"prompt": "x", "num_outputs": 5}, "input.num_outputs", "number_lte"),
-        ("demo/pixel-sketch", {"prompt": "x", "seed": 1.5}, "input.seed", "invalid_type"),
-        ("demo/haiku-text", {"prompt": "x", "max_tokens": 0}, "input.max_tokens", "number_gte"),
-        (
-            "demo/haiku-text",
-            {"prompt": "x", "max_tokens": True},
-            "input.max_tokens",
-            "invalid_type",
-        ),  # noqa: E501
+        (PS, {}, "input", "required"),
+        (PS, {"prompt": 7}, "input.prompt", "invalid_type"),
+        (PS, {"prompt": ""}, "input.prompt", "string_gte"),
+        (PS, {"prompt": "x" * 2001}, "input.prompt", "string_lte"),
+        (PS, {"prompt": "x", "width": 32}, "input.width", "number_gte"),
+        (PS, {"prompt": "x", "height": 4096}, "input.height", "number_lte"),
+        (PS, {"prompt": "x", "width": "wide"}, "input.width", "invalid_type"),
+        (PS, {"prompt": "x", "num_outputs": 5}, "input.num_outputs", "number_lte"),
+        (PS, {"prompt": "x", "seed": 1.5}, "input.seed", "invalid_type"),
+        (HT, {"prompt": "x", "max_tokens": 0}, "input.max_tokens", "number_gte"),
+        (HT, {"prompt": "x", "max_tokens": True}, "input.max_tokens", "invalid_type"),
     ],
 )
 def test_invalid_input_is_422_with_invalid_fields(
