@@ -88,8 +88,8 @@ def requeue_day(
             session.scalars(
                 sa.select(Generation.id)
                 .where(
-                    Generation.created_at >= day.replace(tzinfo=None),
-                    Generation.created_at < (day + timedelta(days=1)).replace(tzinfo=None),
+                    Generation.created_at >= day,
+                    Generation.created_at < day + timedelta(days=1),
                     Generation.status.in_(statuses),
                 )
                 .order_by(Generation.id)
@@ -150,7 +150,7 @@ def reconcile(
     """Settle what every other path missed: expired holds, and unfinished generations whose run
     has ended (or never existed). Predictions still running on Replicate are canceled."""
     engine = database.engine()
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = datetime.now(UTC)
 
     # 1. Holds past their deadline: expire them and fail their generations.
     with session_scope(engine) as session:

@@ -148,7 +148,7 @@ def generation_request_sensor(
 ) -> SensorResult | SkipReason:
     engine = database.engine()
     policy = QueuePolicy.from_settings()
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = datetime.now(UTC)
     requests: list[RunRequest] = []
 
     with session_scope(engine) as session:

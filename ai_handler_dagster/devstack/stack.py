@@ -1,0 +1,372 @@
+"""The embedded stack: every process the project needs on one machine, started and stopped as one.
+
+- the Replicate emulator and the local S3 endpoint (subprocesses on free loopback ports),
+- a Dagster instance in the state folder (SQLite by default, PostgreSQL on request),
+- ``dagster-daemon`` (sensors, run queue, run monitoring), and optionally the webserver/UI.
+
+``ai-handler dev`` and ``ai-handler demo`` use it, and so do the end-to-end tests, the benchmark and
+the chaos soak: the same processes and configuration production runs, only pointed at local parts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ai_handler_dagster import settings
+
+#: Token the emulator accepts (not a secret: the emulator only listens on loopback).
+EMULATOR_TOKEN = "r8_emulator_token"
+BUCKET = "ai-handler-outputs"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until something accepts connections on host:port (or fail with a clear error)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
+
+
+def instance_yaml(
+    *,
+    storage: Literal["sqlite", "postgres"],
+    dagster_pg_url: str | None,
+    max_concurrent_runs: int,
+    monitoring_poll_s: int = 3,
+) -> str:
+    """The embedded instance's ``dagster.yaml``: the production settings with local storage."""
+    if storage == "postgres":
+        if not dagster_pg_url:
+            raise settings.ConfigError("postgres storage needs a Dagster PostgreSQL URL")
+        storage_block = f"storage:\n  postgres:\n    postgres_url: \"{dagster_pg_url}\"\n"
+    else:
+        storage_block = "# storage: SQLite files in this folder (Dagster's default)\n"
+    return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
+{storage_block}
+concurrency:
+  runs:
+    max_concurrent_runs: {max_concurrent_runs}
+  pools:
+    default_limit: {max_concurrent_runs}
+    granularity: op
+run_launcher:
+  module: ai_handler_dagster.launcher
+  class: LocalRunLauncher
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 120
+  max_runtime_seconds: 1800
+  poll_interval_seconds: {monitoring_poll_s}
+  free_slots_after_run_end_seconds: 10
+run_retries:
+  enabled: true
+  max_retries: 1
+  retry_on_asset_or_op_failure: false
+sensors:
+  use_threads: true
+  num_workers: 4
+schedules:
+  use_threads: true
+  num_workers: 2
+telemetry:
+  enabled: false
+"""
+
+
+WORKSPACE_YAML = """load_from:
+  - python_module:
+      module_name: ai_handler_dagster.definitions
+      attribute: defs
+      location_name: ai_handler
+"""
+
+
+@dataclass
+class StackConfig:
+    """What to start. Defaults: the embedded setup (SQLite everywhere, daemon, no UI)."""
+
+    state_dir: Path = field(default_factory=settings.state_dir)
+    storage: Literal["sqlite", "postgres"] = "sqlite"
+    dagster_pg_url: str | None = None
+    app_db_url: str | None = None
+    latency_s: float = 1.0
+    concurrency: int = 16
+    failure_rate: float = 0.0
+    emulator_args: list[str] = field(default_factory=list)
+    max_concurrent_runs: int = 4
+    daemon: bool = True
+    webserver_port: int | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_to_files: bool = True
+
+
+class Stack:
+    """Start with ``start()`` (or ``with Stack(cfg) as stack``), stop with ``stop()``.
+
+    Every process is started in its own process group and stopped with its children, so nothing
+    it started outlives it.
+    """
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.emulator_url = ""
+        self.s3_url = ""
+        self.dagster_home = config.state_dir / "dagster_home"
+        self.logs_dir = config.state_dir / "logs"
+        self.app_db_url = config.app_db_url or f"sqlite:///{config.state_dir / 'app.db'}"
+        self._log_files: list[object] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self._prepare()
+            self._start_emulator()
+            self._start_s3()
+            if self.config.webserver_port is not None:
+                self._start_dagster_dev()
+            elif self.config.daemon:
+                self._start_daemon()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every process (daemon first, so no new run starts), then close the logs."""
+        for name in reversed(list(self.processes)):
+            self._terminate(name)
+        self.processes.clear()
+        for handle in self._log_files:
+            handle.close()  # type: ignore[attr-defined]
+        self._log_files.clear()
+
+    # ----------------------------------------------------------------- environment
+
+    def env(self) -> dict[str, str]:
+        """Environment for anything that talks to this stack (CLI, daemon, run workers)."""
+        env = dict(os.environ)
+        env.update(
+            {
+                settings.ENV_VAR: "embedded",
+                settings.STATE_DIR_VAR: str(self.config.state_dir),
+                settings.DATABASE_URL_VAR: self.app_db_url,
+                "DAGSTER_HOME": str(self.dagster_home),
+                "REPLICATE_API_TOKEN": EMULATOR_TOKEN,
+                "REPLICATE_BASE_URL": self.emulator_url,
+                "AI_HANDLER_S3_ENDPOINT_URL": self.s3_url,
+                "AI_HANDLER_S3_BUCKET": BUCKET,
+                # The local S3 endpoint accepts any keys; real ones never reach it.
+                "AWS_ACCESS_KEY_ID": "local",
+                "AWS_SECRET_ACCESS_KEY": "local",
+                "AWS_REGION": "us-east-1",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "DAGSTER_DISABLE_TELEMETRY": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.config.extra_env)
+        return env
+
+    def apply_env(self) -> None:
+        """Make this process talk to the stack too (the CLI's submit/status, tests)."""
+        os.environ.update(self.env())
+
+    # ----------------------------------------------------------------- parts
+
+    def _prepare(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.dagster_home.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        (self.dagster_home / "dagster.yaml").write_text(
+            instance_yaml(
+                storage=self.config.storage,
+                dagster_pg_url=self.config.dagster_pg_url,
+                max_concurrent_runs=self.config.max_concurrent_runs,
+            )
+        )
+        (self.config.state_dir / "workspace.yaml").write_text(WORKSPACE_YAML)
+        from ai_handler_dagster.db import upgrade
+
+        upgrade(self.app_db_url)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        if self.config.log_to_files:
+            log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._log_files.append(log)
+            out: object = log
+        else:
+            out = None
+        proc = subprocess.Popen(
+            args,
+            env=self.env(),
+            cwd=str(self.config.state_dir),
+            stdout=out,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def _start_emulator(self) -> None:
+        port = free_port()
+        proc = self._spawn(
+            "emulator",
+            [
+                sys.executable,
+                "-m",
+                "ai_handler_dagster.devstack.emulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--latency",
+                str(self.config.latency_s),
+                "--concurrency",
+                str(self.config.concurrency),
+                "--failure-rate",
+                str(self.config.failure_rate),
+                *self.config.emulator_args,
+            ],
+        )
+        wait_for_port("127.0.0.1", port, 30, proc)
+        self.emulator_url = f"http://127.0.0.1:{port}"
+
+    def _start_s3(self) -> None:
+        port = free_port()
+        proc = self._spawn(
+            "s3",
+            [sys.executable, "-m", "ai_handler_dagster.devstack.s3", "--port", str(port)],
+        )
+        wait_for_port("127.0.0.1", port, 60, proc)
+        self.s3_url = f"http://127.0.0.1:{port}"
+        self._wait_for_bucket()
+
+    def _wait_for_bucket(self) -> None:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            region_name="us-east-1",
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.head_bucket(Bucket=BUCKET)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def restart_s3(self) -> None:
+        """Stop and start the local S3 endpoint on the same port (chaos: an S3 outage)."""
+        port = int(self.s3_url.rsplit(":", 1)[1])
+        self._terminate("s3")
+        proc = self._spawn(
+            "s3",
+            [sys.executable, "-m", "ai_handler_dagster.devstack.s3", "--port", str(port)],
+        )
+        wait_for_port("127.0.0.1", port, 60, proc)
+        self._wait_for_bucket()
+
+    def _dagster_bin(self, name: str) -> str:
+        candidate = Path(sys.executable).with_name(name)
+        return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+    def _start_daemon(self) -> None:
+        self._spawn(
+            "daemon",
+            [
+                self._dagster_bin("dagster-daemon"),
+                "run",
+                "-w",
+                str(self.config.state_dir / "workspace.yaml"),
+            ],
+        )
+
+    def restart_daemon(self) -> None:
+        """Kill the daemon hard and start it again (chaos: a daemon crash)."""
+        self._terminate("daemon", sig=signal.SIGKILL)
+        self._start_daemon()
+
+    def _start_dagster_dev(self) -> None:
+        assert self.config.webserver_port is not None
+        self._spawn(
+            "dagster-dev",
+            [
+                self._dagster_bin("dagster"),
+                "dev",
+                "-w",
+                str(self.config.state_dir / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.config.webserver_port),
+            ],
+        )
+
+    def _terminate(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+        proc = self.processes.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        # Children that left the group's leader behind (run workers of the code server).
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def pids(self) -> list[int]:
+        """Pids of every live process of the stack, children included (for memory figures)."""
+        found: list[int] = []
+        groups = {p.pid for p in self.processes.values() if p.poll() is None}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(entry.name)) in groups:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
