@@ -67,10 +67,10 @@ def address_problem(address: IPAddress, *, allow_loopback: bool) -> str | None:
         return "link-local address"
     if address.is_multicast:
         return "multicast address"
-    if address.is_private:
-        return "private address"
     if address.is_reserved:
         return "reserved address"
+    if address.is_private:
+        return "private address"
     if not address.is_global:
         # Catch-all for special-purpose ranges the flags above miss (e.g. 100.64.0.0/10 CGNAT).
         return "non-public address"

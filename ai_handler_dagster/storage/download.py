@@ -352,7 +352,11 @@ def _receive(
             sock.settimeout(_remaining(deadline, policy))
         # read1 returns whatever one socket read yields, so the deadline is checked even when a
         # server trickles bytes slower than a full chunk per read timeout.
-        chunk = resp.read1(_CHUNK)
+        try:
+            chunk = resp.read1(_CHUNK)
+        except TimeoutError:
+            _remaining(deadline, policy)  # name the overall deadline when that was the cause
+            raise
         if not chunk:
             break
         size += len(chunk)
