@@ -67,6 +67,7 @@ PRODUCTION_HOSTS = ("replicate.delivery",)
 _CHUNK = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = f"ai-handler-dagster/{__version__}"
+_ASCII_PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +209,17 @@ def _check_url(url: str, policy: DownloadPolicy) -> _Target:
     host = (parts.hostname or "").rstrip(".")
     if not host:
         raise _rejected(f"output URL has no host ({shown})")
+    if not host.isascii():
+        # Delivery hosts are plain ASCII; internationalised look-alikes have no business here.
+        raise _rejected(f"output host must be ASCII ({shown})")
     port = port or (443 if scheme == "https" else 80)
     if not host_allowed(host, port, policy.allowed_hosts):
         raise _rejected(f"output host {host}:{port} is not on the allow-list ({shown})")
     path = parts.path or "/"
     if parts.query:
         path = f"{path}?{parts.query}"
+    # HTTP request targets are ASCII: percent-encode anything else, leave the rest untouched.
+    path = urllib.parse.quote(path, safe=_ASCII_PRINTABLE)
     return _Target(url=url, scheme=scheme, host=host, port=port, path=path)
 
 

@@ -261,6 +261,27 @@ def test_formats_are_sniffed_from_bytes(
     assert (result.content_type, result.ext) == (content_type, ext)
 
 
+def test_non_ascii_path_is_percent_encoded(file_server: FileServer) -> None:
+    file_server.add("/%C3%A9t%C3%A9.png", PNG, "image/png")
+    result = download(
+        file_server.url("/été.png"), DownloadPolicy.embedded(file_server.base_url), io.BytesIO()
+    )
+    assert result.size == len(PNG)
+    assert file_server.seen[-1].path == "/%C3%A9t%C3%A9.png"
+
+
+def test_non_ascii_host_is_refused() -> None:
+    err = _expect(
+        OUTPUT_REJECTED,
+        download,
+        "https://pbxt.repli\u0441ate.delivery/out.png",  # Cyrillic es (U+0441), not a Latin c
+        DownloadPolicy(allowed_hosts=("repli\u0441ate.delivery",)),
+        io.BytesIO(),
+        resolver=FakeDNS({}),
+    )
+    assert "ASCII" in err.message
+
+
 def test_chunked_body_without_length_is_accepted_under_the_cap(file_server: FileServer) -> None:
     body = png_bytes((200, 200), "green")
     url = file_server.add("/chunked.png", body, "image/png", declare_length=False, chunk_size=999)
