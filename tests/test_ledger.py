@@ -21,18 +21,24 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from ai_handler_dagster import ledger
-from ai_handler_dagster.db import upgrade
-from ai_handler_dagster.db.engine import dispose_engines, make_engine, session_scope
+from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Account, Hold, LedgerEntry, utcnow
+from tests.db import support
 
 T = TypeVar("T")
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One migrated database per dialect for this module (see tests/db/support.py)."""
+    with support.migrated_database(request) as url:
+        yield url
+
+
 @pytest.fixture
-def engine(any_db_url: str) -> Iterator[sa.Engine]:
-    upgrade(any_db_url)
-    yield make_engine(any_db_url)
-    dispose_engines()
+def engine(db_url: str) -> sa.Engine:
+    """The module's database, emptied for this test."""
+    return support.emptied(db_url)
 
 
 def in_tx(engine: sa.Engine, fn: Callable[[Session], T]) -> T:

@@ -1,0 +1,616 @@
+"""State transitions of a generation, each with its money movement in the same transaction.
+
+::
+
+    pending --claim_pending--> queued --start_attempt--> running --succeed--> succeeded
+                                  |                         |
+                                  +---------fail------------+--> failed | canceled
+                                                                    |
+                            pending (attempt + 1) <---requeue-------+
+
+Every function takes the caller's ``Session`` and does its work inside the caller's transaction:
+the generation row is locked first (then its hold, then the account: the ledger's lock order), the
+status changes, and the ledger entry that goes with it (hold, capture or release) is written in
+the same commit. So a generation is never ``succeeded`` without its capture, nor ``failed`` with
+its credits still held.
+
+Retries are safe: ``start_attempt`` on a running attempt returns it (one hold per attempt, keyed
+``gen:{id}:a{attempt}:hold``); ``succeed`` on a succeeded row returns it; ``fail`` on a terminal row
+does nothing and returns False, so the failure hook, the run-failure sensor and reconciliation may
+all fire for one generation and exactly one refund happens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db.models import TERMINAL_STATUSES, Generation, Hold, utcnow
+from ai_handler_dagster.errors import INSUFFICIENT_CREDITS, UNPRICED_MODEL
+from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
+
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "CannotAfford",
+    "InvalidRequest",
+    "InvalidTransition",
+    "UnknownGeneration",
+    "as_dict",
+    "claim_pending",
+    "fail",
+    "get",
+    "hold_key",
+    "record_prediction",
+    "requeue",
+    "start_attempt",
+    "submit",
+    "succeed",
+    "validate_input",
+    "verify",
+]
+
+#: Largest accepted input, serialized as compact UTF-8 JSON.
+MAX_INPUT_BYTES = 64 * 1024
+#: Deepest accepted nesting of the input (guards the validator and the provider alike).
+MAX_INPUT_DEPTH = 32
+MAX_TEXT_LENGTH = 255
+MAX_ERROR_MESSAGE_LENGTH = 4000
+
+# C0 controls except tab, newline and carriage return; DEL; C1 controls. Prompts with these are
+# almost always corrupted or an injection attempt, never what a user typed.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class InvalidRequest(ValueError):
+    """A request that ``submit`` refuses; the message names what was wrong. Nothing was written."""
+
+
+class CannotAfford(InvalidRequest, ledger.InsufficientCredits):
+    """The user's available credits do not cover the hold the request would need right now."""
+
+    def __init__(self, user_id: str, available: int, needed: int) -> None:
+        ledger.InsufficientCredits.__init__(self, user_id, available, needed)
+
+
+class UnknownGeneration(LookupError):
+    """No generation has this id."""
+
+    def __init__(self, generation_id: int) -> None:
+        super().__init__(f"unknown generation {generation_id}")
+        self.generation_id = generation_id
+
+
+class InvalidTransition(Exception):
+    """The generation is not in a state that allows this transition (the message says which)."""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def hold_key(generation_id: int, attempt: int) -> str:
+    """Idempotency key of the one hold of a generation attempt."""
+    return f"gen:{generation_id}:a{attempt}:hold"
+
+
+def get(session: Session, generation_id: int) -> Generation:
+    """The generation (not locked); ``UnknownGeneration`` if there is none."""
+    row = session.get(Generation, generation_id)
+    if row is None:
+        raise UnknownGeneration(generation_id)
+    return row
+
+
+def _lock(session: Session, generation_id: int) -> Generation:
+    row = session.scalars(
+        sa.select(Generation)
+        .where(Generation.id == generation_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
+    if row is None:
+        raise UnknownGeneration(generation_id)
+    return row
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise InvalidRequest(f"{what} is longer than {MAX_TEXT_LENGTH} characters")
+    _check_string(value, what)
+    # Identifiers end up in logs, tags and run keys: not even a newline or tab is allowed.
+    for position, char in enumerate(value):
+        if char in "\t\n\r":
+            raise InvalidRequest(
+                f"{what} contains control character U+{ord(char):04X} at position {position}"
+            )
+    return value
+
+
+def _check_string(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{where} is not valid UTF-8 (lone surrogate {value[exc.start]!r} at position "
+            f"{exc.start})"
+        ) from None
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{where} contains control character U+{ord(bad.group()):04X} at position {bad.start()}"
+        )
+
+
+def _walk(value: object, where: str, depth: int) -> None:
+    if depth > MAX_INPUT_DEPTH:
+        raise InvalidRequest(f"{where} is nested more than {MAX_INPUT_DEPTH} levels deep")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{where} is {value!r}, which JSON cannot represent")
+        return
+    if isinstance(value, str):
+        _check_string(value, where)
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _walk(item, f"{where}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidRequest(f"{where} has a non-string key {key!r}")
+            _check_string(key, f"{where} key {key!r}")
+            _walk(item, f"{where}[{key!r}]", depth + 1)
+        return
+    raise InvalidRequest(f"{where} is a {type(value).__name__}, which is not a JSON value")
+
+
+def validate_input(value: object) -> dict[str, Any]:
+    """Check a model input: a JSON object, clean text, at most ``MAX_INPUT_BYTES`` serialized.
+
+    Returns the input as it will be stored; ``InvalidRequest`` names the offending field.
+    """
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"input must be a JSON object, got {type(value).__name__}")
+    _walk(value, "input", 0)
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    if size > MAX_INPUT_BYTES:
+        raise InvalidRequest(f"input is {size} bytes as JSON; the limit is {MAX_INPUT_BYTES}")
+    return value
+
+
+def _same_request(
+    existing: Generation, user_id: str, model: str, payload: dict[str, Any]
+) -> Generation:
+    if existing.user_id != user_id or existing.model != model or existing.input != payload:
+        raise InvalidRequest(
+            f"request_id {existing.request_id!r} was already used for generation {existing.id} "
+            "with a different user, model or input"
+        )
+    return existing
+
+
+def _finish(
+    row: Generation, status: str, code: str | None, message: str | None, now: datetime
+) -> None:
+    row.status = status
+    row.error_code = code
+    row.error_message = message[:MAX_ERROR_MESSAGE_LENGTH] if message else None
+    row.finished_at = now
+
+
+# --- transitions ------------------------------------------------------------------------------
+
+
+def submit(
+    session: Session,
+    *,
+    user_id: str,
+    model: str,
+    input: dict[str, Any],
+    request_id: str | None = None,
+    prices: PriceBook,
+) -> Generation:
+    """Create a pending generation after validating the request.
+
+    Refuses with ``InvalidRequest`` (nothing written) an unknown user, a malformed or unpriced
+    model, a bad input, or a user who cannot afford the hold right now (``CannotAfford``, which
+    is also a ``ledger.InsufficientCredits``). A repeated ``request_id`` returns the existing row
+    if user, model and input are the same, and is refused otherwise. No credits are held yet:
+    that happens in ``start_attempt``, when the run begins.
+    """
+    user_id = _text(user_id, "user_id")
+    if not isinstance(model, str):
+        raise InvalidRequest(f"model must be a string 'owner/name[:version]', got {model!r}")
+    try:
+        parse_model_ref(model)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    payload = validate_input(input)
+    if request_id is not None:
+        request_id = _text(request_id, "request_id")
+        existing = session.scalars(
+            sa.select(Generation).where(Generation.request_id == request_id)
+        ).first()
+        if existing is not None:
+            return _same_request(existing, user_id, model, payload)
+    try:
+        needed = prices.price_for(model).hold_amount()
+    except UnpricedModel as exc:
+        raise InvalidRequest(str(exc)) from None
+    try:
+        balance = ledger.balance(session, user_id)
+    except ledger.UnknownAccount:
+        raise InvalidRequest(
+            f"unknown user {user_id!r}: the user has no credit account (grant credits first)"
+        ) from None
+    if balance.available < needed:
+        raise CannotAfford(user_id, balance.available, needed)
+
+    row = Generation(
+        request_id=request_id,
+        user_id=user_id,
+        model=model,
+        input=payload,
+        status="pending",
+        attempt=1,
+    )
+    try:
+        # A SAVEPOINT, so a concurrent duplicate request_id leaves the caller's transaction usable.
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        if request_id is None:
+            raise
+        winner = session.scalars(
+            sa.select(Generation).where(Generation.request_id == request_id)
+        ).first()
+        if winner is None:
+            raise
+        return _same_request(winner, user_id, model, payload)
+    return row
+
+
+def claim_pending(
+    session: Session,
+    *,
+    limit: int,
+    batch_key_fn: Callable[[Sequence[Generation]], str],
+    now: datetime | None = None,
+) -> list[Generation]:
+    """Mark up to ``limit`` pending generations (oldest first) ``queued`` as one batch.
+
+    ``batch_key_fn(rows)`` names the batch (the sensor's run key); every claimed row gets it with
+    ``queued_at``. On PostgreSQL rows locked by another claimer are skipped (``SKIP LOCKED``), so
+    concurrent sensors never claim the same row; SQLite serializes the claimers.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    rows = list(
+        session.scalars(
+            sa.select(Generation)
+            .where(Generation.status == "pending")
+            .order_by(Generation.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+    )
+    if not rows:
+        return []
+    key = batch_key_fn(rows)
+    now = now or utcnow()
+    for row in rows:
+        row.status = "queued"
+        row.batch_key = key
+        row.queued_at = now
+    session.flush()
+    return rows
+
+
+def start_attempt(
+    session: Session,
+    generation_id: int,
+    *,
+    run_id: str,
+    prices: PriceBook,
+    now: datetime | None = None,
+) -> Generation:
+    """Hold the price of the current attempt and mark the generation ``running``.
+
+    Callers must go on only if the returned row is ``running``:
+
+    - already running with this attempt's hold (an op retry or a re-executed run): returned as is,
+      and ``dagster_run_id`` moves to ``run_id`` so the old run's failure does not refund it;
+    - cannot afford the hold, or the model lost its price: marked ``failed``
+      (``insufficient_credits`` / ``unpriced_model``), nothing held, returned;
+    - already terminal: returned unchanged.
+    """
+    row = _lock(session, generation_id)
+    now = now or utcnow()
+    if row.is_terminal:
+        return row
+    if row.status == "running" and row.hold_id is not None:
+        row.dagster_run_id = run_id
+        session.flush()
+        return row
+    try:
+        amount = prices.price_for(row.model).hold_amount()
+    except (UnpricedModel, ValueError) as exc:
+        _finish(row, "failed", UNPRICED_MODEL, str(exc), now)
+        session.flush()
+        return row
+    try:
+        held = ledger.hold(
+            session,
+            row.user_id,
+            amount,
+            hold_key(row.id, row.attempt),
+            generation_id=row.id,
+            now=now,
+        )
+    except (ledger.InsufficientCredits, ledger.UnknownAccount) as exc:
+        _finish(row, "failed", INSUFFICIENT_CREDITS, str(exc), now)
+        session.flush()
+        return row
+    row.status = "running"
+    row.dagster_run_id = run_id
+    row.hold_id = held.id
+    row.amount_held = held.amount
+    row.queued_at = row.queued_at or now
+    row.started_at = now
+    session.flush()
+    return row
+
+
+def record_prediction(
+    session: Session,
+    generation_id: int,
+    prediction_id: str,
+    model: str | None,
+    version: str | None,
+) -> Generation:
+    """Remember the provider's prediction (and the model/version it answered with).
+
+    Idempotent for the same prediction id. Raises ``InvalidTransition`` if the generation is not
+    running (it ended meanwhile: the caller should cancel the prediction), already has another
+    prediction, or if another generation already adopted this prediction.
+    """
+    if not isinstance(prediction_id, str) or not prediction_id:
+        raise ValueError(f"prediction_id must be a non-empty string, got {prediction_id!r}")
+    row = _lock(session, generation_id)
+    if row.prediction_id == prediction_id:
+        row.prediction_model = row.prediction_model or model
+        row.prediction_version = row.prediction_version or version
+        session.flush()
+        return row
+    if row.prediction_id is not None:
+        raise InvalidTransition(
+            f"generation {generation_id} already has prediction {row.prediction_id}; "
+            f"refusing {prediction_id}"
+        )
+    if row.status != "running":
+        raise InvalidTransition(
+            f"generation {generation_id} is {row.status}, not running; prediction {prediction_id} "
+            "was not recorded and should be canceled"
+        )
+    try:
+        with session.begin_nested():
+            row.prediction_id = prediction_id
+            row.prediction_model = model
+            row.prediction_version = version
+            session.flush()
+    except IntegrityError:
+        owner = session.scalars(
+            sa.select(Generation.id).where(Generation.prediction_id == prediction_id)
+        ).first()
+        raise InvalidTransition(
+            f"prediction {prediction_id} already belongs to generation {owner}"
+        ) from None
+    return row
+
+
+def _check_outputs(outputs: object) -> list[dict[str, Any]]:
+    if not isinstance(outputs, list):
+        raise ValueError(f"outputs must be a list of objects, got {type(outputs).__name__}")
+    for index, item in enumerate(outputs):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"outputs[{index}] must be an object, got {item!r}")
+        for field in ("key", "uri", "content_type"):
+            if not isinstance(item.get(field), str) or not item[field]:
+                raise ValueError(f"outputs[{index}].{field} must be a non-empty string")
+        size = item.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"outputs[{index}].size must be a byte count, got {size!r}")
+        if not isinstance(item.get("sha256"), str) or not _SHA256.fullmatch(item["sha256"]):
+            raise ValueError(f"outputs[{index}].sha256 must be 64 lowercase hex digits")
+    return [dict(item) for item in outputs]
+
+
+def succeed(
+    session: Session,
+    generation_id: int,
+    *,
+    outputs: list[dict[str, Any]],
+    predict_time: float | None,
+    prices: PriceBook,
+    now: datetime | None = None,
+) -> Generation:
+    """Capture the charge, store the outputs and mark the generation ``succeeded``.
+
+    The charge is the model's price for ``predict_time`` (metered) or its fixed price, never more
+    than what was held (a price raised mid-run, or removed, charges at most the hold). ``outputs``
+    is a list of ``{key, uri, size, sha256, content_type}`` (extra keys are kept). Idempotent: a
+    succeeded row is returned as is. A generation that already failed raises
+    ``InvalidTransition``; a hold that was already released or expired raises
+    ``ledger.HoldAlreadyEnded``, and nothing is written.
+    """
+    row = _lock(session, generation_id)
+    if row.status == "succeeded":
+        return row
+    if row.status != "running" or row.hold_id is None:
+        raise InvalidTransition(
+            f"generation {generation_id} is {row.status}"
+            f"{'' if row.hold_id else ' without a hold'}; it cannot succeed"
+        )
+    stored = _check_outputs(outputs)
+    try:
+        charge = min(prices.price_for(row.model).charge_for(predict_time), row.amount_held)
+    except UnpricedModel:
+        charge = row.amount_held
+    ledger.capture(session, row.hold_id, charge, now=now)
+    _finish(row, "succeeded", None, None, now or utcnow())
+    row.outputs = stored
+    row.amount_charged = charge
+    session.flush()
+    return row
+
+
+def fail(
+    session: Session,
+    generation_id: int,
+    *,
+    code: str,
+    message: str,
+    status: str = "failed",
+    now: datetime | None = None,
+) -> bool:
+    """End the generation as ``failed`` (or ``canceled``) and refund its hold if still pending.
+
+    Returns False, changing nothing, if the generation already ended: every refund path may call
+    this for the same generation and exactly one refund happens (the row lock serializes them).
+    """
+    if status not in ("failed", "canceled"):
+        raise ValueError(f"status must be 'failed' or 'canceled', got {status!r}")
+    row = _lock(session, generation_id)
+    if row.is_terminal:
+        return False
+    if row.hold_id is not None:
+        ledger.release_if_pending(session, row.hold_id, f"{code}: {message}", now=now)
+    _finish(row, status, code, message, now or utcnow())
+    session.flush()
+    return True
+
+
+def requeue(session: Session, generation_id: int, *, include_succeeded: bool = False) -> Generation:
+    """Send a failed or canceled generation back to ``pending`` as a new attempt (``attempt + 1``).
+
+    The old attempt's run, prediction, hold and error are cleared from the row (its money is
+    settled: the ledger keeps its entries). With ``include_succeeded`` a succeeded generation may
+    be regenerated too; its old charge stays, the new attempt is charged again.
+    """
+    row = _lock(session, generation_id)
+    allowed = ("failed", "canceled", "succeeded") if include_succeeded else ("failed", "canceled")
+    if row.status not in allowed:
+        raise InvalidTransition(
+            f"generation {generation_id} is {row.status}; only {' or '.join(allowed)} "
+            "generations can be requeued"
+        )
+    if row.hold_id is not None:
+        # Settled already by fail/succeed; this only guards against a hand-edited row.
+        ledger.release_if_pending(session, row.hold_id, "requeued")
+    row.status = "pending"
+    row.attempt += 1
+    for field in (
+        "batch_key",
+        "dagster_run_id",
+        "prediction_id",
+        "prediction_model",
+        "prediction_version",
+        "hold_id",
+        "outputs",
+        "error_code",
+        "error_message",
+        "queued_at",
+        "started_at",
+        "finished_at",
+    ):
+        setattr(row, field, None)
+    row.amount_held = 0
+    row.amount_charged = 0
+    session.flush()
+    return row
+
+
+# --- reading and checking ---------------------------------------------------------------------
+
+
+def as_dict(row: Generation) -> dict[str, Any]:
+    """The row as a JSON-ready dict (timestamps in ISO 8601 UTC)."""
+    out: dict[str, Any] = {}
+    for column in Generation.__table__.columns:
+        value = getattr(row, column.key)
+        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def verify(session: Session) -> list[ledger.Violation]:
+    """Check that generations and their holds agree (complements ``ledger.verify``).
+
+    - a succeeded generation's hold is captured for exactly ``amount_charged``;
+    - a failed or canceled generation's hold is not pending (its refund happened);
+    - a running generation has a hold, and the hold belongs to it;
+    - no generation has more than one pending hold.
+    """
+    return list(_verify(session))
+
+
+def _verify(session: Session) -> Iterator[ledger.Violation]:
+    rows = session.execute(
+        sa.select(
+            Generation.id,
+            Generation.status,
+            Generation.hold_id,
+            Generation.amount_charged,
+            Hold.status,
+            Hold.captured_amount,
+            Hold.generation_id,
+        )
+        .outerjoin(Hold, Hold.id == Generation.hold_id)
+        .where(Generation.status.in_(("running", *TERMINAL_STATUSES)))
+        .order_by(Generation.id)
+        .execution_options(yield_per=1000)
+    )
+    for gid, status, hold_id, charged, hold_status, captured, hold_gid in rows:
+        subject = f"generation {gid}"
+        if hold_id is not None and hold_gid != gid:
+            yield ledger.Violation(
+                subject, f"its hold {hold_id} belongs to generation {hold_gid}", hold_id=hold_id
+            )
+        if status == "succeeded" and (hold_status != "captured" or captured != charged):
+            yield ledger.Violation(
+                subject,
+                f"succeeded with {charged} charged but its hold {hold_id} is "
+                f"{hold_status or 'missing'} with {captured} captured",
+                hold_id=hold_id,
+            )
+        if status in ("failed", "canceled") and hold_status == "pending":
+            yield ledger.Violation(
+                subject, f"{status} but its hold {hold_id} is still pending", hold_id=hold_id
+            )
+        if status == "running" and hold_id is None:
+            yield ledger.Violation(subject, "running without a hold")
+    doubles = session.execute(
+        sa.select(Hold.generation_id, sa.func.count())
+        .where(Hold.status == "pending", Hold.generation_id.is_not(None))
+        .group_by(Hold.generation_id)
+        .having(sa.func.count() > 1)
+    )
+    for doubled, count in doubles:
+        yield ledger.Violation(
+            f"generation {doubled}", f"has {count} pending holds, expected at most 1"
+        )

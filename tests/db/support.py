@@ -1,0 +1,57 @@
+"""Database fixtures shared by the tests of the db, ledger, generations and CLI.
+
+Creating and migrating a PostgreSQL database costs a fraction of a second; doing it for every
+test would make these suites slow. Instead each test module gets one migrated database per
+dialect (``migrated_database``), and every test starts from empty tables (``emptied``), with ids
+starting again at 1. Tests still run against real SQLite and real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+
+from ai_handler_dagster.db import upgrade
+from ai_handler_dagster.db.engine import dispose_engines, make_engine
+from ai_handler_dagster.db.models import Base
+from tests.conftest import drop_pg_database, new_pg_database
+
+
+@contextmanager
+def migrated_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated database for ``request.param`` ("sqlite" or "postgres"), dropped afterwards."""
+    if request.param == "sqlite":
+        folder = request.getfixturevalue("tmp_path_factory").mktemp("appdb")
+        url = f"sqlite:///{folder / 'app.db'}"
+        upgrade(url)
+        try:
+            yield url
+        finally:
+            dispose_engines()
+        return
+    if not request.getfixturevalue("pg_available"):
+        pytest.skip("PostgreSQL is not reachable (set AI_HANDLER_TEST_PG_URL)")
+    url = new_pg_database()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        dispose_engines()
+        drop_pg_database(url)
+
+
+def emptied(url: str) -> sa.Engine:
+    """The engine of ``url`` after deleting every row of the app tables (ids restart at 1)."""
+    engine = make_engine(url)
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        else:
+            # SQLite reuses ids from max(id) + 1 (no AUTOINCREMENT), so empty tables restart at 1.
+            for name in tables:
+                conn.exec_driver_sql(f"DELETE FROM {name}")
+    return engine

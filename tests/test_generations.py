@@ -1,0 +1,501 @@
+"""Generation transitions move status and money together, once, on both databases.
+
+Proves, on real SQLite and PostgreSQL: ``submit`` refuses each kind of bad request with a message
+naming the problem and writes nothing, and deduplicates by request_id (also under a concurrent
+race); ``claim_pending`` hands each pending row to exactly one batch; ``start_attempt`` holds the
+price once per attempt (op retries reuse it) or fails the generation with
+``insufficient_credits``; ``succeed`` captures the fixed or metered charge; ``fail`` refunds
+exactly once even when several refund paths race; ``requeue`` starts a fresh attempt with its own
+hold; predictions cannot be adopted twice; a rolled-back transaction leaves neither status nor
+money behind; and ``verify`` notices a generation whose hold disagrees with its status.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
+from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
+from tests.db import support
+
+T = TypeVar("T")
+SKETCH = "demo/pixel-sketch"  # fixed 5 credits
+HAIKU = "demo/haiku-text"  # 2 credits/s, hold 60
+OUTPUT = {
+    "key": "outputs/1/a1/0.png",
+    "uri": "s3://bucket/outputs/1/a1/0.png",
+    "size": 1234,
+    "sha256": "ab" * 32,
+    "content_type": "image/png",
+}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One migrated database per dialect for this module (see tests/db/support.py)."""
+    with support.migrated_database(request) as url:
+        yield url
+
+
+@pytest.fixture
+def engine(db_url: str) -> sa.Engine:
+    """The module's database, emptied for this test."""
+    return support.emptied(db_url)
+
+
+@pytest.fixture(scope="module")
+def prices() -> PriceBook:
+    return load_pricing()
+
+
+def tx(engine: sa.Engine, fn: Callable[[Session], T]) -> T:
+    with session_scope(engine) as session:
+        return fn(session)
+
+
+def race(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
+    barrier = threading.Barrier(n, timeout=60)
+    results: list[T | BaseException] = [RuntimeError("not run")] * n
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:  # collected for the assertions of the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def fund(engine: sa.Engine, user: str = "alice", amount: int = 100) -> None:
+    tx(engine, lambda s: ledger.grant(s, user, amount, f"fund-{user}-{amount}"))
+
+
+def submit(engine: sa.Engine, prices: PriceBook, model: str = SKETCH, **kw: Any) -> Generation:
+    kw.setdefault("user_id", "alice")
+    kw.setdefault("input", {"prompt": "a red fox"})
+    return tx(engine, lambda s: gens.submit(s, model=model, prices=prices, **kw))
+
+
+def start(engine: sa.Engine, prices: PriceBook, gid: int, run_id: str = "run-1") -> Generation:
+    return tx(engine, lambda s: gens.start_attempt(s, gid, run_id=run_id, prices=prices))
+
+
+def row(engine: sa.Engine, gid: int) -> Generation:
+    return tx(engine, lambda s: gens.get(s, gid))
+
+
+def count(engine: sa.Engine, model: type[Any]) -> int:
+    return tx(engine, lambda s: s.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
+
+
+def balance(engine: sa.Engine, user: str = "alice") -> ledger.Balance:
+    return tx(engine, lambda s: ledger.balance(s, user))
+
+
+def assert_consistent(engine: sa.Engine) -> None:
+    problems = tx(engine, lambda s: [*ledger.verify(s), *gens.verify(s)])
+    assert [str(p) for p in problems] == []
+
+
+# --- submit -----------------------------------------------------------------------------------
+
+
+def test_submit_creates_a_pending_row_and_holds_nothing(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    created = submit(engine, prices, request_id="req-1")
+    assert (created.status, created.attempt, created.user_id, created.model) == (
+        "pending",
+        1,
+        "alice",
+        SKETCH,
+    )
+    assert created.input == {"prompt": "a red fox"}
+    assert balance(engine).held == 0
+    # The same request again (a client retry) returns the same row.
+    assert submit(engine, prices, request_id="req-1").id == created.id
+    with pytest.raises(gens.InvalidRequest, match="request_id 'req-1' was already used"):
+        submit(engine, prices, request_id="req-1", input={"prompt": "a blue fox"})
+    assert count(engine, Generation) == 1
+
+
+BIG = "x" * (64 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"user_id": "nobody"}, "unknown user 'nobody'"),
+        ({"user_id": ""}, "user_id must be a non-empty string"),
+        ({"model": "pixel-sketch"}, "is not 'owner/name'"),
+        ({"model": "demo/pixel sketch"}, "is not 'owner/name'"),
+        ({"model": 42}, "model must be a string"),
+        ({"model": "demo/unknown"}, "'demo/unknown' has no price"),
+        ({"input": ["a", "list"]}, "input must be a JSON object, got list"),
+        ({"input": "a prompt"}, "input must be a JSON object, got str"),
+        ({"input": {1: "x"}}, "non-string key 1"),
+        ({"input": {"seed": float("nan")}}, r"input\['seed'\] is nan"),
+        ({"input": {"when": object()}}, "not a JSON value"),
+        (
+            {"input": {"prompt": "bell\x07"}},
+            r"input\['prompt'\] contains control character U\+0007",
+        ),
+        ({"input": {"prompt": "nul\x00"}}, "control character U\\+0000"),
+        ({"input": {"prompt": "bad \ud800 half"}}, "not valid UTF-8"),
+        ({"input": {"tags": ["ok", "esc\x1b"]}}, r"input\['tags'\]\[1\] contains control"),
+        ({"input": {"prompt": BIG}}, "bytes as JSON; the limit is 65536"),
+        ({"input": {"deep": json.loads("[" * 40 + "]" * 40)}}, "nested more than"),
+        ({"request_id": "bad\nid"}, "request_id contains control character"),
+    ],
+)
+def test_submit_refuses_bad_requests_and_writes_nothing(
+    engine: sa.Engine, prices: PriceBook, overrides: dict[str, Any], message: str
+) -> None:
+    fund(engine)
+    with pytest.raises(gens.InvalidRequest, match=message):
+        submit(engine, prices, **overrides)
+    assert count(engine, Generation) == 0
+
+
+def test_submit_accepts_newlines_tabs_and_unicode(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    text = "line one\n\tline two — café 🦊"
+    created = submit(engine, prices, input={"prompt": text, "n": 2, "x": None, "ok": True})
+    assert row(engine, created.id).input["prompt"] == text
+
+
+def test_submit_refuses_what_the_user_cannot_afford(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine, amount=59)
+    with pytest.raises(gens.CannotAfford, match="59 available, 60 needed") as info:
+        submit(engine, prices, model=HAIKU)
+    # Callers may catch it as either kind.
+    assert isinstance(info.value, gens.InvalidRequest)
+    assert isinstance(info.value, ledger.InsufficientCredits)
+    assert count(engine, Generation) == 0
+    assert submit(engine, prices, model=SKETCH).status == "pending"
+
+
+def test_concurrent_submits_with_one_request_id_make_one_row(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    results = race(8, lambda i: submit(engine, prices, request_id="same").id)
+    assert len(set(results)) == 1, results
+    assert count(engine, Generation) == 1
+
+
+# --- claim and start --------------------------------------------------------------------------
+
+
+def test_claim_pending_takes_the_oldest_rows_once(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    ids = [submit(engine, prices).id for _ in range(5)]
+
+    def key(rows: Any) -> str:
+        return f"batch-{rows[0].id}"
+
+    first = tx(engine, lambda s: gens.claim_pending(s, limit=3, batch_key_fn=key))
+    assert [r.id for r in first] == ids[:3]
+    assert {(r.status, r.batch_key) for r in first} == {("queued", f"batch-{ids[0]}")}
+    assert all(r.queued_at is not None for r in first)
+    second = tx(engine, lambda s: gens.claim_pending(s, limit=3, batch_key_fn=key))
+    assert [r.id for r in second] == ids[3:]
+    assert tx(engine, lambda s: gens.claim_pending(s, limit=3, batch_key_fn=key)) == []
+    with pytest.raises(ValueError, match="limit"):
+        tx(engine, lambda s: gens.claim_pending(s, limit=0, batch_key_fn=key))
+
+
+def test_concurrent_claims_never_share_a_row(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    for _ in range(20):
+        submit(engine, prices)
+
+    def claim(i: int) -> list[int]:
+        rows = tx(engine, lambda s: gens.claim_pending(s, limit=4, batch_key_fn=lambda _: f"b{i}"))
+        return [r.id for r in rows]
+
+    results = race(8, claim)
+    claimed = [gid for r in results if isinstance(r, list) for gid in r]
+    assert sorted(claimed) == sorted(set(claimed))
+    assert len(claimed) == 20
+
+
+def test_start_attempt_holds_once_per_attempt(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    running = start(engine, prices, gid)
+    assert (running.status, running.amount_held, running.dagster_run_id) == ("running", 5, "run-1")
+    held = tx(engine, lambda s: s.get_one(Hold, running.hold_id))
+    assert (held.idempotency_key, held.generation_id, held.amount) == (
+        gens.hold_key(gid, 1),
+        gid,
+        5,
+    )
+    # An op retry, then a re-executed run: same hold, the run id moves to the new run.
+    assert start(engine, prices, gid).hold_id == running.hold_id
+    again = start(engine, prices, gid, run_id="run-2")
+    assert (again.hold_id, again.dagster_run_id) == (running.hold_id, "run-2")
+    assert balance(engine) == ledger.Balance(balance=100, held=5, available=95)
+    assert count(engine, Hold) == 1
+    assert_consistent(engine)
+
+
+def test_start_attempt_fails_what_cannot_be_afforded(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine, amount=70)
+    first = submit(engine, prices, model=HAIKU).id
+    second = submit(engine, prices, model=HAIKU).id  # affordable at submit time, not at start
+    assert start(engine, prices, first).status == "running"
+    refused = start(engine, prices, second)
+    assert (refused.status, refused.error_code, refused.hold_id) == (
+        "failed",
+        "insufficient_credits",
+        None,
+    )
+    assert "10 available, 60 needed" in (refused.error_message or "")
+    assert refused.finished_at is not None
+    assert balance(engine) == ledger.Balance(balance=70, held=60, available=10)
+    # Terminal rows are returned unchanged.
+    assert start(engine, prices, second).status == "failed"
+    assert_consistent(engine)
+
+
+def test_start_attempt_fails_a_model_that_lost_its_price(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    only_haiku = parse_pricing('[models."demo/haiku-text"]\ncredits = 1\n', source="test table")
+    refused = tx(engine, lambda s: gens.start_attempt(s, gid, run_id="r", prices=only_haiku))
+    assert (refused.status, refused.error_code) == ("failed", "unpriced_model")
+    assert balance(engine).held == 0
+
+
+def test_status_and_money_commit_together(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    with pytest.raises(RuntimeError), session_scope(engine) as session:
+        gens.start_attempt(session, gid, run_id="r", prices=prices)
+        raise RuntimeError("crash before commit")
+    assert row(engine, gid).status == "pending"
+    assert count(engine, Hold) == 0
+    assert balance(engine).held == 0
+
+
+# --- succeed ----------------------------------------------------------------------------------
+
+
+def test_succeed_captures_the_fixed_price(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    done = tx(
+        engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=9.0, prices=prices)
+    )
+    assert (done.status, done.amount_charged, done.outputs) == ("succeeded", 5, [OUTPUT])
+    assert done.finished_at is not None and done.error_code is None
+    assert balance(engine) == ledger.Balance(balance=95, held=0, available=95)
+    # Idempotent: a retried op changes nothing.
+    tx(engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=9.0, prices=prices))
+    assert balance(engine).balance == 95
+    assert_consistent(engine)
+
+
+def test_succeed_captures_the_metered_charge(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices, model=HAIKU).id
+    assert start(engine, prices, gid).amount_held == 60
+    done = tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=3.2, prices=prices))
+    assert done.amount_charged == 7  # ceil(3.2 * 2)
+    assert balance(engine) == ledger.Balance(balance=93, held=0, available=93)
+    capture = tx(
+        engine,
+        lambda s: s.scalars(sa.select(LedgerEntry).where(LedgerEntry.kind == "capture")).one(),
+    )
+    assert (capture.amount, capture.balance_delta, capture.held_delta) == (7, -7, -60)
+    assert_consistent(engine)
+
+
+def test_succeed_refuses_bad_outputs_and_wrong_states(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    with pytest.raises(gens.InvalidTransition, match="pending"):
+        tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=None, prices=prices))
+    start(engine, prices, gid)
+    bad = {**OUTPUT, "sha256": "nothex"}
+    with pytest.raises(ValueError, match="sha256"):
+        tx(engine, lambda s: gens.succeed(s, gid, outputs=[bad], predict_time=None, prices=prices))
+    assert row(engine, gid).status == "running"
+    assert balance(engine).held == 5
+
+
+# --- fail, refunds and requeue ----------------------------------------------------------------
+
+
+def test_fail_refunds_once(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    assert tx(engine, lambda s: gens.fail(s, gid, code="prediction_failed", message="boom")) is True
+    assert tx(engine, lambda s: gens.fail(s, gid, code="run_failed", message="again")) is False
+    failed = row(engine, gid)
+    assert (failed.status, failed.error_code, failed.error_message) == (
+        "failed",
+        "prediction_failed",
+        "boom",
+    )
+    assert balance(engine) == ledger.Balance(balance=100, held=0, available=100)
+    with pytest.raises(gens.InvalidTransition, match="failed"):
+        tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=None, prices=prices))
+    assert_consistent(engine)
+
+
+def test_fail_after_success_changes_nothing(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    tx(engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=1.0, prices=prices))
+    assert tx(engine, lambda s: gens.fail(s, gid, code="run_failed", message="late")) is False
+    assert row(engine, gid).status == "succeeded"
+    assert balance(engine).balance == 95
+
+
+def test_fail_can_cancel_and_works_before_any_hold(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    assert tx(
+        engine, lambda s: gens.fail(s, gid, code="run_failed", message="x", status="canceled")
+    )
+    assert row(engine, gid).status == "canceled"
+    with pytest.raises(ValueError, match="status"):
+        tx(engine, lambda s: gens.fail(s, gid, code="x", message="y", status="succeeded"))
+
+
+def test_racing_refund_paths_refund_exactly_once(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    results = race(
+        8, lambda i: tx(engine, lambda s: gens.fail(s, gid, code="run_failed", message=f"path {i}"))
+    )
+    assert sorted(results, key=str) == [False] * 7 + [True]
+    releases = tx(
+        engine,
+        lambda s: s.scalar(sa.select(sa.func.count()).where(LedgerEntry.kind == "release")),
+    )
+    assert releases == 1
+    assert balance(engine) == ledger.Balance(balance=100, held=0, available=100)
+    assert_consistent(engine)
+
+
+def test_requeue_starts_a_new_attempt_with_its_own_hold(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    first = start(engine, prices, gid)
+    tx(engine, lambda s: gens.record_prediction(s, gid, "pred-1", SKETCH, "v1"))
+    tx(engine, lambda s: gens.fail(s, gid, code="provider_unavailable", message="503"))
+    fresh = tx(engine, lambda s: gens.requeue(s, gid))
+    with pytest.raises(gens.InvalidTransition, match="pending"):
+        tx(engine, lambda s: gens.requeue(s, gid))
+    assert (fresh.status, fresh.attempt) == ("pending", 2)
+    assert (fresh.hold_id, fresh.prediction_id, fresh.error_code, fresh.dagster_run_id) == (
+        None,
+    ) * 4
+    second = start(engine, prices, gid, run_id="run-2")
+    assert second.hold_id != first.hold_id
+    hold2 = tx(engine, lambda s: s.get_one(Hold, second.hold_id))
+    assert hold2.idempotency_key == gens.hold_key(gid, 2)
+    # The prediction id of the old attempt is free again for the new one to record.
+    tx(engine, lambda s: gens.record_prediction(s, gid, "pred-2", SKETCH, "v1"))
+    tx(engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=1.0, prices=prices))
+    assert balance(engine) == ledger.Balance(balance=95, held=0, available=95)
+    assert_consistent(engine)
+
+
+def test_requeue_refuses_unfinished_and_optionally_accepts_succeeded(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    with pytest.raises(gens.InvalidTransition, match="running"):
+        tx(engine, lambda s: gens.requeue(s, gid))
+    tx(engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=1.0, prices=prices))
+    with pytest.raises(gens.InvalidTransition, match="succeeded"):
+        tx(engine, lambda s: gens.requeue(s, gid))
+    again = tx(engine, lambda s: gens.requeue(s, gid, include_succeeded=True))
+    assert (again.status, again.attempt, again.outputs, again.amount_charged) == (
+        "pending",
+        2,
+        None,
+        0,
+    )
+    with pytest.raises(gens.UnknownGeneration):
+        tx(engine, lambda s: gens.requeue(s, 999_999))
+
+
+# --- predictions ------------------------------------------------------------------------------
+
+
+def test_a_prediction_belongs_to_one_generation(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    a, b = submit(engine, prices).id, submit(engine, prices).id
+    start(engine, prices, a)
+    start(engine, prices, b)
+    recorded = tx(engine, lambda s: gens.record_prediction(s, a, "p-1", "demo/pixel-sketch", "v9"))
+    assert (recorded.prediction_id, recorded.prediction_model, recorded.prediction_version) == (
+        "p-1",
+        "demo/pixel-sketch",
+        "v9",
+    )
+    tx(engine, lambda s: gens.record_prediction(s, a, "p-1", "demo/pixel-sketch", "v9"))
+    with pytest.raises(gens.InvalidTransition, match=f"already belongs to generation {a}"):
+        tx(engine, lambda s: gens.record_prediction(s, b, "p-1", None, None))
+    with pytest.raises(gens.InvalidTransition, match="already has prediction p-1"):
+        tx(engine, lambda s: gens.record_prediction(s, a, "p-2", None, None))
+    tx(engine, lambda s: gens.fail(s, b, code="run_failed", message="x"))
+    with pytest.raises(gens.InvalidTransition, match="should be canceled"):
+        tx(engine, lambda s: gens.record_prediction(s, b, "p-3", None, None))
+    assert row(engine, b).prediction_id is None
+
+
+# --- reading and verifying --------------------------------------------------------------------
+
+
+def test_as_dict_is_json_ready(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+    gid = submit(engine, prices, request_id="r-9").id
+    data = gens.as_dict(row(engine, gid))
+    assert json.loads(json.dumps(data))["request_id"] == "r-9"
+    assert data["status"] == "pending" and data["created_at"].endswith("+00:00")
+
+
+def test_verify_notices_a_status_that_disagrees_with_its_hold(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE generations SET status = 'failed' WHERE id = :g"), {"g": gid})
+    problems = [str(p) for p in tx(engine, gens.verify)]
+    hold_id = row(engine, gid).hold_id
+    assert problems == [f"generation {gid}: failed but its hold {hold_id} is still pending"]
