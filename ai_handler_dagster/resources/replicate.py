@@ -349,17 +349,38 @@ def _raise_problem(response: httpx.Response) -> None:
         raise ProviderHTTPError.from_http_response(response)
 
 
-_CLIENTS: dict[tuple[str, str, float], replicate.Client] = {}
+def _cancel_after_hook(cancel_after_s: float | None) -> Callable[[httpx.Request], None]:
+    """httpx request hook adding ``Cancel-After`` to every create (POST ``.../predictions``).
+
+    A server-side deadline is the safety net for a worker that dies while a prediction runs:
+    the provider stops it (and its billing) even if nobody is left to cancel it.
+    """
+
+    def add_header(request: httpx.Request) -> None:
+        if (
+            cancel_after_s
+            and request.method == "POST"
+            and request.url.path.endswith("/predictions")
+        ):
+            request.headers["Cancel-After"] = f"{max(1, round(cancel_after_s))}s"
+
+    return add_header
+
+
+_ClientKey = tuple[str, str, float, float | None]
+_CLIENTS: dict[_ClientKey, replicate.Client] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def _shared_client(base_url: str, token: str, timeout_s: float) -> replicate.Client:
-    """One client (one connection pool) per endpoint, token and timeout, shared by threads.
+def _shared_client(
+    base_url: str, token: str, timeout_s: float, cancel_after_s: float | None
+) -> replicate.Client:
+    """One client (one connection pool) per endpoint, token and settings, shared by threads.
 
     Resources are frozen pydantic models that Dagster copies freely, so the client lives in a
     module cache; the key holds a hash of the token, never the token itself.
     """
-    key = (base_url, hashlib.sha256(token.encode()).hexdigest(), timeout_s)
+    key = (base_url, hashlib.sha256(token.encode()).hexdigest(), timeout_s, cancel_after_s)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
@@ -367,7 +388,10 @@ def _shared_client(base_url: str, token: str, timeout_s: float) -> replicate.Cli
                 api_token=token,
                 base_url=base_url,
                 timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-                event_hooks={"response": [_raise_problem]},
+                event_hooks={
+                    "request": [_cancel_after_hook(cancel_after_s)],
+                    "response": [_raise_problem],
+                },
             )
             # The client builds its httpx client lazily without a lock; build it here, once.
             _ = client._client
@@ -480,6 +504,14 @@ class ReplicateResource(dg.ConfigurableResource):
             "it the prediction is canceled and reported as deadline_exceeded."
         ),
     )
+    cancel_after_s: float | None = Field(
+        default=2400.0,
+        description=(
+            "Sent as the Cancel-After header of every create: the provider cancels the "
+            "prediction by itself after this many seconds, even if this process died. Keep it "
+            "above deadline_s; null disables it."
+        ),
+    )
     adopt_window_s: float = Field(
         default=60.0,
         ge=0,
@@ -499,7 +531,9 @@ class ReplicateResource(dg.ConfigurableResource):
     def _client(self) -> replicate.Client:
         if not self.api_token:
             raise GenerationError(errors.UNAUTHORIZED, "no Replicate API token is configured")
-        return _shared_client(self.base_url.rstrip("/"), self.api_token, self.timeout_s)
+        return _shared_client(
+            self.base_url.rstrip("/"), self.api_token, self.timeout_s, self.cancel_after_s
+        )
 
     def _classify(self, exc: BaseException) -> GenerationError:
         return _redacted(classify(exc), self.api_token)
@@ -529,9 +563,9 @@ class ReplicateResource(dg.ConfigurableResource):
                     )
                 return data
             except Exception as exc:
-                err = self._classify(exc)
+                err = _with_cause(self._classify(exc), exc)
                 if not err.retryable or attempt == attempts:
-                    raise err from exc
+                    raise err  # noqa: B904 - the cause is set above
                 time.sleep(self._backoff(attempt, err.retry_after_s))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -545,15 +579,21 @@ class ReplicateResource(dg.ConfigurableResource):
         webhook: str | None = None,
         webhook_events_filter: Iterable[str] | None = None,
         claimed: frozenset[str] | set[str] = frozenset(),
+        adopt_since: datetime | float | None = None,
     ) -> PredictionSnapshot:
         """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
 
         Transient failures are retried up to ``create_attempts`` times with backoff (429 waits
         ``Retry-After``). When an attempt's answer was lost after the server may have accepted
-        it (timeout, dropped connection, 5xx), the next step first lists recent predictions and
-        adopts the one that attempt created: same model, equal input, created since the first
-        attempt (minus ``adopt_window_s``), and id not in ``claimed`` (predictions already owned
-        by other generations). Among several candidates the oldest is adopted.
+        it (timeout, dropped connection, 5xx), every later attempt first lists recent
+        predictions and adopts the one the lost attempt created: same model, equal input,
+        created since the first attempt (minus ``adopt_window_s``), and id not in ``claimed``
+        (predictions already owned by other generations). Among several candidates the oldest
+        is adopted. While that list cannot be read, nothing is created.
+
+        ``adopt_since`` (a datetime or epoch seconds) makes the very first attempt look before
+        creating: pass it when this generation may already have called ``create`` before (an
+        op retry, a re-executed run), with the time that earlier call started.
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -567,15 +607,19 @@ class ReplicateResource(dg.ConfigurableResource):
         if webhook_events_filter is not None:
             params["webhook_events_filter"] = list(webhook_events_filter)
 
-        since = time.time() - self.adopt_window_s
-        maybe_created = False
+        if isinstance(adopt_since, datetime):
+            adopt_since = adopt_since.timestamp()
+        since = (time.time() if adopt_since is None else adopt_since) - self.adopt_window_s
+        maybe_created = adopt_since is not None
         error: GenerationError | None = None
         for attempt in range(1, self.create_attempts + 1):
-            if maybe_created:
-                adopted = self._find_lost_create(model, version, payload, since, claimed)
-                if adopted is not None:
-                    return adopted
+            if error is not None:
+                time.sleep(self._backoff(attempt - 1, error.retry_after_s))
             try:
+                if maybe_created:
+                    adopted = self._find_lost_create(model, version, payload, since, claimed)
+                    if adopted is not None:
+                        return adopted
                 if version is not None:
                     prediction = client.predictions.create(version=version, input=payload, **params)
                 else:
@@ -584,13 +628,11 @@ class ReplicateResource(dg.ConfigurableResource):
                     )
                 return PredictionSnapshot.from_json(prediction.dict())
             except Exception as exc:
-                error = self._classify(exc)
-                error.__cause__ = exc
+                error = _with_cause(self._classify(exc), exc)
+                # A failed lookup (a GenerationError) leaves the flag as it was.
                 maybe_created = maybe_created or _may_have_been_accepted(exc)
                 if not error.retryable:
                     break
-                if attempt < self.create_attempts:
-                    time.sleep(self._backoff(attempt, error.retry_after_s))
         assert error is not None
         if maybe_created:
             # Last look, so that a prediction started by a lost attempt is never orphaned.
@@ -598,6 +640,16 @@ class ReplicateResource(dg.ConfigurableResource):
                 adopted = self._find_lost_create(model, version, payload, since, claimed)
                 if adopted is not None:
                     return adopted
+            error = _with_cause(
+                GenerationError(
+                    error.code,
+                    f"{error.message} (an earlier attempt may have started a prediction: retry "
+                    "with adopt_since to adopt it)",
+                    error.retryable,
+                    retry_after_s=error.retry_after_s,
+                ),
+                error,
+            )
         raise error
 
     def _find_lost_create(
@@ -657,7 +709,7 @@ class ReplicateResource(dg.ConfigurableResource):
                 "GET", f"/v1/predictions/{_safe_id(prediction_id)}", attempts=attempts
             )
         except GenerationError as err:
-            raise _prediction_not_found(err, prediction_id) from err
+            raise _prediction_not_found(err, prediction_id)  # noqa: B904 - cause is kept
         return PredictionSnapshot.from_json(data)
 
     def cancel(self, prediction_id: str) -> PredictionSnapshot:
@@ -676,7 +728,7 @@ class ReplicateResource(dg.ConfigurableResource):
             current = self.get(prediction_id)
             if current.is_terminal:
                 return current
-            raise _prediction_not_found(err, prediction_id) from err
+            raise _prediction_not_found(err, prediction_id)  # noqa: B904 - cause is kept
         return PredictionSnapshot.from_json(data)
 
     # ---- waiting ----------------------------------------------------------------------------
@@ -839,6 +891,13 @@ class ReplicateResource(dg.ConfigurableResource):
         return dataclasses.replace(snapshot, status="canceled", deadline_exceeded=True)
 
 
+def _with_cause(err: GenerationError, cause: BaseException) -> GenerationError:
+    """Chain ``cause`` to ``err`` unless they are the same exception (no self-cycles)."""
+    if err is not cause:
+        err.__cause__ = cause
+    return err
+
+
 def _safe_id(prediction_id: str) -> str:
     """Refuse ids that could change the request path (they come from databases and webhooks)."""
     if not re.fullmatch(r"[0-9A-Za-z_-]+", prediction_id or ""):
@@ -849,9 +908,11 @@ def _safe_id(prediction_id: str) -> str:
 def _prediction_not_found(err: GenerationError, prediction_id: str) -> GenerationError:
     # For prediction paths a 404 means the prediction, not a model: say so.
     if err.code == errors.MODEL_NOT_FOUND:
-        return GenerationError(
+        mapped = GenerationError(
             errors.INTERNAL_ERROR, f"Replicate does not know prediction {prediction_id}"
         )
+        mapped.__cause__ = err
+        return mapped
     return err
 
 

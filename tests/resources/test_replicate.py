@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+import replicate
 from replicate.exceptions import ReplicateError
 
 from ai_handler_dagster import errors
+from ai_handler_dagster.devstack.emulator import Faults
 from ai_handler_dagster.errors import GenerationError
 from ai_handler_dagster.resources import replicate as rr
 from ai_handler_dagster.resources.replicate import (
@@ -199,3 +204,297 @@ def test_backoff_honours_retry_after_and_grows() -> None:
     assert 0.05 <= resource._backoff(1) <= 0.1
     assert 0.4 <= resource._backoff(4) <= 0.8
     assert resource._backoff(50) <= rr._MAX_SLEEP_S
+
+
+# --------------------------------------------------------------------------------------------
+# Over real HTTP against the emulator
+
+MakeResource = Callable[..., ReplicateResource]
+IMAGE = "demo/pixel-sketch"
+SMALL = {"width": 64, "height": 64}
+
+
+def _emulated(handle: Any) -> dict[str, dict[str, Any]]:
+    return {p["id"]: p for p in handle.predictions()}
+
+
+def _requests(handle: Any, route_fragment: str) -> int:
+    return sum(n for route, n in handle.stats()["requests"].items() if route_fragment in route)
+
+
+def test_create_by_model_and_by_version(emulator: Any, make_replicate: MakeResource) -> None:
+    resource = make_replicate()
+    by_model = resource.create(IMAGE, {"prompt": "a red fox", "seed": 1, **SMALL})
+    assert by_model.status in ("starting", "processing") and not by_model.is_terminal
+    assert by_model.model == IMAGE and by_model.version
+
+    by_version = resource.create(
+        f"{IMAGE}:{by_model.version}", {"prompt": "a blue fox", "seed": 2, **SMALL}
+    )
+    assert by_version.id != by_model.id and by_version.version == by_model.version
+
+    done = {s.id: s for s in resource.wait_many([by_model.id, by_version.id], deadline_s=20)}
+    assert {s.status for s in done.values()} == {"succeeded"}
+    for snapshot in done.values():
+        assert snapshot_error(snapshot) is None
+        assert snapshot.output and snapshot.predict_time is not None and snapshot.web_url
+        assert snapshot.raw["id"] == snapshot.id
+    assert set(_emulated(emulator)) == set(done)
+
+
+def test_invalid_input_names_the_field(emulator: Any, make_replicate: MakeResource) -> None:
+    with pytest.raises(GenerationError) as info:
+        make_replicate().create(IMAGE, {"prompt": "too wide", "width": 5000, "height": 64})
+    assert info.value.code == errors.INVALID_INPUT and not info.value.retryable
+    assert "width" in info.value.message
+    assert emulator.predictions() == []
+
+
+def test_unknown_model_and_version(emulator: Any, make_replicate: MakeResource) -> None:
+    resource = make_replicate()
+    with pytest.raises(GenerationError) as info:
+        resource.create("demo/no-such-model", {"prompt": "x"})
+    assert info.value.code == errors.MODEL_NOT_FOUND and not info.value.retryable
+    with pytest.raises(GenerationError) as info:
+        resource.create(f"{IMAGE}:{'0' * 64}", {"prompt": "x"})
+    assert info.value.code == errors.MODEL_NOT_FOUND
+    assert emulator.predictions() == []
+
+
+def test_bad_token_is_unauthorized_and_never_shown(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    secret = "r8_wrong_" + "x7Q" * 8
+    resource = make_replicate(api_token=secret)
+    with pytest.raises(GenerationError) as info:
+        resource.create(IMAGE, {"prompt": "x", **SMALL})
+    assert info.value.code == errors.UNAUTHORIZED
+    with pytest.raises(GenerationError) as get_info:
+        resource.get("abc")
+    assert get_info.value.code == errors.UNAUTHORIZED
+    for err in (info.value, get_info.value):
+        chain: BaseException | None = err
+        seen: set[int] = set()
+        while chain is not None and id(chain) not in seen:  # the cause chain Dagster serializes
+            seen.add(id(chain))
+            assert secret not in str(chain) and secret not in repr(chain)
+            chain = chain.__cause__ or chain.__context__
+        assert chain is None  # and it ends: no exception is its own cause
+    assert secret not in repr(resource)
+
+
+def test_token_not_in_transport_errors() -> None:
+    """Connection refused: retryable provider_unavailable, no token in the message."""
+    secret = "r8_" + "s3cr3t" * 5
+    resource = ReplicateResource(
+        api_token=secret, base_url="http://127.0.0.1:9", create_attempts=2, retry_backoff_s=0.01
+    )
+    with pytest.raises(GenerationError) as info:
+        resource.create(IMAGE, {"prompt": "x"})
+    assert info.value.code == errors.PROVIDER_UNAVAILABLE and info.value.retryable
+    assert secret not in str(info.value) and secret not in repr(info.value)
+
+
+def test_429_on_create_is_retried_into_one_prediction(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=1))
+
+    def lift_when_throttled() -> None:
+        deadline = time.monotonic() + 10
+        while emulator.stats()["http_429"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        emulator.configure(faults=Faults())
+
+    lifter = threading.Thread(target=lift_when_throttled)
+    lifter.start()
+    started = time.monotonic()
+    snapshot = make_replicate().create(IMAGE, {"prompt": "throttled", **SMALL})
+    lifter.join()
+    assert time.monotonic() - started >= 1.0  # Retry-After was honoured
+    stats = emulator.stats()
+    assert stats["http_429"] >= 1 and stats["creates"] == 1
+    assert list(_emulated(emulator)) == [snapshot.id]
+
+
+def test_500_on_create_never_creates_blindly(emulator: Any, make_replicate: MakeResource) -> None:
+    """A 5xx may hide an accepted create: while the list cannot be read, nothing is created."""
+    emulator.configure(faults=Faults(http_500_rate=1.0))
+    with pytest.raises(GenerationError) as info:
+        make_replicate(create_attempts=3, request_attempts=2).create(
+            IMAGE, {"prompt": "outage", **SMALL}
+        )
+    assert info.value.code == errors.PROVIDER_UNAVAILABLE and info.value.retryable
+    assert "adopt_since" in info.value.message
+    assert _requests(emulator, "POST /v1/models") == 1
+    assert _requests(emulator, "GET /v1/predictions") >= 2  # looked before each retry
+    assert emulator.predictions() == []
+
+
+def test_500_on_create_then_recovery_creates_once(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    emulator.configure(faults=Faults(http_500_rate=1.0))
+
+    def lift_after_first_500() -> None:
+        deadline = time.monotonic() + 10
+        while emulator.stats()["http_500"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        emulator.configure(faults=Faults())
+
+    lifter = threading.Thread(target=lift_after_first_500)
+    lifter.start()
+    snapshot = make_replicate(retry_backoff_s=0.2).create(IMAGE, {"prompt": "blip", **SMALL})
+    lifter.join()
+    assert list(_emulated(emulator)) == [snapshot.id]
+    assert emulator.stats()["creates"] == 1
+
+
+def test_adopt_since_finds_a_previous_calls_prediction(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Regression: an op retry after a lost create must adopt, not create a second one."""
+    resource = make_replicate()
+    request = {"prompt": "retried op", "seed": 9, **SMALL}
+    started = time.time()
+    emulator.configure(faults=Faults(drop_create_rate=1.0))
+    # The earlier call died with its create's answer lost: made here with the bare client.
+    bare = replicate.Client(api_token=emulator.token, base_url=emulator.base_url)
+    with pytest.raises(httpx.RemoteProtocolError):
+        bare.models.predictions.create(model=IMAGE, input=request)
+    emulator.configure(faults=Faults())
+    assert len(emulator.predictions()) == 1
+    adopted = resource.create(IMAGE, request, adopt_since=started)
+    assert list(_emulated(emulator)) == [adopted.id]
+    assert emulator.stats()["creates"] == 1
+
+
+def test_dropped_create_is_adopted_not_duplicated(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Regression: a create whose response is lost must not start a second paid prediction."""
+    emulator.configure(faults=Faults(drop_create_rate=1.0))
+    snapshot = make_replicate().create(IMAGE, {"prompt": "dropped", "seed": 3, **SMALL})
+    stats = emulator.stats()
+    assert stats["creates"] == 1 and stats["create_responses_dropped"] == 1
+    emulated = _emulated(emulator)
+    assert list(emulated) == [snapshot.id]
+    assert emulated[snapshot.id]["_emulator"]["response_dropped"] is True
+
+
+def test_adoption_skips_predictions_claimed_by_others(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """An identical prediction owned by another generation is never adopted."""
+    resource = make_replicate()
+    request = {"prompt": "same prompt", "seed": 4, **SMALL}
+    other = resource.create(IMAGE, request)
+    emulator.configure(faults=Faults(drop_create_rate=1.0))
+    mine = resource.create(IMAGE, request, claimed=frozenset({other.id}))
+    assert mine.id != other.id
+    assert set(_emulated(emulator)) == {other.id, mine.id}
+    assert emulator.stats()["creates"] == 2
+
+
+def test_wait_many_returns_all_and_marks_failures(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    resource = make_replicate(poll_workers=4)
+    failing = set()
+    ids = []
+    for i in range(20):
+        prompt = f"picture {i}" + (" [fail]" if i % 5 == 0 else "")
+        snapshot = resource.create(IMAGE, {"prompt": prompt, "seed": i, **SMALL})
+        ids.append(snapshot.id)
+        if "[fail]" in prompt:
+            failing.add(snapshot.id)
+
+    seen: list[PredictionSnapshot] = []
+    max_poll_threads = 0
+    for snapshot in resource.wait_many(ids, deadline_s=30):
+        seen.append(snapshot)
+        polls = [t for t in threading.enumerate() if t.name.startswith("replicate-poll")]
+        max_poll_threads = max(max_poll_threads, len(polls))
+    assert sorted(s.id for s in seen) == sorted(ids)  # each exactly once
+    for snapshot in seen:
+        err = snapshot_error(snapshot)
+        if snapshot.id in failing:
+            assert snapshot.status == "failed"
+            assert err is not None and err.code == errors.PREDICTION_FAILED
+        else:
+            assert snapshot.status == "succeeded" and err is None
+    assert max_poll_threads <= 4
+
+
+def test_wait_many_survives_http_500s(emulator: Any, make_replicate: MakeResource) -> None:
+    resource = make_replicate()
+    ids = [resource.create(IMAGE, {"prompt": f"p{i}", **SMALL}).id for i in range(5)]
+    emulator.configure(faults=Faults(http_500_rate=0.4, seed=7))
+    done = list(resource.wait_many(ids, deadline_s=20))
+    assert sorted(s.id for s in done) == sorted(ids)
+    assert all(s.status == "succeeded" for s in done)
+    assert emulator.stats()["http_500"] >= 1
+
+
+def test_stuck_prediction_is_canceled_at_deadline(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    resource = make_replicate()
+    stuck = resource.create(IMAGE, {"prompt": "never ends [stuck]", **SMALL})
+    fine = resource.create(IMAGE, {"prompt": "ends", **SMALL})
+    started = time.monotonic()
+    done = {s.id: s for s in resource.wait_many([stuck.id, fine.id], deadline_s=1.5)}
+    assert time.monotonic() - started < 5
+    assert done[fine.id].status == "succeeded" and not done[fine.id].deadline_exceeded
+    late = done[stuck.id]
+    assert late.status == "canceled" and late.deadline_exceeded
+    assert snapshot_error(late).code == errors.DEADLINE_EXCEEDED  # type: ignore[union-attr]
+    on_server = _emulated(emulator)[stuck.id]
+    assert on_server["status"] == "canceled" and on_server["_emulator"]["canceled_by"] == "api"
+
+
+def test_cancel_is_idempotent(emulator: Any, make_replicate: MakeResource) -> None:
+    resource = make_replicate()
+    snapshot = resource.create(IMAGE, {"prompt": "quick", **SMALL})
+    finished = resource.wait(snapshot.id, deadline_s=20)
+    assert finished.status == "succeeded"
+    assert resource.cancel(snapshot.id).status == "succeeded"  # no error, nothing changed
+    running = resource.create(IMAGE, {"prompt": "stop me [stuck]", **SMALL})
+    assert resource.cancel(running.id).status == "canceled"
+    assert resource.cancel(running.id).status == "canceled"
+
+
+def test_lookup_terminal_state_skips_polling(emulator: Any, make_replicate: MakeResource) -> None:
+    """A state learned from a webhook (lookup) is used without any GET of that prediction."""
+    resource = make_replicate()
+    first = resource.create(IMAGE, {"prompt": "from webhook", **SMALL})
+    known = dataclasses.replace(first, status="succeeded", output=["https://x.test/o.png"])
+    before = _requests(emulator, "GET /v1/predictions/")
+    done = list(resource.wait_many([first.id], lookup=lambda _id: known))
+    assert done == [known] and done[0] is known
+    assert _requests(emulator, "GET /v1/predictions/") == before
+
+    # Nothing known yet: the lookup is asked, then the API is polled until the end.
+    second = resource.create(IMAGE, {"prompt": "polled", **SMALL})
+    calls: list[str] = []
+
+    def lookup(prediction_id: str) -> PredictionSnapshot | None:
+        calls.append(prediction_id)
+        return None
+
+    assert resource.wait(second.id, lookup=lookup).status == "succeeded"
+    assert calls and set(calls) == {second.id}
+    assert _requests(emulator, "GET /v1/predictions/") > before
+
+
+def test_expect_webhooks_polls_slowly(emulator: Any, make_replicate: MakeResource) -> None:
+    """With a webhook expected and nothing in the lookup yet, polling is at poll_max_s."""
+    resource = make_replicate(poll_initial_s=0.02, poll_max_s=0.5)
+    emulator.configure(latency_s=1.2)
+    snapshot = resource.create(IMAGE, {"prompt": "slow", **SMALL})
+    before = _requests(emulator, "GET /v1/predictions/")
+    done = resource.wait(snapshot.id, lookup=lambda _id: None, expect_webhooks=True)
+    polls = _requests(emulator, "GET /v1/predictions/") - before
+    assert done.status == "succeeded"
+    # Adaptive polling from 20 ms would make about 10 GETs in 1.2 s; slow polling at most ~4.
+    assert polls <= 5
