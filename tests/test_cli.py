@@ -1,0 +1,252 @@
+"""The ``ai-handler`` commands work end to end on a real SQLite database and fail clearly.
+
+Proves, through ``cli.main([...])`` with ``AI_HANDLER_DATABASE_URL`` pointing at a fresh SQLite
+file: ``db upgrade`` migrates; ``credits grant|show`` move and report credits (idempotent with
+--key); ``submit`` prints the new id and ``status`` prints the row as JSON; bad input of every
+kind ends with ``error: ...`` and exit code 2, an unmigrated database with exit code 1; ``ledger
+verify`` passes on a consistent ledger and exits 1 naming the problem after a cached balance is
+corrupted or an entry is deleted by raw SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from ai_handler_dagster import cli
+from ai_handler_dagster.db.engine import dispose_engines, make_engine
+
+
+@pytest.fixture
+def db_url(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("AI_HANDLER_DATABASE_URL", sqlite_url)
+    monkeypatch.delenv("AI_HANDLER_PRICING_FILE", raising=False)
+    yield sqlite_url
+    dispose_engines()
+
+
+@pytest.fixture
+def migrated(db_url: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["db", "upgrade"]) == 0
+    capsys.readouterr()
+    return db_url
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_db_upgrade_reports_the_revision(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "db", "upgrade")
+    assert code == 0
+    assert "is at revision 0001 (head 0001)" in out
+    assert sa.inspect(make_engine(db_url)).has_table("generations")
+
+
+def test_credits_grant_and_show(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "credits", "grant", "alice", "100", "--key", "welcome")
+    assert code == 0
+    assert "granted 100 credits" in out and "alice: balance 100, held 0, available 100" in out
+    # Same key again: no second grant.
+    assert run(capsys, "credits", "grant", "alice", "100", "--key", "welcome")[0] == 0
+    assert run(capsys, "credits", "grant", "alice", "20")[0] == 0
+    code, out, _ = run(capsys, "credits", "show", "alice", "--json")
+    assert code == 0
+    assert json.loads(out) == {"user": "alice", "balance": 120, "held": 0, "available": 120}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["credits", "grant", "alice", "ten"],
+            "AMOUNT must be a whole number of credits, got 'ten'",
+        ),
+        (["credits", "grant", "alice", "-5"], "AMOUNT must be a whole number"),
+        (["credits", "grant", "alice", "1.5"], "AMOUNT must be a whole number"),
+        (["credits", "grant", "alice", "0"], "amount must be between 1 and"),
+        (["credits", "grant", "alice", "1" + "0" * 16], "amount must be between 1 and"),
+        (["credits", "show", "nobody"], "unknown user 'nobody'"),
+        (["status", "abc"], "ID must be a generation id"),
+        (["status", "999"], "unknown generation 999"),
+    ],
+)
+def test_credit_and_status_errors(
+    migrated: str, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert out == ""
+
+
+def test_grant_key_reused_for_another_amount_is_refused(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "credits", "grant", "alice", "100", "--key", "k")[0] == 0
+    code, _, err = run(capsys, "credits", "grant", "alice", "50", "--key", "k")
+    assert code == 2 and "grant key 'k' was already used for 100 credits" in err
+
+
+def test_submit_then_status(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "credits", "grant", "alice", "100")
+    code, out, _ = run(
+        capsys,
+        "submit",
+        "--user",
+        "alice",
+        "--model",
+        "demo/pixel-sketch",
+        "--input",
+        '{"prompt": "a fox", "seed": 7}',
+        "--request-id",
+        "r1",
+    )
+    assert code == 0
+    gid = int(out.strip())
+    # The same request id again prints the same id.
+    again = run(
+        capsys,
+        "submit",
+        "--user",
+        "alice",
+        "--model",
+        "demo/pixel-sketch",
+        "--input",
+        '{"prompt": "a fox", "seed": 7}',
+        "--request-id",
+        "r1",
+    )
+    assert again[:2] == (0, f"{gid}\n")
+    code, out, _ = run(capsys, "status", str(gid))
+    assert code == 0
+    data = json.loads(out)
+    assert data["id"] == gid
+    assert (data["status"], data["user_id"], data["model"]) == (
+        "pending",
+        "alice",
+        "demo/pixel-sketch",
+    )
+    assert data["input"] == {"prompt": "a fox", "seed": 7}
+
+
+def test_submit_reads_input_from_a_file(
+    migrated: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run(capsys, "credits", "grant", "alice", "100")
+    payload = tmp_path / "input.json"
+    payload.write_text('{"prompt": "from a file"}')
+    code, out, _ = run(
+        capsys,
+        "submit",
+        "--user",
+        "alice",
+        "--model",
+        "demo/pixel-sketch",
+        "--input",
+        f"@{payload}",
+    )
+    assert code == 0
+    assert json.loads(run(capsys, "status", out.strip())[1])["input"] == {"prompt": "from a file"}
+
+
+@pytest.mark.parametrize(
+    ("user", "model", "payload", "message"),
+    [
+        ("alice", "demo/pixel-sketch", "{not json", "--input is not valid JSON"),
+        ("alice", "demo/pixel-sketch", "@/nonexistent/in.json", "cannot read input file"),
+        ("alice", "demo/pixel-sketch", '["a"]', "input must be a JSON object"),
+        ("alice", "demo/pixel-sketch", '{"prompt": "\\u0007"}', "control character U+0007"),
+        ("alice", "pixel-sketch", "{}", "is not 'owner/name'"),
+        ("alice", "demo/nope", "{}", "has no price"),
+        ("nobody", "demo/pixel-sketch", "{}", "unknown user 'nobody'"),
+        ("poor", "demo/haiku-text", "{}", "3 available, 60 needed"),
+    ],
+)
+def test_submit_errors(
+    migrated: str,
+    capsys: pytest.CaptureFixture[str],
+    user: str,
+    model: str,
+    payload: str,
+    message: str,
+) -> None:
+    run(capsys, "credits", "grant", "alice", "100")
+    run(capsys, "credits", "grant", "poor", "3")
+    code, out, err = run(capsys, "submit", "--user", user, "--model", model, "--input", payload)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert out == ""
+    with make_engine(migrated).connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM generations").scalar() == 0
+
+
+def test_missing_arguments_are_usage_errors(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "submit", "--user", "alice")
+    assert code == 2 and "required" in err
+    assert run(capsys, "credits")[0] == 2
+    assert run(capsys, "--help")[0] == 0
+
+
+def test_unmigrated_database_is_reported(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "credits", "show", "alice")
+    assert code == 1
+    assert "no such table" in err and "ai-handler db upgrade" in err
+
+
+def test_bad_environment_is_a_config_error(
+    migrated: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AI_HANDLER_DATABASE_URL")
+    monkeypatch.setenv("AI_HANDLER_ENV", "production")
+    code, _, err = run(capsys, "credits", "show", "alice")
+    assert code == 2 and "AI_HANDLER_DATABASE_URL must be set" in err
+
+
+def _ledger_with_activity(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    from ai_handler_dagster import generations, ledger
+    from ai_handler_dagster.db.engine import session_scope
+    from ai_handler_dagster.pricing import load_pricing
+
+    run(capsys, "credits", "grant", "alice", "100")
+    prices = load_pricing()
+    with session_scope(make_engine(url)) as session:
+        row = generations.submit(
+            session, user_id="alice", model="demo/pixel-sketch", input={"p": 1}, prices=prices
+        )
+        generations.start_attempt(session, row.id, run_id="r", prices=prices)
+        assert ledger.balance(session, "alice").held == 5
+
+
+def test_ledger_verify_passes_then_catches_a_corrupted_balance(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _ledger_with_activity(capsys, migrated)
+    code, out, _ = run(capsys, "ledger", "verify")
+    assert code == 0
+    assert out.startswith("ledger OK: 1 accounts, 1 holds, 2 entries, 1 generations checked")
+    with make_engine(migrated).begin() as conn:
+        conn.exec_driver_sql("UPDATE accounts SET balance = balance + 50")
+    code, out, _ = run(capsys, "ledger", "verify")
+    assert code == 1
+    assert "1 violation(s)" in out
+    assert "account 1 (user 'alice'): cached balance 150 != 100" in out
+
+
+def test_ledger_verify_catches_a_deleted_entry(
+    migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _ledger_with_activity(capsys, migrated)
+    with make_engine(migrated).begin() as conn:
+        conn.exec_driver_sql("DELETE FROM ledger_entries WHERE kind = 'grant'")
+    code, out, _ = run(capsys, "ledger", "verify")
+    assert code == 1
+    assert "cached balance 100 != 0, the sum of its ledger entries" in out
