@@ -46,9 +46,10 @@ class Faults:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name.endswith("_rate"):
-                value = getattr(self, f.name)
-                if not 0.0 <= float(value) <= 1.0:
+                value = float(getattr(self, f.name))  # JSON controls may send 1 for 1.0
+                if not 0.0 <= value <= 1.0:
                     raise ValueError(f"Faults.{f.name} must be within 0..1, got {value!r}")
+                object.__setattr__(self, f.name, value)
         if self.slow_factor < 1.0:
             raise ValueError("Faults.slow_factor must be >= 1")
         if self.retry_after_s < 0:

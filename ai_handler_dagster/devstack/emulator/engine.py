@@ -96,6 +96,12 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def now() -> float:
+    """Wall-clock time quantized to the microsecond, so a timestamp read back from the JSON
+    (``created_after`` filters) compares equal to the one stored."""
+    return datetime.fromtimestamp(time.time(), UTC).timestamp()
+
+
 def _prediction_id() -> str:
     # Replicate ids are 26 lowercase base32 characters (16 random bytes, unpadded).
     return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
@@ -262,7 +268,7 @@ class Engine:
             drop = self.draw("drop_create", faults_cfg.drop_create_rate)
             random_seed = self._rngs["seed"].randrange(2**31)
             seed = inputs["seed"] if inputs.get("seed") is not None else random_seed
-            now = time.time()
+            created = now()
             pred = Prediction(
                 seq=len(self._order),
                 id=_prediction_id(),
@@ -270,7 +276,7 @@ class Engine:
                 input=raw_input,
                 inputs=inputs,
                 seed=seed,
-                created_at=now,
+                created_at=created,
                 created_mono=time.monotonic(),
                 webhook=webhook,
                 webhook_events=webhook_events,
@@ -364,12 +370,11 @@ class Engine:
             if not page:
                 return Page(results, None, None)
             newest, oldest = page[0].seq, page[-1].seq
-            has_older = (more if direction == "b" else False) or any(
-                matches(p) for p in order[:oldest]
-            )
-            has_newer = (more if direction == "a" else False) or any(
-                matches(p) for p in order[newest + 1 :]
-            )
+            if created_after is None and created_before is None:
+                has_older, has_newer = oldest > 0, newest < len(order) - 1
+            else:
+                has_older = (direction == "b" and more) or any(map(matches, order[:oldest]))
+                has_newer = (direction == "a" and more) or any(map(matches, order[newest + 1 :]))
             return Page(
                 results,
                 encode_cursor("b", oldest) if has_older else None,
@@ -515,7 +520,7 @@ class Engine:
     def _start(self, pred: Prediction) -> None:
         cfg = self._config
         self._set_status(pred, "processing")
-        pred.started_at = time.time()
+        pred.started_at = now()
         pred.started_mono = time.monotonic()
         pred.paid = True
         self._running += 1
@@ -585,11 +590,14 @@ class Engine:
             self._append_log(pred, f"100%|{'#' * 9}| 3/3")
             if result.files:
                 pred.files = dict(enumerate(result.files))
-                pred.output = [
+                output: list[str] = [
                     f"{self.base_url}/files/{pred.id}/{i}.{f.ext}" for i, f in pred.files.items()
                 ]
             else:
-                pred.output = list(result.chunks or [])
+                output = list(result.chunks or [])
+            if output != pred.output:
+                pred.output = output
+                self._event(pred, "output")
             pred.metrics.update(result.metrics)
             self._finish(pred, "succeeded")
             if "remove_output" in pred.faults:
@@ -600,7 +608,7 @@ class Engine:
         """The one terminal transition: frees the slot, stamps metrics, notifies. Lock held."""
         was_running = pred.status == "processing"
         self._set_status(pred, status)
-        pred.completed_at = time.time()
+        pred.completed_at = now()
         pred.completed_mono = time.monotonic()
         for timer in pred.timers:
             timer.cancel()
