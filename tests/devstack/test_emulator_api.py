@@ -423,3 +423,17 @@ def test_stats_count_requests_by_route(emulator: EmulatorHandle, client: replica
     assert requests["GET /v1/predictions/{id}"] == 2
     assert requests["GET /v1/predictions"] == 1
     assert emulator.stats()["responses_by_status"] == {"200": 3, "201": 1}
+
+
+def test_official_models_hide_their_version_when_run_by_model_path(make_emulator) -> None:
+    emulator = make_emulator(official_models=(HT,))
+    client = client_for(emulator)
+
+    by_path = client.models.predictions.create(model=HT, input={"prompt": "x"})
+    by_version = client.predictions.create(version=HAIKU.version_id, input={"prompt": "x"})
+    other = client.models.predictions.create(model=PS, input={"prompt": "x"})
+
+    assert by_path.version == "hidden"
+    assert client.predictions.get(by_path.id).version == "hidden"
+    assert by_version.version == HAIKU.version_id
+    assert other.version == SKETCH.version_id

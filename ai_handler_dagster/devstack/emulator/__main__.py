@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-secret", default=None, help="whsec_... (default: from token)")
     p.add_argument("--public-base-url", default=None)
     p.add_argument("--page-size", type=int, default=100)
+    p.add_argument(
+        "--official-model",
+        action="append",
+        default=[],
+        help="owner/name answering version 'hidden' when run by model path (repeatable)",
+    )
     p.add_argument("--rate-limit", action="store_true", help="enforce per-minute limits")
     p.add_argument("--creates-per-minute", type=int, default=600)
     p.add_argument("--requests-per-minute", type=int, default=3000)
@@ -79,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         creates_per_minute=args.creates_per_minute,
         requests_per_minute=args.requests_per_minute,
         public_base_url=args.public_base_url,
+        official_models=tuple(args.official_model),
     )
 
 

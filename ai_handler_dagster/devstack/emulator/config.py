@@ -92,6 +92,9 @@ class EmulatorConfig:
     requests_per_minute: int = 3000
     public_base_url: str | None = None
     """Base URL written into prediction URLs, output URLs and cursors (default: bound address)."""
+    official_models: tuple[str, ...] = ()
+    """Models that behave like Replicate's official ones: predictions created by model path
+    report ``version: "hidden"``."""
     webhook_max_attempts: int = 4
     webhook_retry_delay_s: float = 0.5
     """Delay before the first webhook retry; doubles on each further retry."""
@@ -119,6 +122,7 @@ class EmulatorConfig:
             raise ValueError("webhook_secret must look like whsec_<base64>")
         base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         object.__setattr__(self, "webhook_secret", secret)
+        object.__setattr__(self, "official_models", tuple(self.official_models))
         if isinstance(self.faults, dict):
             object.__setattr__(self, "faults", Faults(**self.faults))
 

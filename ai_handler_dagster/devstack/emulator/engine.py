@@ -136,6 +136,7 @@ class Prediction:
     files: dict[int, OutputFile] = field(default_factory=dict)
     paid: bool = False
     response_dropped: bool = False
+    hide_version: bool = False
     canceled_by: str | None = None
     preview: list[str] | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -242,11 +243,13 @@ class Engine:
         webhook: str | None = None,
         webhook_events: frozenset[str] = WEBHOOK_EVENTS,
         deadline_s: float | None = None,
+        by_model_path: bool = False,
     ) -> tuple[Prediction, dict[str, Any], bool]:
         """Validate and enqueue a prediction.
 
         Returns the prediction, its create-time JSON (``starting``) and whether the HTTP layer
-        must drop the response (the ``drop_create`` fault).
+        must drop the response (the ``drop_create`` fault). ``by_model_path``: created through
+        ``/v1/models/{owner}/{name}/predictions`` (official models then hide their version).
         """
         inputs, problems = model.validate(raw_input)
         if problems:
@@ -283,6 +286,7 @@ class Engine:
                 faults=frozenset(faults),
                 deadline_s=deadline_s,
                 response_dropped=drop,
+                hide_version=by_model_path and model.ref in self._config.official_models,
             )
             self._predictions[pred.id] = pred
             self._order.append(pred)
@@ -488,7 +492,8 @@ class Engine:
         return {
             "id": pred.id,
             "model": pred.model.ref,
-            "version": pred.model.version_id,
+            # Replicate's official models answer "hidden" instead of a version id.
+            "version": "hidden" if pred.hide_version else pred.model.version_id,
             "input": pred.input,
             "output": pred.output,
             "logs": pred.logs,

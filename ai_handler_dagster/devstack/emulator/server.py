@@ -281,12 +281,12 @@ class App:
             raise validation_error(
                 [{"type": "required", "field": "version", "description": "version is required"}]
             )
-        return self._create(request, body, self._resolve_version(version))
+        return self._create(request, body, self._resolve_version(version), by_model_path=False)
 
     def create_for_model(self, request: Request, owner: str, name: str) -> Response:
         """``POST /v1/models/{owner}/{name}/predictions`` (the model's latest version)."""
         model = model_for(f"{owner}/{name}")
-        return self._create(request, self._body_object(request), model)
+        return self._create(request, self._body_object(request), model, by_model_path=True)
 
     @staticmethod
     def _resolve_version(ref: str) -> DemoModel:
@@ -314,7 +314,9 @@ class App:
             raise ApiError(400, "Bad request", "The request body must be a JSON object.")
         return body
 
-    def _create(self, request: Request, body: dict[str, Any], model: DemoModel) -> Response:
+    def _create(
+        self, request: Request, body: dict[str, Any], model: DemoModel, *, by_model_path: bool
+    ) -> Response:
         webhook, events = self._webhook_options(body)
         wait_s = parse_prefer_wait(request.headers.get("Prefer"))
         cancel_after = request.headers.get("Cancel-After")
@@ -325,6 +327,7 @@ class App:
             webhook=webhook,
             webhook_events=events,
             deadline_s=deadline,
+            by_model_path=by_model_path,
         )
         if drop:
             raise DropConnection()
