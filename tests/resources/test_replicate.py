@@ -498,3 +498,75 @@ def test_expect_webhooks_polls_slowly(emulator: Any, make_replicate: MakeResourc
     assert done.status == "succeeded"
     # Adaptive polling from 20 ms would make about 10 GETs in 1.2 s; slow polling at most ~4.
     assert polls <= 5
+
+
+def test_create_sends_cancel_after(emulator: Any, make_replicate: MakeResource) -> None:
+    """The provider-side deadline (Cancel-After) is set on every create, unless disabled."""
+    with_deadline = make_replicate(cancel_after_s=90).create(IMAGE, {"prompt": "a", **SMALL})
+    without = make_replicate(cancel_after_s=None).create(IMAGE, {"prompt": "b", **SMALL})
+    emulated = _emulated(emulator)
+    assert emulated[with_deadline.id]["_emulator"]["deadline_s"] == 90
+    assert emulated[without.id]["_emulator"]["deadline_s"] is None
+
+
+def test_concurrent_creates_from_many_threads(emulator: Any, make_replicate: MakeResource) -> None:
+    """One shared client serves many threads: every create lands exactly once."""
+    resource = make_replicate()
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def work(worker: int) -> None:
+        for i in range(3):
+            snapshot = resource.create(IMAGE, {"prompt": f"w{worker} i{i}", **SMALL})
+            with lock:
+                results.append(snapshot.id)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == len(set(results)) == 30
+    assert set(_emulated(emulator)) == set(results)
+
+
+def test_wait_many_scales_without_threads(emulator: Any, make_replicate: MakeResource) -> None:
+    """Two hundred predictions in flight are watched by at most poll_workers threads."""
+    emulator.configure(concurrency=256, latency_s=0.5)
+    resource = make_replicate(poll_workers=6, poll_initial_s=0.1, poll_max_s=0.5)
+    ids = [resource.create(IMAGE, {"prompt": f"n{i}", **SMALL}).id for i in range(200)]
+    seen = set()
+    peak = 0
+    for snapshot in resource.wait_many(ids, deadline_s=60):
+        assert snapshot.status == "succeeded" and snapshot.id not in seen
+        seen.add(snapshot.id)
+        # The emulator serves each connection on its own thread: count only ours.
+        polls = [t for t in threading.enumerate() if t.name.startswith("replicate-poll")]
+        peak = max(peak, len(polls))
+    assert seen == set(ids)
+    assert 1 <= peak <= 6
+    # Adaptive polling: far fewer GETs than a fixed fast interval would need.
+    assert _requests(emulator, "GET /v1/predictions/") < 200 * 6
+
+
+def test_resource_in_a_dagster_job(emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wired as Definitions wire it (token through EnvVar), the resource works inside an op."""
+    import dagster as dg
+
+    monkeypatch.setenv("REPLICATE_API_TOKEN", emulator.token)
+
+    @dg.op
+    def run_one(replicate: ReplicateResource) -> str:
+        snapshot = replicate.create(IMAGE, {"prompt": "inside dagster", **SMALL})
+        return replicate.wait(snapshot.id, deadline_s=20).status
+
+    @dg.job
+    def one_prediction() -> None:
+        run_one()
+
+    resource = ReplicateResource(
+        api_token=dg.EnvVar("REPLICATE_API_TOKEN"), base_url=emulator.base_url, poll_max_s=0.3
+    )
+    result = one_prediction.execute_in_process(resources={"replicate": resource})
+    assert result.success and result.output_for_node("run_one") == "succeeded"
+    assert len(emulator.predictions()) == 1
