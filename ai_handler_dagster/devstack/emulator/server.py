@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -662,18 +663,14 @@ class EmulatorHandle:
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no prediction is starting or processing (stuck ones never end)."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout, deadline.set)
-        timer.start()
-        try:
-            while not deadline.is_set():
-                counts = self._engine.stats()["predictions_by_status"]
-                if counts["starting"] == 0 and counts["processing"] == 0:
-                    return True
-                deadline.wait(0.02)
-            return False
-        finally:
-            timer.cancel()
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self._engine.stats()["predictions_by_status"]
+            if counts["starting"] == 0 and counts["processing"] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Stop serving and release the port; safe to call twice."""
