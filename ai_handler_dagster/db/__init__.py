@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -31,6 +32,9 @@ __all__ = [
 
 # Found next to this file, so migrations run from any working directory and from an install.
 _HERE = Path(__file__).resolve().parent
+# Alembic keeps its running migration context in module globals: one upgrade per process at a time.
+# (Upgrades from different processes are serialized by the database, see migrations/env.py.)
+_upgrade_lock = threading.Lock()
 
 
 def alembic_config() -> Config:
@@ -61,7 +65,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     """
     engine = make_engine(url)
     config = alembic_config()
-    with engine.connect() as connection:
+    with _upgrade_lock, engine.connect() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     return current_revision(engine.url.render_as_string(hide_password=False))

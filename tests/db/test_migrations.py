@@ -3,13 +3,17 @@
 Proves: ``upgrade`` reaches head and is repeatable; Alembic's compare_metadata finds no
 difference between the migrated database and ``db/models.py`` (types, columns, indexes, unique
 constraints, foreign keys); the named CHECK constraints and the partial unique indexes that
-compare_metadata does not look at exist too; upgrade works from any working directory; the
+compare_metadata does not look at exist too; concurrent upgrades from several processes or
+threads migrate once and all succeed; upgrade works from any working directory; the
 server-side defaults let another application insert a generation with only the essential columns.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,44 @@ def test_minimal_insert_by_another_application(any_db_url: str) -> None:
     assert row.attempt == 1
     assert (row.amount_held, row.amount_charged) == (0, 0)
     assert row.created_at is not None and row.updated_at is not None
+
+
+@pytest.mark.slow
+def test_concurrent_upgrades_run_the_migrations_once(any_db_url: str) -> None:
+    # Several processes (code server, daemon, CLI) may start at once on a fresh database; the
+    # database serializes them (advisory lock / BEGIN IMMEDIATE) and only the first migrates.
+    script = "import sys; from ai_handler_dagster import db; print(db.upgrade(sys.argv[1]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, any_db_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 3, [err for _, err in results]
+    assert [out.strip() for out, _ in results] == [db.head_revision()] * 3
+    assert db.current_revision(any_db_url) == db.head_revision()
+
+
+def test_upgrades_from_threads_of_one_process_are_serialized(any_db_url: str) -> None:
+    # Alembic's context is process-global; two threads must not run it at the same time.
+    barrier = threading.Barrier(4, timeout=30)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            barrier.wait()
+            db.upgrade(any_db_url)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert db.current_revision(any_db_url) == db.head_revision()
