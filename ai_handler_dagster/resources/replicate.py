@@ -819,19 +819,22 @@ class ReplicateResource(dg.ConfigurableResource):
                 ):
                     _, _, pid = heapq.heappop(heap)
                     watch = watches[pid]
+                    # A finished state from the lookup wins even past the deadline: a webhook
+                    # already said how it ended, so there is nothing left to cancel.
+                    known = lookup(pid) if lookup is not None else None
+                    if known is not None and known.is_terminal:
+                        del watches[pid]
+                        yield known
+                        now = time.monotonic()
+                        continue
                     if now >= watch.deadline_at:
                         inflight[pool.submit(self._cancel_at_deadline, pid)] = (pid, "cancel")
                         continue
-                    if lookup is not None:
-                        known = lookup(pid)
-                        if known is not None and known.is_terminal:
-                            del watches[pid]
-                            yield known
-                            now = time.monotonic()
-                            continue
-                        if expect_webhooks and now - watch.last_get_at < self.poll_max_s:
-                            schedule(pid, grow(watch))
-                            continue
+                    # Waiting for a webhook: ask the lookup often, the API only every poll_max_s.
+                    webhook_pending = lookup is not None and expect_webhooks
+                    if webhook_pending and now - watch.last_get_at < self.poll_max_s:
+                        schedule(pid, grow(watch))
+                        continue
                     watch.last_get_at = now
                     inflight[pool.submit(self._get, pid, attempts=1)] = (pid, "get")
 

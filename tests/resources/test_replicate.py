@@ -570,3 +570,14 @@ def test_resource_in_a_dagster_job(emulator: Any, monkeypatch: pytest.MonkeyPatc
     result = one_prediction.execute_in_process(resources={"replicate": resource})
     assert result.success and result.output_for_node("run_one") == "succeeded"
     assert len(emulator.predictions()) == 1
+
+
+def test_lookup_result_wins_over_deadline(emulator: Any, make_replicate: MakeResource) -> None:
+    """Past its deadline, a prediction a webhook already reported finished is not canceled."""
+    resource = make_replicate()
+    running = resource.create(IMAGE, {"prompt": "webhook said done [stuck]", **SMALL})
+    reported = dataclasses.replace(running, status="succeeded")
+    done = list(resource.wait_many([running.id], deadline_s=0.0, lookup=lambda _id: reported))
+    assert done == [reported] and not done[0].deadline_exceeded
+    assert _requests(emulator, "/cancel") == 0
+    resource.cancel(running.id)  # clean up the stuck prediction
