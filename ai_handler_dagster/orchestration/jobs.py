@@ -1,6 +1,5 @@
 """The jobs: what a generation run does, reprocessing (Launchpad and backfills), reconciliation."""
 
-from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 

@@ -14,7 +14,6 @@ already holding credits keeps its hold, one with a prediction keeps polling it, 
 deterministic.
 """
 
-from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Sequence

@@ -6,7 +6,6 @@ when the queue is short, up to ``AI_HANDLER_MAX_BATCH`` when it is long), and na
 the first generation attempt of its batch, so a re-tick never launches a batch twice.
 """
 
-from __future__ import annotations
 
 import math
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ class QueuePolicy:
     max_runs_per_tick: int = MAX_RUNS_PER_TICK
 
     @classmethod
-    def from_settings(cls) -> QueuePolicy:
+    def from_settings(cls) -> "QueuePolicy":
         return cls(
             max_batch=settings.max_batch_size(),
             max_in_flight=settings.max_in_flight(),
