@@ -12,6 +12,8 @@ GET retries on 429/503/504). This module adds what the client leaves to its call
 * **Efficient waiting.** :meth:`ReplicateResource.wait_many` watches hundreds of predictions from
   one loop and a small thread pool, with per-prediction adaptive polling, a shared pause on 429,
   optional webhook-fed state, and cancellation at a deadline.
+* **A provider-side deadline.** Every create carries ``Cancel-After`` (``cancel_after_s``), so a
+  prediction stops even when the process that should cancel it has died.
 
 Two details of the client shape the code. Its ``ReplicateError`` keeps only the problem's title
 and detail, so an httpx response hook (:func:`_raise_problem`) raises a richer subclass that also
