@@ -33,7 +33,7 @@ def _statuses(client: replicate.Client, ids: list[str]) -> list[str]:
 
 
 def test_concurrency_cap_keeps_extra_predictions_starting(make_emulator) -> None:
-    emulator = make_emulator(latency_s=0.4, concurrency=2)
+    emulator = make_emulator(latency_s=0.6, concurrency=2)
     client = client_for(emulator)
     ids = [_create(client, f"p{i}").id for i in range(5)]
 
