@@ -19,7 +19,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -55,7 +55,6 @@ class _Delivery:
     msg_id: str
     body: bytes
     attempt: int = 0
-    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 _STOP = object()
@@ -70,6 +69,7 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._history: dict[str, list[dict[str, Any]]] = {}
+        self._client: httpx.Client | None = None
         workers = config().webhook_workers
         self._queues: list[queue.Queue[Any]] = [queue.Queue() for _ in range(workers)]
         self._threads = [
@@ -109,20 +109,31 @@ class WebhookDispatcher:
             q.put(_STOP)
         for thread in self._threads:
             thread.join(timeout=5)
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
 
     def _enqueue(self, delivery: _Delivery) -> None:
         # Same prediction, same worker: keeps start/output/completed in order.
         index = zlib.crc32(delivery.prediction_id.encode()) % len(self._queues)
         self._queues[index].put(delivery)
 
+    def _http(self) -> httpx.Client:
+        # One client shared by the workers (httpx clients are thread-safe), made on the first
+        # delivery: building one loads the CA bundle, a cost an emulator without webhooks
+        # should not pay at every start. trust_env=False: a proxy from the environment must
+        # not swallow local webhooks.
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(trust_env=False, follow_redirects=False)
+            return self._client
+
     def _work(self, inbox: queue.Queue[Any]) -> None:
-        # trust_env=False: a proxy from the environment must not swallow local webhooks.
-        with httpx.Client(trust_env=False, follow_redirects=False) as client:
-            while True:
-                item = inbox.get()
-                if item is _STOP:
-                    return
-                self._attempt(client, item)
+        while True:
+            item = inbox.get()
+            if item is _STOP:
+                return
+            self._attempt(self._http(), item)
 
     def _attempt(self, client: httpx.Client, delivery: _Delivery) -> None:
         config = self._config()
