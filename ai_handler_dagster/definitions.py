@@ -55,9 +55,7 @@ def build_resources() -> dict[str, object]:
         "database": DatabaseResource(),
         "pricing": PricingResource(),
         "replicate": ReplicateResource(**replicate_kwargs),
-        "output_policy": OutputPolicyResource(
-            emulator_base_url=base_url if embedded else None
-        ),
+        "output_policy": OutputPolicyResource(emulator_base_url=base_url if embedded else None),
         "s3": s3,
         "outputs_io_manager": GenerationOutputsIOManager(s3=s3, bucket=bucket),
         # Small intermediate values (lists of ids) between ops, in the same bucket: nothing

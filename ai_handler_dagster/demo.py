@@ -32,7 +32,11 @@ TERMINAL = ("succeeded", "failed", "canceled")
 #: (model, input, expected status): the emulator fails any prompt containing "[fail]".
 DEMO_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("demo/pixel-sketch", {"prompt": "a lighthouse at dusk", "seed": 1}, "succeeded"),
-    ("demo/pixel-sketch", {"prompt": "a red fox in snow", "width": 320, "height": 192}, "succeeded"),
+    (
+        "demo/pixel-sketch",
+        {"prompt": "a red fox in snow", "width": 320, "height": 192},
+        "succeeded",
+    ),
     ("demo/pixel-sketch", {"prompt": "two moons", "num_outputs": 2, "seed": 7}, "succeeded"),
     ("demo/haiku-text", {"prompt": "autumn rain on a tin roof"}, "succeeded"),
     ("demo/haiku-text", {"prompt": "the sea at night", "max_tokens": 32}, "succeeded"),
@@ -183,8 +187,7 @@ def run_demo(
     for row in rows:
         if row.status != ids[row.id]:
             problems.append(
-                f"generation {row.id} ended {row.status} ({row.error_code}), "
-                f"expected {ids[row.id]}"
+                f"generation {row.id} ended {row.status} ({row.error_code}), expected {ids[row.id]}"
             )
         if row.status == "succeeded" and not row.outputs:
             problems.append(f"generation {row.id} succeeded without outputs")

@@ -49,6 +49,7 @@ __all__ = [
     "fail",
     "get",
     "hold_key",
+    "mark_create_started",
     "record_prediction",
     "requeue",
     "start_attempt",
@@ -424,6 +425,21 @@ def record_prediction(
     return row
 
 
+def mark_create_started(session: Session, generation_id: int) -> datetime | None:
+    """Note that this attempt is about to ask the provider for a prediction.
+
+    Returns when an earlier try of the same attempt already did (None the first time): the caller
+    must then look for that prediction and adopt it before creating another, since the earlier
+    create may have succeeded with its response lost.
+    """
+    row = _lock(session, generation_id)
+    earlier = row.create_started_at
+    if earlier is None:
+        row.create_started_at = utcnow()
+        session.flush()
+    return earlier
+
+
 def _check_outputs(outputs: object) -> list[dict[str, Any]]:
     if not isinstance(outputs, list):
         raise ValueError(f"outputs must be a list of objects, got {type(outputs).__name__}")
@@ -537,6 +553,7 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
         "error_message",
         "queued_at",
         "started_at",
+        "create_started_at",
         "finished_at",
     ):
         setattr(row, field, None)

@@ -10,6 +10,7 @@ the chaos soak: the same processes and configuration production runs, only point
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,7 +36,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None
+) -> None:
     """Block until something accepts connections on host:port (or fail with a clear error)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -60,7 +63,7 @@ def instance_yaml(
     if storage == "postgres":
         if not dagster_pg_url:
             raise settings.ConfigError("postgres storage needs a Dagster PostgreSQL URL")
-        storage_block = f"storage:\n  postgres:\n    postgres_url: \"{dagster_pg_url}\"\n"
+        storage_block = f'storage:\n  postgres:\n    postgres_url: "{dagster_pg_url}"\n'
     else:
         storage_block = "# storage: SQLite files in this folder (Dagster's default)\n"
     return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
@@ -352,10 +355,8 @@ class Stack:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
         # Children that left the group's leader behind (run workers of the code server).
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def pids(self) -> list[int]:
         """Pids of every live process of the stack, children included (for memory figures)."""

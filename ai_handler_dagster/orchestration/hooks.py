@@ -1,7 +1,6 @@
 """The fast refund path: when an op of a generation run fails for good, release the holds of the
 run's unfinished generations at once, before the run itself is marked failed."""
 
-
 from dagster import HookContext, failure_hook
 
 from ai_handler_dagster.errors import RUN_FAILED

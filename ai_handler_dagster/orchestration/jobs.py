@@ -1,6 +1,6 @@
 """The jobs: what a generation run does, reprocessing (Launchpad and backfills), reconciliation."""
 
-
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -69,7 +69,7 @@ def _requeue(engine: sa.Engine, ids: list[int], *, include_succeeded: bool) -> l
             row = session.get(Generation, generation_id, with_for_update=True)
             if row is None or row.status not in statuses:
                 continue
-            gens.requeue(session, generation_id)
+            gens.requeue(session, generation_id, include_succeeded=include_succeeded)
             requeued.append(generation_id)
     return requeued
 
@@ -180,7 +180,8 @@ def reconcile(
                 batch_key=batch_key,
                 code=RUN_FAILED,
                 message=f"run of batch {batch_key} is {ended}; settled by reconciliation",
-                status="canceled" if runs and runs[0].status == DagsterRunStatus.CANCELED
+                status="canceled"
+                if runs and runs[0].status == DagsterRunStatus.CANCELED
                 else "failed",
                 cancel_prediction=replicate.cancel,
             )
@@ -195,10 +196,9 @@ def refund_unfinished_one(engine: sa.Engine, replicate: ReplicateResource, gid: 
         row = session.get(Generation, gid)
         prediction_id = row.prediction_id if row else None
     if prediction_id:
-        try:
+        # Best effort: reconciliation tries again on its next run.
+        with contextlib.suppress(Exception):
             replicate.cancel(prediction_id)
-        except Exception:  # reconciliation will try again on its next run
-            pass
     with session_scope(engine) as session:
         gens.fail(session, gid, code=DEADLINE_EXCEEDED, message="credit hold expired")
 
@@ -206,4 +206,3 @@ def refund_unfinished_one(engine: sa.Engine, replicate: ReplicateResource, gid: 
 @job(executor_def=in_process_executor, description="Settle stuck generations and expired holds.")
 def reconcile_job() -> None:
     reconcile()
-

@@ -14,7 +14,6 @@ already holding credits keeps its hold, one with a prediction keeps polling it, 
 deterministic.
 """
 
-
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +35,16 @@ from dagster import (
 from pydantic import Field
 
 from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
-from ai_handler_dagster.resources.replicate import PredictionSnapshot, ReplicateResource, snapshot_error
+from ai_handler_dagster.resources.replicate import (
+    ReplicateResource,
+    snapshot_error,
+)
 
 #: Transient infrastructure errors (database, S3) retry the op with exponential backoff and
 #: jitter; per-generation provider errors never reach this, they fail only their generation.
@@ -123,7 +126,9 @@ def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
     return {row.id: row for row in rows}
 
 
-@op(retry_policy=TRANSIENT_RETRY, out=Out(list[int], description="Generations now holding credits."))
+@op(
+    retry_policy=TRANSIENT_RETRY, out=Out(list[int], description="Generations now holding credits.")
+)
 def reserve_credits(
     context: OpExecutionContext,
     config: BatchConfig,
@@ -145,8 +150,13 @@ def reserve_credits(
             status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
             code = row.error_code
         report.rows.append(
-            {"generation": generation_id, "user": user, "model": model, "held": amount,
-             "status": status}
+            {
+                "generation": generation_id,
+                "user": user,
+                "model": model,
+                "held": amount,
+                "status": status,
+            }
         )
         if status == "running":
             held.append(generation_id)
@@ -202,15 +212,25 @@ def create_predictions(
         row = rows[generation_id]
         if row.prediction_id:
             return generation_id, row.prediction_id, None
+        with session_scope(engine) as session:
+            earlier = gens.mark_create_started(session, generation_id)
         try:
-            snapshot = replicate.create(row.model, row.input, claimed=claimed)
+            # After an earlier try of this attempt (op retry, retried run), look for the
+            # prediction it may have created before creating one.
+            snapshot = replicate.create(row.model, row.input, claimed=claimed, adopt_since=earlier)
         except GenerationError as error:
             _fail(engine, generation_id, error)
             return generation_id, None, error.code
-        with session_scope(engine) as session:
-            gens.record_prediction(
-                session, generation_id, snapshot.id, snapshot.model, snapshot.version
-            )
+        try:
+            with session_scope(engine) as session:
+                gens.record_prediction(
+                    session, generation_id, snapshot.id, snapshot.model, snapshot.version
+                )
+        except gens.InvalidTransition as exc:
+            # The generation ended meanwhile (refunded by another path): stop paying for it.
+            context.log.warning(f"generation {generation_id}: {exc}; canceling {snapshot.id}")
+            replicate.cancel(snapshot.id)
+            return generation_id, None, "ended"
         return generation_id, snapshot.id, None
 
     results = _in_parallel(list(rows), start)
@@ -255,10 +275,8 @@ def await_predictions(
     succeeded: list[AwaitedPrediction] = []
     failed: dict[int, str] = {}
     total = len(by_prediction)
-    done = 0
-    for snapshot in replicate.wait_many(list(by_prediction)):
+    for done, snapshot in enumerate(replicate.wait_many(list(by_prediction)), start=1):
         generation_id = by_prediction[snapshot.id]
-        done += 1
         error = snapshot_error(snapshot)
         if error is None and snapshot.status == "succeeded":
             succeeded.append(
@@ -358,15 +376,21 @@ def finalize(
     charged = 0
     rows: list[dict[str, Any]] = []
     for generation_id, objects in sorted(stored.items()):
-        with session_scope(engine) as session:
-            row = gens.succeed(
-                session,
-                generation_id,
-                outputs=[obj.to_json() for obj in objects],
-                predict_time=predict_times.get(generation_id),
-                prices=prices,
-            )
-            status, amount = row.status, row.amount_charged
+        try:
+            with session_scope(engine) as session:
+                row = gens.succeed(
+                    session,
+                    generation_id,
+                    outputs=[obj.to_json() for obj in objects],
+                    predict_time=predict_times.get(generation_id),
+                    prices=prices,
+                )
+                status, amount = row.status, row.amount_charged
+        except ledger.HoldAlreadyEnded as exc:
+            # Another path refunded this generation first (e.g. its hold expired): it stays
+            # refunded and is marked failed; nothing is charged.
+            _fail(engine, generation_id, GenerationError(INTERNAL_ERROR, f"hold ended: {exc}"))
+            status, amount = "failed", 0
         if status == "succeeded":
             done.append(generation_id)
             charged += amount or 0

@@ -6,7 +6,6 @@ when the queue is short, up to ``AI_HANDLER_MAX_BATCH`` when it is long), and na
 the first generation attempt of its batch, so a re-tick never launches a batch twice.
 """
 
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,9 +111,7 @@ def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
 
 def _count(session: sa.orm.Session, *statuses: str, cap: int = BACKLOG_COUNT_CAP) -> int:
     # Counting a capped subquery keeps the cost bounded by the cap, not by the table.
-    inner = (
-        sa.select(Generation.id).where(Generation.status.in_(statuses)).limit(cap).subquery()
-    )
+    inner = sa.select(Generation.id).where(Generation.status.in_(statuses)).limit(cap).subquery()
     return int(session.scalar(sa.select(sa.func.count()).select_from(inner)) or 0)
 
 

@@ -1,4 +1,4 @@
-"""The request sensor, in Dagster's style: first tick, nothing new, new rows, batch sizing, run keys.
+"""The request sensor in Dagster's style: first tick, nothing new, new rows, batch sizing, run keys.
 
 Rows are inserted straight into the table, as an application would. Proves that each batch gets a
 run key derived from its first generation attempt, that rows move to ``queued`` with that key, that

@@ -577,16 +577,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         parts = urlsplit(self.path)
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if self.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY_BYTES:
+            body = self._read_body()
+        except ValueError as exc:
+            # The stream position is unknown now: answer and close rather than misparse.
             self.close_connection = True
-            self._write(
-                Response.problem(ApiError(400, "Bad request", "Send a Content-Length body."))
-            )
+            self._write(Response.problem(ApiError(400, "Bad request", str(exc))))
             return
-        body = self.rfile.read(length) if length else b""
         request = Request(self.command, parts.path, parse_qs(parts.query), self.headers, body)
         try:
             response = self.server.app.handle(request)
@@ -597,6 +593,27 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         self._write(response)
+
+    def _read_body(self) -> bytes:
+        """The request body, sent with Content-Length or chunked; ValueError if malformed."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            total = 0
+            while True:
+                size = int(self.rfile.readline(100).split(b";")[0].strip() or b"x", 16)
+                if size == 0:
+                    while self.rfile.readline(1000).strip():  # trailers
+                        pass
+                    return b"".join(chunks)
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise ValueError("Request body too large.")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(10)  # CRLF after each chunk
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise ValueError("Invalid or too large Content-Length.")
+        return self.rfile.read(length) if length else b""
 
     def _write(self, response: Response) -> None:
         self.send_response(response.status)

@@ -1,0 +1,164 @@
+"""The generation job in process, against the emulator and S3 over real HTTP, on SQLite and
+PostgreSQL.
+
+Proves that one run carries a batch in which each generation succeeds or fails on its own: the
+model failure is refunded and its neighbours are charged and stored under their exact keys; an
+unaffordable generation is refused without a charge; re-running the finished batch changes nothing;
+and an op that fails for good refunds the unfinished generations through the failure hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import sqlalchemy as sa
+from dagster import DagsterInstance
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db.engine import make_engine, session_scope
+from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.devstack.emulator import EmulatorHandle
+from ai_handler_dagster.devstack.s3 import LocalS3
+from ai_handler_dagster.orchestration.jobs import generation_job
+from ai_handler_dagster.orchestration.sensors import batch_key_for
+
+from .conftest import grant, job_resources, submit
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+
+def claim(db_url: str, limit: int = 100) -> list[int]:
+    with session_scope(make_engine(db_url)) as session:
+        rows = gens.claim_pending(session, limit=limit, batch_key_fn=batch_key_for)
+        return [r.id for r in rows]
+
+
+def run_config(ids: list[int]) -> dict:
+    return {"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}}
+
+
+def rows_by_id(db_url: str) -> dict[int, Generation]:
+    with session_scope(make_engine(db_url)) as session:
+        rows = list(session.scalars(sa.select(Generation)))
+        session.expunge_all()
+    return {r.id: r for r in rows}
+
+
+def test_a_batch_settles_each_generation_on_its_own(
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+) -> None:
+    grant(app_db, "ada", 100)
+    ids = submit(
+        app_db,
+        "ada",
+        [
+            ("demo/pixel-sketch", {"prompt": "a lighthouse", "seed": 4}),
+            ("demo/pixel-sketch", {"prompt": "this one breaks [fail]"}),
+            ("demo/haiku-text", {"prompt": "rain"}),
+            ("demo/pixel-sketch", {"prompt": "two moons", "num_outputs": 2}),
+        ],
+    )
+    assert claim(app_db) == ids
+    result = generation_job.execute_in_process(
+        run_config=run_config(ids),
+        resources=job_resources(app_db, emulator, local_s3),
+        instance=instance,
+    )
+    assert result.success
+    rows = rows_by_id(app_db)
+    assert [rows[i].status for i in ids] == ["succeeded", "failed", "succeeded", "succeeded"]
+    assert rows[ids[1]].error_code == "prediction_failed"
+    assert rows[ids[1]].amount_charged == 0
+    # Exact keys; the bytes in S3 match the recorded checksums.
+    s3 = local_s3.client()
+    assert [o["key"] for o in rows[ids[0]].outputs or []] == [f"generations/{ids[0]}/0.png"]
+    assert [o["key"] for o in rows[ids[2]].outputs or []] == [f"generations/{ids[2]}/0.txt"]
+    assert [o["key"] for o in rows[ids[3]].outputs or []] == [
+        f"generations/{ids[3]}/0.png",
+        f"generations/{ids[3]}/1.png",
+    ]
+    for gid in (ids[0], ids[2], ids[3]):
+        for obj in rows[gid].outputs or []:
+            body = s3.get_object(Bucket=local_s3.bucket, Key=obj["key"])["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == obj["sha256"]
+            assert len(body) == obj["size"]
+    charged = sum(rows[i].amount_charged for i in ids)
+    assert charged == 5 + 5 + rows[ids[2]].amount_charged
+    assert 1 <= rows[ids[2]].amount_charged < 60  # metered: less than the 60 held
+    with session_scope(make_engine(app_db)) as session:
+        assert ledger.verify(session) == []
+        bal = ledger.balance(session, "ada")
+    assert (bal.balance, bal.held) == (100 - charged, 0)
+    # Exactly the three successful predictions were paid for, once each.
+    paid = [p for p in emulator.predictions() if p["status"] == "succeeded"]
+    assert len(paid) == 3
+
+    # Running the same batch again changes nothing: no new prediction, no new charge.
+    again = generation_job.execute_in_process(
+        run_config=run_config(ids),
+        resources=job_resources(app_db, emulator, local_s3),
+        instance=instance,
+    )
+    assert again.success
+    assert len(emulator.predictions()) == 4
+    with session_scope(make_engine(app_db)) as session:
+        assert ledger.balance(session, "ada").balance == 100 - charged
+        assert ledger.verify(session) == []
+
+
+def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+) -> None:
+    grant(app_db, "bo", 5)
+    ids = submit(
+        app_db,
+        "bo",
+        [
+            ("demo/pixel-sketch", {"prompt": "first"}),
+            ("demo/pixel-sketch", {"prompt": "second"}),
+        ],
+    )
+    claim(app_db)
+    result = generation_job.execute_in_process(
+        run_config=run_config(ids),
+        resources=job_resources(app_db, emulator, local_s3),
+        instance=instance,
+    )
+    assert result.success
+    rows = rows_by_id(app_db)
+    assert [rows[i].status for i in ids] == ["succeeded", "failed"]
+    assert rows[ids[1]].error_code == "insufficient_credits"
+    assert len(emulator.predictions()) == 1
+    with session_scope(make_engine(app_db)) as session:
+        assert ledger.balance(session, "bo").balance == 0
+        assert ledger.verify(session) == []
+
+
+def test_an_op_that_fails_for_good_refunds_the_batch_through_the_hook(
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+) -> None:
+    """Regression: an infrastructure failure after the holds (S3 gone) must not leave credits
+    held; the failure hook releases them and marks the generations failed."""
+    grant(app_db, "cy", 50)
+    ids = submit(app_db, "cy", [("demo/pixel-sketch", {"prompt": "kept"})])
+    claim(app_db)
+    resources = job_resources(app_db, emulator, local_s3)
+    from dagster_aws.s3 import S3Resource
+
+    from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
+
+    broken = S3Resource(endpoint_url="http://127.0.0.1:9", region_name="us-east-1")
+    resources["outputs_io_manager"] = GenerationOutputsIOManager(s3=broken, bucket="nowhere")
+    result = generation_job.execute_in_process(
+        run_config=run_config(ids), resources=resources, instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    row = rows_by_id(app_db)[ids[0]]
+    assert row.status == "failed"
+    assert row.error_code == "run_failed"
+    with session_scope(make_engine(app_db)) as session:
+        bal = ledger.balance(session, "cy")
+        assert (bal.balance, bal.held) == (50, 0)
+        assert ledger.verify(session) == []
