@@ -436,3 +436,36 @@ def test_official_models_hide_their_version_when_run_by_model_path(make_emulator
     assert client.predictions.get(by_path.id).version == "hidden"
     assert by_version.version == HAIKU.version_id
     assert other.version == SKETCH.version_id
+
+
+def test_raw_http_edge_cases(emulator: EmulatorHandle, http: httpx.Client) -> None:
+    auth = {"Authorization": f"Bearer {emulator.token}"}
+    base = emulator.base_url
+
+    def chunked_body():
+        yield b'{"input": {"prompt": "chunked"}'
+        yield b"}"
+
+    created = http.post(f"{base}/v1/models/{HT}/predictions", content=chunked_body(), headers=auth)
+    assert created.status_code == 201
+    assert created.json()["input"] == {"prompt": "chunked"}
+
+    bad_json = http.post(f"{base}/v1/predictions", content=b"{oops", headers=auth)
+    assert bad_json.status_code == 400
+    assert bad_json.headers["content-type"] == "application/problem+json"
+
+    wrong_method = http.delete(f"{base}/v1/predictions", headers=auth)
+    assert wrong_method.status_code == 405
+    assert http.get(f"{base}/v1/nothing-here", headers=auth).status_code == 404
+    assert http.get(f"{base}/v1/predictions?cursor=garbage", headers=auth).status_code == 400
+
+    done = http.post(
+        f"{base}/v1/models/{PS}/predictions",
+        json={"input": {"prompt": "head", "width": 64}},
+        headers={**auth, "Prefer": "wait=5"},
+    ).json()
+    head = http.head(done["output"][0])
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) > 0
+    assert head.content == b""
+    assert http.get(done["urls"]["web"]).headers["content-type"].startswith("text/html")
