@@ -203,7 +203,6 @@ class App:
         route, params, path_known = self.match(request.method, request.path)
         label = route.label if route else f"{request.method} (unmatched)"
         budget: Budget | None = None
-        status: int | str = "dropped"
         try:
             if route is None:
                 if path_known:
@@ -219,7 +218,7 @@ class App:
         except ApiError as exc:
             response = Response.problem(exc)
         except DropConnection:
-            self.engine.record_request(label, status)
+            self.engine.record_request(label, "dropped")
             raise
         except Exception:
             log.exception("emulator route %s crashed", label)
