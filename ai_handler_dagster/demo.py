@@ -83,11 +83,17 @@ class DemoResult:
         }
 
 
-def _progress(done: int, total: int, elapsed: float, stream: Any) -> None:
+def _progress(done: int, total: int, elapsed: float, stream: Any, last: list[int]) -> None:
+    """A progress bar redrawn in place on a terminal; one line per change otherwise."""
+    tty = stream.isatty()
+    if not tty and last and last[0] == done:
+        return
+    last[:] = [done]
     width = 30
     filled = int(width * done / total) if total else width
     bar = "#" * filled + "-" * (width - filled)
-    stream.write(f"\r  [{bar}] {done}/{total} settled  {elapsed:5.1f}s")
+    line = f"  [{bar}] {done}/{total} settled  {elapsed:5.1f}s"
+    stream.write(f"\r{line}" if tty else f"{line}\n")
     stream.flush()
 
 
@@ -144,6 +150,7 @@ def run_demo(
 
         deadline = time.monotonic() + timeout_s
         rows: list[Generation] = []
+        last: list[int] = []
         while True:
             with session_scope(engine) as session:
                 rows = list(
@@ -154,11 +161,11 @@ def run_demo(
                 session.expunge_all()
             done = sum(1 for r in rows if r.status in TERMINAL)
             if not quiet:
-                _progress(done, len(ids), time.monotonic() - started, out)
+                _progress(done, len(ids), time.monotonic() - started, out, last)
             if done == len(ids) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        if not quiet:
+        if not quiet and out.isatty():
             out.write("\n")
 
         with session_scope(engine) as session:
