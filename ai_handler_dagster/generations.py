@@ -291,9 +291,14 @@ def claim_pending(
     *,
     limit: int,
     batch_key_fn: Callable[[Sequence[Generation]], str],
+    per_user_limit: int | None = None,
     now: datetime | None = None,
 ) -> list[Generation]:
-    """Mark up to ``limit`` pending generations (oldest first) ``queued`` as one batch.
+    """Mark up to ``limit`` pending generations ``queued`` as one batch.
+
+    Without ``per_user_limit`` the oldest rows go first. With it, users take turns (each user's
+    oldest row, then each user's second oldest, ...) and no user gets more than
+    ``per_user_limit`` generations queued or running, so one user's backlog cannot starve others.
 
     ``batch_key_fn(rows)`` names the batch (the sensor's run key); every claimed row gets it with
     ``queued_at``. On PostgreSQL rows locked by another claimer are skipped (``SKIP LOCKED``), so
@@ -301,14 +306,17 @@ def claim_pending(
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    query = sa.select(Generation).where(Generation.status == "pending")
+    if per_user_limit is None:
+        query = query.order_by(Generation.id).limit(limit)
+    else:
+        ids = _fair_candidates(session, limit=limit, per_user_limit=per_user_limit)
+        if not ids:
+            return []
+        query = query.where(Generation.id.in_(ids)).order_by(Generation.id)
     rows = list(
         session.scalars(
-            sa.select(Generation)
-            .where(Generation.status == "pending")
-            .order_by(Generation.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .execution_options(populate_existing=True)
+            query.with_for_update(skip_locked=True).execution_options(populate_existing=True)
         )
     )
     if not rows:
@@ -321,6 +329,37 @@ def claim_pending(
         row.queued_at = now
     session.flush()
     return rows
+
+
+def _fair_candidates(session: Session, *, limit: int, per_user_limit: int) -> list[int]:
+    """Ids of pending rows in round-robin order over users, within each user's remaining room."""
+    in_flight = (
+        sa.select(Generation.user_id, sa.func.count().label("n"))
+        .where(Generation.status.in_(("queued", "running")))
+        .group_by(Generation.user_id)
+        .subquery()
+    )
+    ranked = (
+        sa.select(
+            Generation.id,
+            Generation.user_id,
+            sa.func.row_number()
+            .over(partition_by=Generation.user_id, order_by=Generation.id)
+            .label("rn"),
+        )
+        .where(Generation.status == "pending")
+        .subquery()
+    )
+    used = sa.func.coalesce(in_flight.c.n, 0)
+    return list(
+        session.scalars(
+            sa.select(ranked.c.id)
+            .select_from(ranked.outerjoin(in_flight, in_flight.c.user_id == ranked.c.user_id))
+            .where(ranked.c.rn + used <= per_user_limit)
+            .order_by(ranked.c.rn, ranked.c.id)
+            .limit(limit)
+        )
+    )
 
 
 def start_attempt(

@@ -54,6 +54,7 @@ class QueuePolicy:
     max_in_flight: int
     small_backlog: int
     max_runs_per_tick: int = MAX_RUNS_PER_TICK
+    max_in_flight_per_user: int | None = None
 
     @classmethod
     def from_settings(cls) -> "QueuePolicy":
@@ -61,6 +62,7 @@ class QueuePolicy:
             max_batch=settings.max_batch_size(),
             max_in_flight=settings.max_in_flight(),
             small_backlog=settings.small_backlog(),
+            max_in_flight_per_user=settings.max_in_flight_per_user(),
         )
 
 
@@ -156,7 +158,12 @@ def generation_request_sensor(
     plan = plan_batches(pending, in_flight, policy)
     for size in plan:
         with session_scope(engine) as session:
-            rows = gens.claim_pending(session, limit=size, batch_key_fn=batch_key_for)
+            rows = gens.claim_pending(
+                session,
+                limit=size,
+                batch_key_fn=batch_key_for,
+                per_user_limit=policy.max_in_flight_per_user,
+            )
             if not rows:
                 break
             requests.append(run_request_for(rows[0].batch_key or batch_key_for(rows), rows))
@@ -165,8 +172,9 @@ def generation_request_sensor(
         if pending == 0:
             return SkipReason("No pending generation requests.")
         return SkipReason(
-            f"{pending} pending, but {in_flight} already in flight "
-            f"(limit AI_HANDLER_MAX_IN_FLIGHT={policy.max_in_flight})."
+            f"{pending} pending, none can start now: {in_flight} in flight "
+            f"(AI_HANDLER_MAX_IN_FLIGHT={policy.max_in_flight}, "
+            f"AI_HANDLER_MAX_IN_FLIGHT_PER_USER={policy.max_in_flight_per_user})."
         )
     claimed = sum(int(r.tags["ai_handler/batch_size"]) for r in requests)
     context.log.info(

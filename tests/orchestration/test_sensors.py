@@ -159,3 +159,28 @@ def test_a_claimed_batch_without_a_run_is_requested_again_with_the_same_key(
 def test_batch_plan_follows_the_backlog(pending: int, in_flight: int, expected: list[int]) -> None:
     policy = QueuePolicy(max_batch=32, max_in_flight=128, small_backlog=4, max_runs_per_tick=8)
     assert plan_batches(pending, in_flight, policy) == expected
+
+
+def test_users_take_turns_and_one_backlog_cannot_starve_another(
+    db_url: str, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: claiming strictly oldest-first let a user with thousands of queued requests
+    hold every slot; later users waited for the whole backlog."""
+    monkeypatch.setenv("AI_HANDLER_MAX_IN_FLIGHT", "40")
+    monkeypatch.setenv("AI_HANDLER_MAX_IN_FLIGHT_PER_USER", "10")
+    heavy = insert_rows(db_url, 30, user="heavy")
+    light = insert_rows(db_url, 3, user="light")
+    result = tick(db_url, instance)
+    assert isinstance(result, SensorResult)
+    launched = {i for r in result.run_requests or [] for i in config_ids(r)}
+    assert launched == set(heavy[:10]) | set(light)
+    # The heavy user is at its cap: nothing more for it until its generations finish.
+    again = tick(db_url, instance)
+    assert isinstance(again, SkipReason)
+    with session_scope(make_engine(db_url)) as session:
+        session.execute(
+            sa.update(Generation).where(Generation.id.in_(heavy[:4])).values(status="succeeded")
+        )
+    third = tick(db_url, instance)
+    assert isinstance(third, SensorResult)
+    assert {i for r in third.run_requests or [] for i in config_ids(r)} == set(heavy[10:14])
