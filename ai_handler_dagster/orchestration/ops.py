@@ -15,6 +15,7 @@ deterministic.
 """
 
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ from ai_handler_dagster.resources.replicate import (
 TRANSIENT_RETRY = RetryPolicy(
     max_retries=3, delay=1.0, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
 )
+
+#: Tries per output download when the file host answers with a transient error.
+DOWNLOAD_ATTEMPTS = 4
 
 #: Upper bound on threads one op uses for a batch (I/O bound work: HTTP calls and small
 #: transactions).
@@ -339,14 +343,21 @@ def store_outputs(
     staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
 
     def stage(item: AwaitedPrediction) -> tuple[int, list[Any] | None]:
-        try:
-            return item.generation_id, output_policy.stage(item.output, policy, staging)
-        except GenerationError as error:
-            _fail(engine, item.generation_id, error)
-            context.log.warning(
-                f"generation {item.generation_id} output refused: {error.code}: {error.message}"
-            )
-            return item.generation_id, None
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                return item.generation_id, output_policy.stage(item.output, policy, staging)
+            except GenerationError as error:
+                if error.retryable and attempt < DOWNLOAD_ATTEMPTS:
+                    # A passing network error or 5xx from the file host: try again shortly.
+                    time.sleep(0.5 * 2 ** (attempt - 1))
+                    continue
+                _fail(engine, item.generation_id, error)
+                context.log.warning(
+                    f"generation {item.generation_id} output not stored: "
+                    f"{error.code}: {error.message}"
+                )
+                return item.generation_id, None
+        raise AssertionError("unreachable")
 
     staged = {gid: files for gid, files in _in_parallel(awaited, stage) if files is not None}
     return staged
