@@ -247,3 +247,47 @@ class Generation(Base):
     def is_terminal(self) -> bool:
         """True once the current attempt has ended (succeeded, failed or canceled)."""
         return self.status in TERMINAL_STATUSES
+
+
+# --------------------------------------------------------------------------------------------
+# Webhooks (migration 0003): what Replicate told us about predictions, so waiting needs no polling.
+
+#: Prediction statuses after which Replicate never changes a prediction again (``aborted`` is
+#: newer than the client library).
+PREDICTION_TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
+
+
+class WebhookDelivery(Base):
+    """One accepted webhook delivery, kept so a retried or replayed one is recognised.
+
+    Replicate keeps an event's ``webhook-id`` across its retries; the primary key makes the
+    database, not a check in Python, refuse to record the same event twice.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    webhook_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(sa.String(255), index=True)
+    # Indexed for pruning old deliveries.
+    received_at: Mapped[datetime] = mapped_column(
+        default=utcnow, server_default=sa.func.now(), index=True
+    )
+
+
+class PredictionState(Base):
+    """The latest state of a prediction as its webhooks reported it.
+
+    ``payload`` is the prediction JSON as received. Events can arrive out of order (a retried
+    ``start`` after ``completed``), so a write never moves a terminal status back to a running
+    one, nor ``processing`` back to ``starting`` (see ``webhooks/store.py``).
+    """
+
+    __tablename__ = "prediction_states"
+
+    prediction_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    # Indexed for pruning states nobody will read again.
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=sa.func.now(), index=True
+    )
