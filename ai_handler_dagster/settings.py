@@ -100,3 +100,10 @@ def small_backlog() -> int:
 def sensor_interval_s() -> int:
     """Seconds between ticks of the request sensor (``AI_HANDLER_SENSOR_INTERVAL_S``, default 2)."""
     return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 2)
+
+
+def db_pool_max() -> int:
+    """Most connections one process opens to the app database (``AI_HANDLER_DB_POOL_MAX``,
+    default 16). Every run worker, sensor process and CLI has its own pool, so this times the
+    number of processes must stay under the server's ``max_connections``."""
+    return _int_setting("AI_HANDLER_DB_POOL_MAX", 16)

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+# The ledger race tests run 32 threads at once: let this process open that many connections.
+os.environ.setdefault("AI_HANDLER_DB_POOL_MAX", "40")
+
 PG_ADMIN_URL = os.environ.get(
     "AI_HANDLER_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )

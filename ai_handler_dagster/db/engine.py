@@ -31,9 +31,8 @@ from ai_handler_dagster import settings
 
 #: How long a SQLite writer waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 60.0
-#: Connections kept open per engine, and extra ones opened under bursts (32 threads and margin).
+#: Connections kept open per engine; bursts may open more, up to settings.db_pool_max() in all.
 POOL_SIZE = 8
-POOL_MAX_OVERFLOW = 32
 
 _engines: dict[tuple[int, str], Engine] = {}
 _engines_lock = threading.Lock()
@@ -79,8 +78,8 @@ def _create_engine(url: URL) -> Engine:
         return _create_sqlite_engine(url)
     kwargs: dict[str, Any] = {
         "pool_pre_ping": True,
-        "pool_size": POOL_SIZE,
-        "max_overflow": POOL_MAX_OVERFLOW,
+        "pool_size": min(POOL_SIZE, settings.db_pool_max()),
+        "max_overflow": max(0, settings.db_pool_max() - POOL_SIZE),
         # Pool waits longer than the default 30 s: 32 busy threads must queue, not fail.
         "pool_timeout": 120,
     }
@@ -103,8 +102,8 @@ def _create_sqlite_engine(url: URL) -> Engine:
         engine = sa.create_engine(
             url,
             connect_args=connect_args,
-            pool_size=POOL_SIZE,
-            max_overflow=POOL_MAX_OVERFLOW,
+            pool_size=min(POOL_SIZE, settings.db_pool_max()),
+            max_overflow=max(0, settings.db_pool_max() - POOL_SIZE),
             pool_timeout=120,
         )
 
