@@ -33,9 +33,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("webhook_id", name="pk_webhook_deliveries"),
     )
-    op.create_index(
-        "ix_webhook_deliveries_prediction_id", "webhook_deliveries", ["prediction_id"]
-    )
+    op.create_index("ix_webhook_deliveries_prediction_id", "webhook_deliveries", ["prediction_id"])
     op.create_index("ix_webhook_deliveries_received_at", "webhook_deliveries", ["received_at"])
 
     op.create_table(
