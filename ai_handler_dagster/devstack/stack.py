@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import sqlalchemy as sa
+
 from ai_handler_dagster import settings
 
 #: Token the emulator accepts (not a secret: the emulator only listens on loopback).
@@ -52,6 +54,25 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
 
 
+#: SQLAlchemy driver names that mean psycopg 3 (a bare ``postgresql://`` does on SQLAlchemy 2.1).
+_PSYCOPG3_DRIVERS = ("postgresql", "postgres", "postgresql+psycopg")
+
+
+def dagster_postgres_url(url: str) -> str:
+    """``url`` with the psycopg2 driver named, as dagster-postgres needs it.
+
+    dagster-postgres hands the URL to SQLAlchemy as is and writes every event with
+    ``NOTIFY run_events, :notify_id``. On psycopg 3 (what SQLAlchemy 2.1 picks for a bare
+    ``postgresql://``) that parameter is bound on the server, which PostgreSQL refuses in
+    ``NOTIFY`` ("syntax error at or near $1"): no event is stored and no run can start.
+    psycopg2 binds on the client side, so the statement works.
+    """
+    parsed = sa.make_url(url)
+    if parsed.drivername in _PSYCOPG3_DRIVERS:
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed.render_as_string(hide_password=False)
+
+
 def instance_yaml(
     *,
     storage: Literal["sqlite", "postgres"],
@@ -63,7 +84,8 @@ def instance_yaml(
     if storage == "postgres":
         if not dagster_pg_url:
             raise settings.ConfigError("postgres storage needs a Dagster PostgreSQL URL")
-        storage_block = f'storage:\n  postgres:\n    postgres_url: "{dagster_pg_url}"\n'
+        url = dagster_postgres_url(dagster_pg_url)
+        storage_block = f'storage:\n  postgres:\n    postgres_url: "{url}"\n'
     else:
         storage_block = "# storage: SQLite files in this folder (Dagster's default)\n"
     return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
