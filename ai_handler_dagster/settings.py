@@ -107,3 +107,16 @@ def db_pool_max() -> int:
     default 16). Every run worker, sensor process and CLI has its own pool, so this times the
     number of processes must stay under the server's ``max_connections``."""
     return _int_setting("AI_HANDLER_DB_POOL_MAX", 16)
+
+
+def executor() -> str:
+    """Executor of the generation job (``AI_HANDLER_EXECUTOR``, default ``in_process``).
+
+    ``in_process`` runs the ops of a run in its one process (about 2 s per run);
+    ``multiprocess`` is Dagster's default (a process per op, about 7-8 s per run), kept for
+    measuring the naive design against this one (``ai-handler bench --naive``).
+    """
+    value = os.environ.get("AI_HANDLER_EXECUTOR", "in_process").strip().lower()
+    if value not in ("in_process", "multiprocess"):
+        raise ConfigError(f"AI_HANDLER_EXECUTOR={value!r} is not one of: in_process, multiprocess")
+    return value

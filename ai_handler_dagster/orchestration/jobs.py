@@ -10,13 +10,14 @@ from dagster import (
     OpExecutionContext,
     in_process_executor,
     job,
+    multiprocess_executor,
     op,
 )
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from pydantic import Field
 
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger
+from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.errors import DEADLINE_EXCEEDED, RUN_FAILED
@@ -37,7 +38,9 @@ REQUEST_DAYS = DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC"
 
 
 @job(
-    executor_def=in_process_executor,
+    executor_def=in_process_executor
+    if settings.executor() == "in_process"
+    else multiprocess_executor,
     hooks={refund_on_failure},
     tags={"ai_handler/kind": "generation"},
     description=(

@@ -1,0 +1,346 @@
+"""``ai-handler bench``: throughput through the real Dagster path, against the provider's limit.
+
+The stack runs the way production does: app database and Dagster storage on PostgreSQL (or SQLite
+with ``--storage sqlite``), the Replicate emulator with model latency L and a hardware cap of C
+predictions, the local S3 endpoint, a code location and a real ``dagster-daemon`` (sensor -> run
+queue -> run launcher -> runs). No system can finish more than C/L generations a second, so
+``efficiency = throughput / (C / L)`` says how close the project gets.
+
+``--naive`` runs the same workload with one generation per run and Dagster's default multiprocess
+executor; ``--compare`` runs both and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db.engine import dispose_engines, make_engine, session_scope
+from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.devstack.emulator import EmulatorControl
+from ai_handler_dagster.devstack.stack import Stack, StackConfig
+
+TERMINAL = ("succeeded", "failed", "canceled")
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run."""
+
+    count: int = 1000
+    latency: float = 2.0
+    concurrency: int = 32
+    storage: str = "postgres"
+    naive: bool = False
+    users: int = 8
+    idle_samples: int = 3
+    timeout_s: float = 1800.0
+    pg_admin_url: str = DEFAULT_PG_URL
+    #: Settings of the optimized design (ignored with ``naive``).
+    max_batch: int = 32
+    max_in_flight: int = 256
+    max_concurrent_runs: int = 6
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _api_calls(stats: dict[str, Any]) -> int:
+    return sum(n for route, n in stats.get("requests", {}).items() if " /v1/" in route)
+
+
+class _RssSampler(threading.Thread):
+    """Samples the resident memory of every process of the stack; keeps the peak of the sum."""
+
+    def __init__(self, stack: Stack, interval_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        page = 4096
+        while not self._stop_event.is_set():
+            total = 0
+            for pid in self.stack.pids():
+                try:
+                    with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+                        total += int(statm.read().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    continue
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def _insert(engine: sa.Engine, users: list[str], count: int, tag: str) -> list[int]:
+    """Insert ``count`` image requests round-robin over users, as an application would."""
+    rows = [
+        {
+            "user_id": users[i % len(users)],
+            "model": "demo/pixel-sketch",
+            "input": {"prompt": f"{tag} picture {i}", "seed": i, "width": 64, "height": 64},
+            "status": "pending",
+        }
+        for i in range(count)
+    ]
+    with session_scope(engine) as session:
+        result = session.execute(sa.insert(Generation).returning(Generation.id), rows)
+        return [row[0] for row in result]
+
+
+def _wait(engine: sa.Engine, ids: list[int], timeout_s: float, progress: bool) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    first, last_id = min(ids), max(ids)
+    while True:
+        with session_scope(engine) as session:
+            done = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Generation)
+                .where(
+                    Generation.id.between(first, last_id),
+                    Generation.status.in_(TERMINAL),
+                )
+            )
+        done = int(done or 0)
+        if progress and done != last:
+            sys.stderr.write(f"\r  {done}/{len(ids)} settled")
+            sys.stderr.flush()
+            last = done
+        if done >= len(ids):
+            if progress:
+                sys.stderr.write("\n")
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {done}/{len(ids)} generations settled in {timeout_s:.0f}s")
+        time.sleep(0.25)
+
+
+def _timings(engine: sa.Engine, ids: list[int]) -> tuple[list[float], float, dict[str, int]]:
+    with session_scope(engine) as session:
+        rows = session.execute(
+            sa.select(Generation.created_at, Generation.finished_at, Generation.status).where(
+                Generation.id.in_(ids)
+            )
+        ).all()
+    latencies = [(f - c).total_seconds() for c, f, _ in rows if f is not None]
+    wall = (max(f for _, f, _ in rows if f) - min(c for c, _, _ in rows)).total_seconds()
+    by_status: dict[str, int] = {}
+    for _, _, status in rows:
+        by_status[status] = by_status.get(status, 0) + 1
+    return latencies, wall, by_status
+
+
+def _stack_config(
+    config: BenchConfig, state_dir: Path, app_url: str, dagster_url: str | None
+) -> StackConfig:
+    env = {"AI_HANDLER_SENSOR_INTERVAL_S": "1", **config.extra_env}
+    if config.naive:
+        # One generation per run, Dagster's default executor: the design this project replaces.
+        env.update(
+            {
+                "AI_HANDLER_EXECUTOR": "multiprocess",
+                "AI_HANDLER_MAX_BATCH": "1",
+                "AI_HANDLER_SMALL_BACKLOG": str(10**9),
+                "AI_HANDLER_MAX_IN_FLIGHT": str(config.max_in_flight),
+            }
+        )
+    else:
+        env.update(
+            {
+                "AI_HANDLER_MAX_BATCH": str(config.max_batch),
+                "AI_HANDLER_MAX_IN_FLIGHT": str(config.max_in_flight),
+                "AI_HANDLER_MAX_IN_FLIGHT_PER_USER": str(config.max_in_flight),
+            }
+        )
+    return StackConfig(
+        state_dir=state_dir,
+        storage="postgres" if dagster_url else "sqlite",
+        dagster_pg_url=dagster_url,
+        app_db_url=app_url,
+        latency_s=config.latency,
+        concurrency=config.concurrency,
+        max_concurrent_runs=config.max_concurrent_runs,
+        extra_env=env,
+    )
+
+
+def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one benchmark on a fresh stack and return its report (keys: ``REPORT_KEYS``)."""
+    from ai_handler_dagster.devstack.pg import drop_database, new_database
+
+    state = Path(tempfile.mkdtemp(prefix="ai-handler-bench-"))
+    created: list[str] = []
+    if config.storage == "postgres":
+        app_url = new_database(config.pg_admin_url, "aih_bench_app")
+        dagster_url: str | None = new_database(config.pg_admin_url, "aih_bench_dagster")
+        created = [app_url, dagster_url]
+    elif config.storage == "sqlite":
+        app_url, dagster_url = f"sqlite:///{state / 'app.db'}", None
+    else:
+        raise ValueError(f"--storage must be postgres or sqlite, got {config.storage!r}")
+    stack = Stack(_stack_config(config, state, app_url, dagster_url))
+    try:
+        with stack:
+            return _measure(config, stack, app_url, progress)
+    finally:
+        dispose_engines()
+        for url in created:
+            drop_database(config.pg_admin_url, url)
+
+
+def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+    engine = make_engine(app_url)
+    users = [f"bench-{i}" for i in range(config.users)]
+    with session_scope(engine) as session:
+        for user in users:
+            ledger.grant(session, user, 10**9, key=f"bench-grant:{user}")
+    emulator = EmulatorControl(stack.emulator_url)
+    say = (lambda text: sys.stderr.write(text + "\n")) if progress else (lambda text: None)
+    mode = "naive" if config.naive else "batched"
+    say(f"[{mode}] stack up; warming up (the first run also waits for the daemon)")
+
+    # Idle overhead: one generation into an idle system, repeated; the first one is a warm-up.
+    idle: list[float] = []
+    for sample in range(config.idle_samples + 1):
+        [gid] = _insert(engine, users[:1], 1, f"idle-{sample}")
+        _wait(engine, [gid], 600, progress=False)
+        latencies, _, _ = _timings(engine, [gid])
+        if sample > 0:
+            idle.append(latencies[0] - config.latency)
+    say(f"[{mode}] idle overhead samples: {[round(x, 2) for x in idle]}")
+
+    before = _api_calls(emulator.stats())
+    sampler = _RssSampler(stack)
+    sampler.start()
+    say(f"[{mode}] submitting {config.count} generations for {len(users)} users")
+    ids = _insert(engine, users, config.count, "load")
+    try:
+        _wait(engine, ids, config.timeout_s, progress)
+    finally:
+        sampler.stop()
+    latencies, wall, by_status = _timings(engine, ids)
+    calls = _api_calls(emulator.stats()) - before
+    with session_scope(engine) as session:
+        violations = ledger.verify(session) + gens.verify(session)
+    throughput = config.count / wall if wall > 0 else float("nan")
+    return {
+        "mode": mode,
+        "count": config.count,
+        "latency": config.latency,
+        "concurrency": config.concurrency,
+        "storage": config.storage,
+        "wall_s": round(wall, 2),
+        "throughput": round(throughput, 3),
+        "efficiency": round(throughput / (config.concurrency / config.latency), 3),
+        "latency_p50_s": round(_percentile(latencies, 0.5), 2),
+        "latency_p95_s": round(_percentile(latencies, 0.95), 2),
+        "idle_overhead_p50_s": round(statistics.median(idle), 2) if idle else None,
+        "api_calls_per_generation": round(calls / config.count, 2),
+        "peak_rss_mib": round(sampler.peak_bytes / 2**20, 1),
+        "ledger_violations": len(violations),
+        "statuses": by_status,
+    }
+
+
+REPORT_KEYS = (
+    "count",
+    "latency",
+    "concurrency",
+    "wall_s",
+    "throughput",
+    "efficiency",
+    "latency_p50_s",
+    "latency_p95_s",
+    "idle_overhead_p50_s",
+    "api_calls_per_generation",
+    "peak_rss_mib",
+    "ledger_violations",
+)
+
+
+def _table(reports: list[dict[str, Any]]) -> str:
+    keys = [k for k in (*REPORT_KEYS, "statuses") if any(k in r for r in reports)]
+    header = f"{'':26}" + "".join(f"{r['mode']:>16}" for r in reports)
+    lines = [header]
+    for key in keys:
+        cells = "".join(f"{json.dumps(r.get(key)):>16}" for r in reports)
+        lines.append(f"{key:26}{cells}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark(s) and print the table (and JSON with ``--json``)."""
+    base = BenchConfig(
+        count=args.count,
+        latency=args.latency,
+        concurrency=args.concurrency,
+        storage=args.storage,
+        pg_admin_url=args.pg_url,
+        max_batch=args.max_batch,
+        max_in_flight=args.max_in_flight,
+        max_concurrent_runs=args.max_runs,
+    )
+    reports: list[dict[str, Any]] = []
+    if args.compare or not args.naive:
+        reports.append(run_bench(base, progress=not args.quiet))
+    if args.compare or args.naive:
+        naive = BenchConfig(**{**base.__dict__, "naive": True})
+        if args.compare:
+            naive.count = args.naive_count
+        reports.append(run_bench(naive, progress=not args.quiet))
+    result = dict(reports[0])
+    if args.compare:
+        result["naive_throughput"] = reports[1]["throughput"]
+        result["naive_count"] = reports[1]["count"]
+        result["speedup_vs_naive"] = round(reports[0]["throughput"] / reports[1]["throughput"], 1)
+        result["naive"] = reports[1]
+    print(_table(reports))
+    if args.compare:
+        print(f"speedup_vs_naive          {result['speedup_vs_naive']:>16}")
+    if args.json:
+        print(json.dumps(result))
+    return 0 if all(r["ledger_violations"] == 0 for r in reports) else 1
+
+
+def register(sub: Any) -> None:
+    """Add ``bench`` to the CLI."""
+    p = sub.add_parser("bench", help="measure throughput through the real Dagster path")
+    p.add_argument("--count", type=int, default=1000, help="generations (default 1000)")
+    p.add_argument("--latency", type=float, default=2.0, help="model seconds L (default 2)")
+    p.add_argument("--concurrency", type=int, default=32, help="provider slots C (default 32)")
+    p.add_argument("--storage", choices=("postgres", "sqlite"), default="postgres")
+    p.add_argument("--naive", action="store_true", help="one generation per run, multiprocess")
+    p.add_argument("--compare", action="store_true", help="run both designs; print the ratio")
+    p.add_argument("--naive-count", type=int, default=40, help="generations for the naive run")
+    p.add_argument("--max-batch", type=int, default=32, help="generations per run (batched)")
+    p.add_argument("--max-in-flight", type=int, default=256, help="queued+running at once")
+    p.add_argument("--max-runs", type=int, default=6, help="runs in progress at once")
+    p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
+    p.add_argument("--json", action="store_true", help="also print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=cmd_bench)
