@@ -90,6 +90,12 @@ def instance_yaml(
         storage_block = "# storage: SQLite files in this folder (Dagster's default)\n"
     return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
 {storage_block}
+run_queue:
+  # Dequeue every second (Dagster's default is 5 s) with worker threads, so a queued run starts
+  # at once when a slot is free.
+  dequeue_interval_seconds: 1
+  dequeue_use_threads: true
+  dequeue_num_workers: 4
 concurrency:
   runs:
     max_concurrent_runs: {max_concurrent_runs}
@@ -335,7 +341,9 @@ class Stack:
         self._spawn(
             "daemon",
             [
-                self._dagster_bin("dagster-daemon"),
+                sys.executable,
+                "-m",
+                "ai_handler_dagster.daemon",
                 "run",
                 "-w",
                 str(self.config.state_dir / "workspace.yaml"),

@@ -69,18 +69,26 @@ class QueuePolicy:
 def plan_batches(pending: int, in_flight: int, policy: QueuePolicy) -> list[int]:
     """Sizes of the batches to launch this tick.
 
-    A short queue gets one generation per run (lowest latency, one run per request in the UI);
-    a long one is spread over up to ``max_runs_per_tick`` runs of at most ``max_batch`` each,
-    never taking the number in flight past ``max_in_flight``.
+    A short queue gets one generation per run (lowest latency, one run per request in the UI).
+    A long one gets full batches of up to ``max_batch``, as few runs as that takes (each run costs
+    seconds of process start-up), never more than ``max_runs_per_tick`` runs nor more than
+    ``max_in_flight`` generations queued or running. When the room left would only make a small
+    batch, it waits for running batches to finish rather than launch a run for a few generations.
     """
-    take = min(pending, max(0, policy.max_in_flight - in_flight))
+    room = max(0, policy.max_in_flight - in_flight)
+    take = min(pending, room)
     if take <= 0:
         return []
     if pending <= policy.small_backlog:
         return [1] * min(take, policy.max_runs_per_tick)
-    size = min(policy.max_batch, max(1, math.ceil(take / policy.max_runs_per_tick)))
+    full = min(pending, policy.max_batch)
+    if in_flight > 0 and take < full // 2:
+        return []
+    runs = min(policy.max_runs_per_tick, math.ceil(take / policy.max_batch))
+    take = min(take, runs * policy.max_batch)
+    size = math.ceil(take / runs)
     batches: list[int] = []
-    while take > 0 and len(batches) < policy.max_runs_per_tick:
+    while take > 0:
         batches.append(min(size, take))
         take -= batches[-1]
     return batches

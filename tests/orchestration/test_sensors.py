@@ -115,7 +115,7 @@ def test_long_backlog_is_batched_and_bounded(
     assert isinstance(result, SensorResult)
     requests = result.run_requests or []
     sizes = [len(config_ids(r)) for r in requests]
-    assert sizes == [5] * 8  # 40 allowed in flight, spread over 8 runs
+    assert sizes == [8] * 5  # 40 allowed in flight, in full batches of 8
     launched = [i for r in requests for i in config_ids(r)]
     assert launched == ids[:40]
     assert all(r.run_key == f"gen-{config_ids(r)[0]}-a1" for r in requests)
@@ -149,11 +149,15 @@ def test_a_claimed_batch_without_a_run_is_requested_again_with_the_same_key(
         (0, 0, []),
         (3, 0, [1, 1, 1]),
         (4, 0, [1, 1, 1, 1]),
-        (5, 0, [1, 1, 1, 1, 1]),
-        (20, 0, [3, 3, 3, 3, 3, 3, 2]),
-        (1000, 0, [16] * 8),
-        (1000, 120, [1] * 8),
+        (5, 0, [5]),
+        (40, 0, [20, 20]),
+        (1000, 0, [32, 32, 32, 32]),
+        (1000, 100, [28]),
+        (1000, 120, []),  # room for 8 only: wait for a fuller batch
+        (10, 120, [8]),  # room for most of a short queue: it goes out
+        (10, 126, []),
         (1000, 128, []),
+        (300, 0, [32, 32, 32, 32]),
     ],
 )
 def test_batch_plan_follows_the_backlog(pending: int, in_flight: int, expected: list[int]) -> None:
