@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -241,6 +242,16 @@ class _Server(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr by default. A sender hanging up (or our own
+        # stop() cutting a connection) is routine; anything else is a bug worth a logged trace.
+        # Either way the sender got no 2xx and will retry.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("connection from %s ended: %s", client_address, type(exc).__name__)
+            return
+        log.exception("unexpected error serving a webhook from %s", client_address)
+
 
 class _BodyTooLarge(Exception):
     pass
@@ -364,7 +375,9 @@ class ReceiverHandle:
         self._server = server
         self._thread = thread
         self._stopped = False
-        self.host, self.port = server.server_address[:2]
+        address = server.server_address
+        self.host: str = str(address[0])
+        self.port: int = int(address[1])
         shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in shown:
             shown = f"[{shown}]"
