@@ -304,6 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_in_flight=args.max_in_flight,
         max_concurrent_runs=args.max_runs,
+        idle_samples=args.idle_samples,
     )
     reports: list[dict[str, Any]] = []
     if args.compare or not args.naive:
@@ -340,6 +341,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="generations per run (batched)")
     p.add_argument("--max-in-flight", type=int, default=256, help="queued+running at once")
     p.add_argument("--max-runs", type=int, default=6, help="runs in progress at once")
+    p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
