@@ -190,11 +190,9 @@ def worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
         run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=100
     ).records
     for record in records:
-        entry = record.event_log_entry
-        if entry.user_message.startswith("Started process for run"):
-            event = entry.dagster_event
-            metadata = event.engine_event_data.metadata if event else {}
-            return int(metadata["pid"].value)  # type: ignore[union-attr]
+        event = record.event_log_entry.dagster_event
+        if event is not None and (event.message or "").startswith("Started process for run"):
+            return int(event.engine_event_data.metadata["pid"].value)  # type: ignore[arg-type]
     return None
 
 
@@ -202,8 +200,10 @@ def run_events(instance: DagsterInstance, run_id: str) -> list[str]:
     """A run's event log as short lines (for failure messages)."""
     lines = []
     for entry in instance.all_logs(run_id):
-        kind = entry.dagster_event.event_type_value if entry.dagster_event else "log"
-        lines.append(f"{kind}: {entry.user_message[:300]}")
+        event = entry.dagster_event
+        kind = event.event_type_value if event else "log"
+        message = (event.message if event else None) or entry.user_message
+        lines.append(f"{kind}: {message[:300]}")
     return lines
 
 
