@@ -46,6 +46,8 @@ from ai_handler_dagster.resources.replicate import (
     ReplicateResource,
     snapshot_error,
 )
+from ai_handler_dagster.webhooks.config import public_webhook_url
+from ai_handler_dagster.webhooks.lookup import make_batched_lookup
 
 #: Transient infrastructure errors (database, S3) retry the op with exponential backoff and
 #: jitter; per-generation provider errors never reach this, they fail only their generation.
@@ -211,6 +213,9 @@ def create_predictions(
         return frozenset(p for p in found if p)
 
     claimed = claimed_ids()
+    # With a receiver configured, Replicate reports the end of each prediction by webhook and
+    # the await step mostly reads the database instead of polling the API.
+    webhook = public_webhook_url()
 
     def start(generation_id: int) -> tuple[int, str | None, str | None]:
         row = rows[generation_id]
@@ -221,7 +226,14 @@ def create_predictions(
         try:
             # After an earlier try of this attempt (op retry, retried run), look for the
             # prediction it may have created before creating one.
-            snapshot = replicate.create(row.model, row.input, claimed=claimed, adopt_since=earlier)
+            snapshot = replicate.create(
+                row.model,
+                row.input,
+                webhook=webhook,
+                webhook_events_filter=["completed"] if webhook else None,
+                claimed=claimed,
+                adopt_since=earlier,
+            )
         except GenerationError as error:
             _fail(engine, generation_id, error)
             return generation_id, None, error.code
@@ -279,7 +291,10 @@ def await_predictions(
     succeeded: list[AwaitedPrediction] = []
     failed: dict[int, str] = {}
     total = len(by_prediction)
-    for done, snapshot in enumerate(replicate.wait_many(list(by_prediction)), start=1):
+    webhooks = public_webhook_url() is not None
+    lookup = make_batched_lookup(engine, list(by_prediction)) if webhooks else None
+    waiting = replicate.wait_many(list(by_prediction), lookup=lookup, expect_webhooks=webhooks)
+    for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         error = snapshot_error(snapshot)
         if error is None and snapshot.status == "succeeded":

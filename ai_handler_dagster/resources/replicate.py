@@ -437,6 +437,10 @@ def _parse_time(value: Any) -> float | None:
 # The resource
 
 
+#: Longest wait between two looks at the webhook state of a prediction (a database read).
+WEBHOOK_LOOKUP_MAX_S = 1.0
+
+
 @dataclass
 class _Watch:
     """Polling state of one prediction inside :meth:`ReplicateResource.wait_many`."""
@@ -497,6 +501,14 @@ class ReplicateResource(dg.ConfigurableResource):
         default=10.0,
         gt=0,
         description="Longest polling interval; also the interval when a webhook is expected.",
+    )
+    webhook_fallback_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "When webhooks are expected, poll the API for a prediction only this often, as a "
+            "safety net for a webhook that never arrives."
+        ),
     )
     deadline_s: float = Field(
         default=1800.0,
@@ -788,8 +800,16 @@ class ReplicateResource(dg.ConfigurableResource):
             return
         start = time.monotonic()
         deadline_at = start + (self.deadline_s if deadline_s is None else deadline_s)
+        webhook_pending = lookup is not None and expect_webhooks
+        # With webhooks expected the API is the safety net: the first GET waits a full fallback
+        # interval, since the webhook normally lands first.
         watches = {
-            pid: _Watch(pid, deadline_at=deadline_at, interval=self.poll_initial_s)
+            pid: _Watch(
+                pid,
+                deadline_at=deadline_at,
+                interval=self.poll_initial_s,
+                last_get_at=start if webhook_pending else float("-inf"),
+            )
             for pid in ordered
         }
         seq = itertools.count()
@@ -832,10 +852,10 @@ class ReplicateResource(dg.ConfigurableResource):
                     if now >= watch.deadline_at:
                         inflight[pool.submit(self._cancel_at_deadline, pid)] = (pid, "cancel")
                         continue
-                    # Waiting for a webhook: ask the lookup often, the API only every poll_max_s.
-                    webhook_pending = lookup is not None and expect_webhooks
-                    if webhook_pending and now - watch.last_get_at < self.poll_max_s:
-                        schedule(pid, grow(watch))
+                    # Waiting for a webhook: ask the lookup (the database) at least every
+                    # second, the API only every webhook_fallback_s.
+                    if webhook_pending and now - watch.last_get_at < self.webhook_fallback_s:
+                        schedule(pid, min(grow(watch), WEBHOOK_LOOKUP_MAX_S))
                         continue
                     watch.last_get_at = now
                     inflight[pool.submit(self._get, pid, attempts=1)] = (pid, "get")
