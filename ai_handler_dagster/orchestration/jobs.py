@@ -33,8 +33,10 @@ from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinish
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
-#: Partitions of the reprocessing job: one per day of generation requests (UTC).
-REQUEST_DAYS = DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
+#: Partitions of the reprocessing job: one per day of generation requests (UTC). The current day
+#: is a partition too (``end_offset=1``): failures of today are the ones an operator most often
+#: wants to reprocess, and without it today's key only appears once the day is over.
+REQUEST_DAYS = DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC", end_offset=1)
 
 
 @job(
