@@ -53,6 +53,7 @@ class BenchConfig:
     max_batch: int = 32
     max_in_flight: int = 256
     max_concurrent_runs: int = 6
+    webhooks: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,28 +69,71 @@ def _api_calls(stats: dict[str, Any]) -> int:
     return sum(n for route, n in stats.get("requests", {}).items() if " /v1/" in route)
 
 
+def _process_kind(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    for needle, kind in (
+        ("devstack.emulator", "emulator"),
+        ("devstack.s3", "s3"),
+        ("ai_handler_dagster.webhooks", "webhooks"),
+        ("ai_handler_dagster.daemon", "daemon"),
+        ("dagster-daemon", "daemon"),
+        ("code-server", "code_server"),
+        ("api grpc", "code_server"),
+        ("multiprocessing", "run_worker"),
+        ("execute_run", "run_worker"),
+        ("execute_step", "run_worker"),
+    ):
+        if needle in cmd:
+            return kind
+    return "other"
+
+
 class _RssSampler(threading.Thread):
-    """Samples the resident memory of every process of the stack; keeps the peak of the sum."""
+    """Samples the stack's processes: the peak of their summed resident memory, and the CPU
+    seconds each kind of process (emulator, S3, daemon, run workers, ...) used while sampling."""
 
     def __init__(self, stack: Stack, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.stack = stack
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self._cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (kind, first, last)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         page = 4096
+        ticks = 100.0
         while not self._stop_event.is_set():
             total = 0
             for pid in self.stack.pids():
                 try:
                     with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
                         total += int(statm.read().split()[1]) * page
+                    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                    cpu = (int(fields[11]) + int(fields[12])) / ticks
                 except (OSError, ValueError, IndexError):
                     continue
+                if pid in self._cpu:
+                    kind, first, _ = self._cpu[pid]
+                    self._cpu[pid] = (kind, first, cpu)
+                else:
+                    # A process born during sampling counts from zero; one already running
+                    # counts from its first sample.
+                    born_now = bool(self._cpu)
+                    self._cpu[pid] = (_process_kind(pid), 0.0 if born_now else cpu, cpu)
             self.peak_bytes = max(self.peak_bytes, total)
             self._stop_event.wait(self.interval_s)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, first, last in self._cpu.values():
+            out[kind] = round(out.get(kind, 0.0) + last - first, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -185,6 +229,7 @@ def _stack_config(
         latency_s=config.latency,
         concurrency=config.concurrency,
         max_concurrent_runs=config.max_concurrent_runs,
+        webhooks=config.webhooks,
         extra_env=env,
     )
 
@@ -254,6 +299,7 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
         "latency": config.latency,
         "concurrency": config.concurrency,
         "storage": config.storage,
+        "webhooks": config.webhooks,
         "wall_s": round(wall, 2),
         "throughput": round(throughput, 3),
         "efficiency": round(throughput / (config.concurrency / config.latency), 3),
@@ -264,6 +310,7 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
         "peak_rss_mib": round(sampler.peak_bytes / 2**20, 1),
         "ledger_violations": len(violations),
         "statuses": by_status,
+        "cpu_s_by_process": sampler.cpu_by_kind(),
     }
 
 
@@ -305,6 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         max_concurrent_runs=args.max_runs,
         idle_samples=args.idle_samples,
+        webhooks=not args.no_webhooks,
     )
     reports: list[dict[str, Any]] = []
     if args.compare or not args.naive:
@@ -341,6 +389,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="generations per run (batched)")
     p.add_argument("--max-in-flight", type=int, default=256, help="queued+running at once")
     p.add_argument("--max-runs", type=int, default=6, help="runs in progress at once")
+    p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhook receiver)")
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")

@@ -151,6 +151,8 @@ class StackConfig:
     webserver_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_to_files: bool = True
+    #: Run the webhook receiver and have creates ask for completion webhooks (else poll only).
+    webhooks: bool = True
 
 
 class Stack:
@@ -165,6 +167,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.emulator_url = ""
         self.s3_url = ""
+        self.webhook_url = ""
         self.dagster_home = config.state_dir / "dagster_home"
         self.logs_dir = config.state_dir / "logs"
         self.app_db_url = config.app_db_url or f"sqlite:///{config.state_dir / 'app.db'}"
@@ -184,6 +187,8 @@ class Stack:
             self._prepare()
             self._start_emulator()
             self._start_s3()
+            if self.config.webhooks:
+                self._start_webhooks()
             if self.config.webserver_port is not None:
                 self._start_dagster_dev()
             elif self.config.daemon:
@@ -225,6 +230,8 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.webhook_url:
+            env["AI_HANDLER_WEBHOOK_URL"] = self.webhook_url
         env.update(self.config.extra_env)
         return env
 
@@ -250,7 +257,9 @@ class Stack:
 
         upgrade(self.app_db_url)
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, args: list[str], extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         if self.config.log_to_files:
             log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._log_files.append(log)
@@ -259,7 +268,7 @@ class Stack:
             out = None
         proc = subprocess.Popen(
             args,
-            env=self.env(),
+            env={**self.env(), **(extra_env or {})},
             cwd=str(self.config.state_dir),
             stdout=out,  # type: ignore[arg-type]
             stderr=subprocess.STDOUT if out is not None else None,
@@ -291,6 +300,28 @@ class Stack:
         )
         wait_for_port("127.0.0.1", port, 30, proc)
         self.emulator_url = f"http://127.0.0.1:{port}"
+
+    def _start_webhooks(self) -> None:
+        """The webhook receiver; only it holds the signing secret (fetched like on Replicate)."""
+        from ai_handler_dagster.webhooks.config import SECRET_VAR, fetch_secret
+
+        secret = fetch_secret(self.emulator_url, EMULATOR_TOKEN)
+        port = free_port()
+        proc = self._spawn(
+            "webhooks",
+            [
+                sys.executable,
+                "-m",
+                "ai_handler_dagster.webhooks",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            extra_env={SECRET_VAR: secret},
+        )
+        wait_for_port("127.0.0.1", port, 30, proc)
+        self.webhook_url = f"http://127.0.0.1:{port}/webhooks/replicate"
 
     def _start_s3(self) -> None:
         port = free_port()
