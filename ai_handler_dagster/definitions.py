@@ -48,7 +48,12 @@ def build_resources() -> dict[str, object]:
         region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
     )
     bucket = os.environ.get("AI_HANDLER_S3_BUCKET", DEFAULT_BUCKET)
-    replicate_kwargs: dict[str, object] = {"api_token": EnvVar("REPLICATE_API_TOKEN")}
+    replicate_kwargs: dict[str, object] = {
+        "api_token": EnvVar("REPLICATE_API_TOKEN"),
+        "deadline_s": settings.prediction_deadline_s(),
+        # The provider cancels by itself a little after our own deadline, should we be gone.
+        "cancel_after_s": settings.prediction_deadline_s() + 600,
+    }
     if base_url is not None:
         replicate_kwargs["base_url"] = base_url
     return {

@@ -120,3 +120,9 @@ def executor() -> str:
     if value not in ("in_process", "multiprocess"):
         raise ConfigError(f"AI_HANDLER_EXECUTOR={value!r} is not one of: in_process, multiprocess")
     return value
+
+
+def prediction_deadline_s() -> float:
+    """Seconds a prediction may run before it is canceled and its generation refunded
+    (``AI_HANDLER_PREDICTION_DEADLINE_S``, default 1800)."""
+    return float(_int_setting("AI_HANDLER_PREDICTION_DEADLINE_S", 1800))
