@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from functools import wraps
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from dagster import (
     Backoff,
     Config,
+    Failure,
     In,
     Jitter,
     MetadataValue,
@@ -33,6 +35,7 @@ from dagster import (
     RetryPolicy,
     op,
 )
+from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from ai_handler_dagster import generations as gens
@@ -54,6 +57,33 @@ from ai_handler_dagster.webhooks.lookup import make_batched_lookup
 TRANSIENT_RETRY = RetryPolicy(
     max_retries=3, delay=1.0, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def ends_when_terminated(fn: F) -> F:
+    """Fail the step for good when its run is terminated, instead of retrying it.
+
+    Dagster turns an interrupt raised inside an op that has a retry policy into a retry of the
+    step (dagster-io/dagster#15026). With the in-process executor the termination request is the
+    only interrupt a run gets, so the step simply started again and the run went on to the end as
+    if nobody had canceled it: the prediction ran on, was paid for and charged. A ``Failure``
+    that allows no retry fails the step instead: the failure hook cancels the batch's predictions
+    and refunds it, and Dagster ends the run ``CANCELED`` (it is ``CANCELING`` by then).
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
+            raise Failure(
+                description="The run was terminated while this step ran; it is not retried.",
+                allow_retries=False,
+            ) from exc
+
+    return cast(F, wrapper)
+
 
 #: Tries per output download when the file host answers with a transient error.
 DOWNLOAD_ATTEMPTS = 4
@@ -135,6 +165,7 @@ def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
 @op(
     retry_policy=TRANSIENT_RETRY, out=Out(list[int], description="Generations now holding credits.")
 )
+@ends_when_terminated
 def reserve_credits(
     context: OpExecutionContext,
     config: BatchConfig,
@@ -187,6 +218,7 @@ def reserve_credits(
     ins={"generation_ids": In(list[int])},
     out=Out(list[int], description="Generations with a prediction on Replicate."),
 )
+@ends_when_terminated
 def create_predictions(
     context: OpExecutionContext,
     generation_ids: list[int],
@@ -274,6 +306,7 @@ def create_predictions(
     ins={"generation_ids": In(list[int])},
     out=Out(list[AwaitedPrediction], description="Succeeded predictions with their outputs."),
 )
+@ends_when_terminated
 def await_predictions(
     context: OpExecutionContext,
     generation_ids: list[int],
@@ -345,6 +378,7 @@ def await_predictions(
     ins={"awaited": In(list[AwaitedPrediction])},
     out=Out(io_manager_key="outputs_io_manager", description="Output files, stored in S3."),
 )
+@ends_when_terminated
 def store_outputs(
     context: OpExecutionContext,
     awaited: list[AwaitedPrediction],
@@ -386,6 +420,7 @@ def store_outputs(
     },
     out=Out(list[int], description="Generations that succeeded."),
 )
+@ends_when_terminated
 def finalize(
     context: OpExecutionContext,
     stored: dict[int, list[Any]],
