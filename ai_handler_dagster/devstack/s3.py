@@ -14,24 +14,37 @@ processes reach it over HTTP)::
 The port file is written (atomically) only once the server answers and the bucket exists. The
 endpoint accepts any credentials; clients use the fake ``test``/``test`` keys below. All
 endpoints started in one process share moto's in-memory state, and nothing is persisted.
+
+Outages (for the chaos soak): ``LocalS3.outage(seconds)``, or ``SIGUSR1`` to the process, stops
+answering for ``--outage-seconds``: the listening socket and every open connection are closed,
+then the endpoint listens again on the same port. The objects survive, as they do on real S3
+when an endpoint goes away for a while; restarting the process instead would lose them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import boto3
-from moto.server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
 
 DEFAULT_BUCKET = "ai-handler-outputs"
 #: Fake credentials: moto accepts anything, but boto3 refuses to sign without some.
@@ -51,6 +64,62 @@ def local_s3_client(endpoint_url: str) -> Any:
     )
 
 
+class _MotoServer:
+    """moto's S3 app on a threaded werkzeug server that can drop every connection it holds.
+
+    moto's own ``ThreadedMotoServer`` binds inside its thread (a failed bind hangs ``start``)
+    and leaves keep-alive connections served after ``stop``; an outage must end those too.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        # Binds here, in the caller's thread, so a port that is taken raises at once.
+        self.server: BaseWSGIServer = make_server(
+            host,
+            port,
+            DomainDispatcherApplication(create_backend_app),
+            threaded=True,
+            request_handler=MotoRequestHandler,
+        )
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        process_request = self.server.process_request
+        shutdown_request = self.server.shutdown_request
+
+        def track(request: Any, client_address: Any) -> None:
+            with self._lock:
+                self._connections.add(request)
+            process_request(request, client_address)
+
+        def untrack(request: Any) -> None:
+            with self._lock:
+                self._connections.discard(request)
+            shutdown_request(request)
+
+        self.server.process_request = track  # type: ignore[method-assign]
+        self.server.shutdown_request = untrack  # type: ignore[method-assign]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="local-s3", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        """Stop accepting, close the listening socket and cut every open connection."""
+        self.server.shutdown()
+        self.server.server_close()
+        with self._lock:
+            open_now = list(self._connections)
+            self._connections.clear()
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+
 @dataclasses.dataclass
 class LocalS3:
     """A running local S3 endpoint with its bucket."""
@@ -59,7 +128,7 @@ class LocalS3:
     bucket: str
     host: str
     port: int
-    _server: ThreadedMotoServer = dataclasses.field(repr=False)
+    _server: _MotoServer = dataclasses.field(repr=False)
 
     def client(self) -> Any:
         """A boto3 S3 client for this endpoint."""
@@ -68,10 +137,25 @@ class LocalS3:
     def stop(self) -> None:
         """Stop serving and free the port."""
         self._server.stop()
-        # ThreadedMotoServer.stop() shuts the loop down but leaves the listening socket open.
-        inner = getattr(self._server, "_server", None)
-        if inner is not None:
-            inner.server_close()
+
+    def outage(self, seconds: float) -> None:
+        """Answer nothing for ``seconds``, then serve again on the same port with every object.
+
+        Clients see refused connections (and open connections cut) for the duration, as during
+        an S3 endpoint outage; moto's in-memory store lives in this process, so nothing is lost.
+        """
+        self._server.stop()
+        time.sleep(seconds)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._server = _MotoServer(self.host, self.port)
+                return
+            except OSError:
+                # The port is briefly unavailable (a lingering socket): try again shortly.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def __enter__(self) -> LocalS3:
         return self
@@ -87,9 +171,8 @@ def start_local_s3(host: str = "127.0.0.1", port: int = 0, bucket: str = DEFAULT
     """
     # werkzeug logs every request at INFO on stderr; keep the embedded stack's output readable.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
-    server.start()
-    bound_host, bound_port = server.get_host_and_port()
+    server = _MotoServer(host, port)
+    bound_host, bound_port = server.address
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     endpoint = f"http://{shown_host}:{bound_port}"
     local = LocalS3(
@@ -118,15 +201,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
     parser.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create")
     parser.add_argument("--port-file", type=Path, help="write the bound port here when ready")
+    parser.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=5.0,
+        help="how long SIGUSR1 takes the endpoint offline (objects are kept)",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
+    outage = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def _on_outage(signum: int, frame: FrameType | None) -> None:
+        outage.set()
+
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGUSR1, _on_outage)
 
     local = start_local_s3(args.host, args.port, args.bucket)
     try:
@@ -135,8 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"local S3 at {local.endpoint_url} (bucket {local.bucket})\n")
         sys.stdout.flush()
         # Wake up regularly rather than block forever, so a signal is acted on promptly.
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if outage.is_set():
+                outage.clear()
+                sys.stdout.write(f"outage: offline for {args.outage_seconds:g}s\n")
+                sys.stdout.flush()
+                local.outage(args.outage_seconds)
+                sys.stdout.write(f"outage over: serving {local.endpoint_url} again\n")
+                sys.stdout.flush()
     finally:
         local.stop()
         if args.port_file is not None:
