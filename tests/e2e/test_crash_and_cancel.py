@@ -8,6 +8,9 @@ Proves that:
   launcher checks the worker's pid; without it the run would stay ``STARTED`` until the maximum
   runtime), and the run then either resumes through Dagster's run retry or is refunded; either
   way there is one hold, settled once, and one paid prediction for the attempt;
+- when the code server dies together with the run worker (so nothing reports the worker's death),
+  run monitoring still fails the run within a few polls, through the launcher's pid check, and
+  the run's generation is then refunded once;
 - a run canceled through the instance ends ``CANCELED`` without its step being retried, its
   generation ends ``canceled`` with its hold released exactly once, and its prediction is
   canceled on Replicate;
@@ -26,6 +29,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster._core.launcher import WorkerStatus
 
 from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.launcher import process_alive
 
 from .conftest import StackUnderTest
 from .support import (
@@ -216,4 +220,63 @@ def test_a_canceled_run_refunds_once_and_cancels_its_prediction(
         what=f"prediction {row.prediction_id} to be canceled",
         describe=lambda: predictions_with_prompt(stack, prompt)[0]["status"],
     )
+    assert app.violations() == []
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_run_monitoring_fails_a_run_whose_worker_died_with_its_code_server(
+    env: StackUnderTest, instance: DagsterInstance
+) -> None:
+    """The launcher's own check: the code server that would report its child's death is gone
+    too, so only run monitoring (``LocalRunLauncher.check_run_worker_health``) can notice. Without
+    it the run would stay ``STARTED`` until the maximum runtime (30 minutes) and hold the credits.
+    Last in the module: the daemon needs up to a minute to start a new code server."""
+    stack, app = env.stack, env.app
+    user, prompt, gid = start_one(env, "orphan")
+    row, run = wait_mid_prediction(env, instance, gid)
+    pid = wait_for(lambda: worker_pid(instance, run.run_id), timeout_s=30, what="the worker pid")
+    server = parent_pid(pid)
+    with open(f"/proc/{server}/cmdline", "rb") as cmdline:
+        assert b"grpc" in cmdline.read(), "the worker's parent is not the code server"
+    assert {pid, server} <= set(stack.pids())
+
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: not process_alive(server), timeout_s=10, what="the code server to die")
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+
+    def failed() -> DagsterRun | None:
+        current = instance.get_run_by_id(run.run_id)
+        return current if current and current.status == DagsterRunStatus.FAILURE else None
+
+    wait_for(
+        failed,
+        timeout_s=60,
+        what=f"run monitoring to fail run {run.run_id}",
+        describe=lambda: run_events(instance, run.run_id)[-3:],
+    )
+    records = instance.get_records_for_run(
+        run.run_id, of_type=DagsterEventType.RUN_FAILURE, limit=1
+    ).records
+    entry = records[0].event_log_entry
+    message = entry.dagster_event.message if entry.dagster_event else ""
+    assert f"run worker process {pid} is gone" in (message or ""), message
+    assert entry.timestamp - killed_at < DETECTION_BOUND_S
+
+    # Once the daemon has a code server again, the refund sensor (or a retry) settles it.
+    final = app.wait_terminal([gid], timeout_s=240)
+    [hold] = app.holds(gid)
+    paid = [p for p in predictions_with_prompt(stack, prompt) if p["_emulator"]["paid"]]
+    assert [p["id"] for p in paid] == [row.prediction_id]
+    balance = app.balance(user)
+    if final[gid].status == "succeeded":
+        assert app.entry_kinds(hold.id) == ["hold", "capture"]
+        assert (balance.balance, balance.held) == (GRANT - PIXEL_PRICE, 0)
+    else:
+        assert app.entry_kinds(hold.id) == ["hold", "release"]
+        assert (balance.balance, balance.held) == (GRANT, 0)
     assert app.violations() == []
