@@ -82,15 +82,17 @@ def log_tails(stack: Stack, lines: int = 60) -> str:
 
 @contextlib.contextmanager
 def running_stack(config: StackConfig) -> Iterator[Stack]:
-    """A started stack, always stopped afterwards (so no process outlives the test module)."""
+    """A started stack, always stopped afterwards (so no process outlives the test module).
+
+    If starting it, or the fixture's setup around it, fails, the tails of its logs are printed
+    (a failing test gets them attached to its report by the conftest instead)."""
     stack = Stack(config)
     try:
         stack.start()
+        yield stack
     except BaseException:
         print(log_tails(stack))
         raise
-    try:
-        yield stack
     finally:
         stack.stop()
 
