@@ -1,0 +1,919 @@
+"""``ai-handler chaos``: a seeded soak through the real stack, with faults, then an audit.
+
+The stack runs as in production (app database and Dagster storage on PostgreSQL, the Replicate
+emulator, the local S3 endpoint, the webhook receiver and a real ``dagster-daemon``). An
+application's load arrives over a window: several users, two of them racing on balances too
+small for all their requests, so some must be refused with ``insufficient_credits``. Meanwhile
+faults land on a schedule derived from ``--seed``:
+
+- the emulator's own (seeded): model failures, HTTP 500 on any endpoint, 429 with
+  ``Retry-After``, creates accepted and then the connection dropped, stuck predictions, outputs
+  removed before anyone downloads them; stuck predictions meet a short prediction deadline;
+- processes: run workers SIGKILLed mid-run, the daemon killed and restarted (its code server and
+  run workers go with it), an outage of the S3 endpoint (it keeps its objects, as real S3 does),
+  and every connection to the app database terminated with ``pg_terminate_backend``.
+
+When every generation has ended, :mod:`ai_handler_dagster.chaos_audit` checks the money, the
+outputs and the provider's side independently of the code that moved them. The result is a table
+(or one JSON object with ``--json``); the exit code is 1 on any violation, including a fault the
+schedule promised but could not inject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from ai_handler_dagster import chaos_audit
+from ai_handler_dagster.devstack.emulator import EmulatorControl
+from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
+
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+MODEL = "demo/pixel-sketch"
+TERMINAL = ("succeeded", "failed", "canceled")
+UNFINISHED = ("pending", "queued", "running")
+
+#: ``application_name`` of the soak's own app-database connections (the application inserting
+#: requests, the progress and audit queries): the faults target the project's connections.
+APPLICATION_NAME = "ai-handler-chaos"
+
+#: Emulator fault rates of the soak (each a probability per request or per prediction).
+EMULATOR_FAULTS = {
+    "failure_rate": 0.10,
+    "http_500_rate": 0.05,
+    "http_429_rate": 0.05,
+    "drop_create_rate": 0.02,
+    "stuck_rate": 0.02,
+    "remove_output_rate": 0.01,
+}
+
+#: How the table names each fault kind (JSON keys on the left).
+FAULT_LABELS = {
+    "model_failure": "emulator: model failures",
+    "http_500": "emulator: HTTP 500",
+    "http_429": "emulator: HTTP 429 with Retry-After",
+    "create_dropped": "emulator: creates accepted, answer dropped",
+    "stuck": "emulator: stuck predictions",
+    "output_removed": "emulator: outputs removed before download",
+    "worker_kill": "run workers SIGKILLed",
+    "daemon_restart": "dagster-daemon killed and restarted",
+    "daemon_restart_workers": "  run workers that died with it",
+    "s3_outage": "S3 endpoint outages",
+    "pg_terminate": "app DB: pg_terminate_backend rounds",
+    "pg_backends_terminated": "  connections terminated",
+}
+
+
+@dataclass
+class ChaosConfig:
+    """One soak."""
+
+    seed: int = 1
+    count: int = 300
+    users: int = 6
+    #: Of ``users``, how many race on balances too small for all their requests.
+    poor_users: int = 2
+    latency: float = 1.0
+    concurrency: int = 16
+    deadline_s: int = 20
+    worker_kills: int = 5
+    pg_terminations: int = 2
+    #: Seconds over which requests arrive (default: from ``count``).
+    window_s: float | None = None
+    timeout_s: float = 1800.0
+    pg_admin_url: str = DEFAULT_PG_URL
+    max_batch: int = 8
+    max_concurrent_runs: int = 4
+    keep: bool = False
+
+    @property
+    def arrival_window_s(self) -> float:
+        return self.window_s if self.window_s is not None else max(20.0, self.count * 0.3)
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request the application will insert ``at_s`` seconds into the soak."""
+
+    at_s: float
+    user: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One process fault, ``at_s`` seconds into the soak."""
+
+    at_s: float
+    kind: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the seed decides: users and their grants, the requests, the process faults."""
+
+    grants: dict[str, int]
+    requests: list[Request]
+    faults: list[Fault]
+
+
+def make_plan(config: ChaosConfig, price: int) -> Plan:
+    """The seeded schedule of a soak: the same seed gives the same load and the same faults.
+
+    Requests arrive in waves (an application's traffic is bursty, and waves make batches): each
+    request joins a wave at random. A poor user's requests all arrive in two waves, so they race
+    each other for the same few credits.
+    """
+    rng = random.Random(f"chaos:{config.seed}")
+    window = config.arrival_window_s
+    poor = [f"poor-{i}" for i in range(min(config.poor_users, config.users))]
+    rich = [f"user-{i}" for i in range(config.users - len(poor))]
+    everyone = rich + poor
+    if not everyone:
+        raise ValueError("the soak needs at least one user")
+    waves = max(4, config.count // 12)
+    wave_times = [round(window * (i + rng.uniform(0.0, 0.5)) / waves, 3) for i in range(waves)]
+    # Poor users ask for about a tenth of the load each.
+    poor_share = max(3, config.count // 10) if rich else config.count // max(1, len(poor))
+    owners: list[str] = []
+    for user in poor:
+        owners.extend([user] * min(poor_share, config.count - len(owners)))
+    while len(owners) < config.count:
+        owners.append(rich[len(owners) % len(rich)] if rich else poor[0])
+    rng.shuffle(owners)
+    bursts = {user: rng.sample(wave_times, 2) for user in poor}
+    requests = []
+    for index, user in enumerate(owners):
+        at = rng.choice(bursts[user]) if user in bursts else rng.choice(wave_times)
+        payload = {
+            "prompt": f"chaos {config.seed} request {index} for {user}",
+            "seed": index,
+            "width": 64,
+            "height": 64,
+            "num_outputs": 2 if rng.random() < 0.2 else 1,
+        }
+        requests.append(Request(at, user, payload))
+    requests.sort(key=lambda r: r.at_s)
+    asked = Counter(r.user for r in requests)
+    grants = {}
+    for user in everyone:
+        if user in poor:
+            # Enough for about a third of what they ask: the rest must be refused.
+            grants[user] = price * max(1, asked[user] // 3)
+        else:
+            grants[user] = price * asked[user] + price  # never short
+    kinds = (
+        ["kill_worker"] * config.worker_kills
+        + ["pg_terminate"] * config.pg_terminations
+        + ["daemon_restart", "s3_outage"]
+    )
+    rng.shuffle(kinds)
+    # Spread over the arrival window (and a little past it), in a seeded order.
+    span = window * 1.2
+    faults = [
+        Fault(round(span * (i + rng.uniform(0.2, 0.8)) / len(kinds), 3), kind)
+        for i, kind in enumerate(kinds)
+    ]
+    return Plan(grants=grants, requests=requests, faults=faults)
+
+
+# --- injecting process faults --------------------------------------------------------------
+
+
+@dataclass
+class FaultLog:
+    """What the fault driver really did (counts by kind, and one line per event)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    events: list[str] = field(default_factory=list)
+    shortfalls: list[str] = field(default_factory=list)
+    s3_outage_s: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, kind: str, text: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[kind] += n
+            self.events.append(text)
+
+
+def worker_pid(instance: Any, run_id: str) -> int | None:
+    """A run worker's pid, from the engine event its process writes when it starts."""
+    from dagster import DagsterEventType
+
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=50
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        if event is not None and (event.message or "").startswith("Started process for run"):
+            return int(event.engine_event_data.metadata["pid"].value)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """True for a running process (not gone, not a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
+    """Run id -> pid of every generation run whose worker is a live process of this stack."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    runs = instance.get_runs(
+        filters=RunsFilter(job_name="generation_job", statuses=[DagsterRunStatus.STARTED])
+    )
+    ours = set(stack.pids())
+    found = {}
+    for run in runs:
+        pid = worker_pid(instance, run.run_id)
+        # Only ever a process this stack started (the daemon's code server spawns the workers).
+        if pid is not None and pid in ours and _alive(pid):
+            found[run.run_id] = pid
+    return found
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+class FaultDriver(threading.Thread):
+    """Injects the plan's process faults at their times (relative to ``started``)."""
+
+    #: Longest wait for a run worker to kill before giving up on one scheduled kill.
+    WORKER_WAIT_S = 120.0
+    #: Least time between two faults, so that a late one does not land on top of the next.
+    MIN_GAP_S = 4.0
+
+    def __init__(
+        self,
+        plan: Plan,
+        stack: Stack,
+        app_db_url: str,
+        pg_admin_url: str,
+        started: float,
+        rng: random.Random,
+        say: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="chaos-faults", daemon=True)
+        self.plan = plan
+        self.stack = stack
+        self.app_db_url = app_db_url
+        self.pg_admin_url = pg_admin_url
+        self.started = started
+        self.rng = rng
+        self.say = say
+        self.log = FaultLog()
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.killed: set[int] = set()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> None:
+        from dagster import DagsterInstance
+
+        instance = DagsterInstance.from_config(str(self.stack.dagster_home))
+        last = float("-inf")
+        try:
+            for fault in self.plan.faults:
+                due = max(fault.at_s, last + self.MIN_GAP_S)
+                if self.stop_event.wait(max(0.0, due - self.elapsed())):
+                    return
+                getattr(self, f"_{fault.kind}")(instance)
+                last = self.elapsed()
+        except BaseException as exc:  # reported by the soak, never swallowed
+            self.error = exc
+        finally:
+            instance.dispose()
+
+    def _kill_worker(self, instance: Any) -> None:
+        deadline = time.monotonic() + self.WORKER_WAIT_S
+        while not self.stop_event.is_set():
+            workers = {
+                run: pid
+                for run, pid in live_workers(instance, self.stack).items()
+                if pid not in self.killed
+            }
+            if workers:
+                run_id = self.rng.choice(sorted(workers))
+                pid = workers[run_id]
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.add(pid)
+                    self.log.record(
+                        "worker_kill",
+                        f"{self.elapsed():7.1f}s SIGKILL run worker {pid} of run {run_id[:8]}",
+                    )
+                    self.say(f"fault: SIGKILL run worker {pid} (run {run_id[:8]})")
+                    return
+            if time.monotonic() > deadline:
+                self.log.shortfalls.append(
+                    f"no run worker to kill within {self.WORKER_WAIT_S:.0f}s"
+                )
+                return
+            time.sleep(0.5)
+
+    def _daemon_restart(self, instance: Any) -> None:
+        workers = live_workers(instance, self.stack)
+        self.stack.restart_daemon()
+        self.log.record(
+            "daemon_restart",
+            f"{self.elapsed():7.1f}s killed and restarted dagster-daemon "
+            f"({len(workers)} run workers with it)",
+        )
+        self.log.counts["daemon_restart_workers"] += len(workers)
+        self.say(f"fault: dagster-daemon killed and restarted ({len(workers)} run workers too)")
+
+    def _s3_outage(self, instance: Any) -> None:
+        proc = self.stack.processes["s3"]
+        began = time.monotonic()
+        os.kill(proc.pid, signal.SIGUSR1)
+        deadline = began + 60
+        while _port_open(self.stack.s3_url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _port_open(self.stack.s3_url):
+            self.log.shortfalls.append("the S3 endpoint never went offline")
+            return
+        while not _port_open(self.stack.s3_url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the S3 endpoint did not come back within 60 s")
+            time.sleep(0.1)
+        took = time.monotonic() - began
+        self.log.s3_outage_s.append(took)
+        self.log.record("s3_outage", f"{self.elapsed():7.1f}s S3 endpoint offline for {took:.1f}s")
+        self.say(f"fault: S3 endpoint offline for {took:.1f}s (objects kept)")
+
+    def _pg_terminate(self, instance: Any) -> None:
+        name = sa.make_url(self.app_db_url).database
+        engine = sa.create_engine(
+            self.pg_admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+        )
+        killed = 0
+        try:
+            # Connections come and go with runs; a round that finds none is tried again shortly.
+            deadline = time.monotonic() + 30
+            while not killed and time.monotonic() < deadline and not self.stop_event.is_set():
+                with engine.connect() as conn:
+                    killed = int(
+                        conn.execute(
+                            sa.text(
+                                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                                "FROM pg_stat_activity "
+                                "WHERE datname = :name AND pid <> pg_backend_pid() "
+                                "AND application_name <> :ours"
+                            ),
+                            {"name": name, "ours": APPLICATION_NAME},
+                        ).scalar_one()
+                    )
+                if not killed:
+                    time.sleep(0.5)
+        finally:
+            engine.dispose()
+        if not killed:
+            self.log.shortfalls.append("pg_terminate_backend found no app DB connection")
+            return
+        self.log.record(
+            "pg_terminate",
+            f"{self.elapsed():7.1f}s pg_terminate_backend: {killed} app DB connections",
+        )
+        self.log.counts["pg_backends_terminated"] += killed
+        self.say(f"fault: terminated {killed} app database connections")
+
+
+# --- the application's side ----------------------------------------------------------------
+
+
+def _grant(engine: sa.Engine, grants: dict[str, int], seed: int) -> None:
+    from ai_handler_dagster import ledger
+    from ai_handler_dagster.db.engine import session_scope
+
+    with session_scope(engine) as session:
+        for user, amount in grants.items():
+            ledger.grant(session, user, amount, key=f"chaos:{seed}:{user}")
+
+
+class Submitter(threading.Thread):
+    """Inserts the plan's requests at their times with plain SQL, as an application would."""
+
+    def __init__(self, plan: Plan, engine: sa.Engine, started: float) -> None:
+        super().__init__(name="chaos-submit", daemon=True)
+        self.plan = plan
+        self.engine = engine
+        self.started = started
+        self.ids: list[int] = []
+        self.error: BaseException | None = None
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        insert = sa.text(
+            "INSERT INTO generations (user_id, model, input, status) "
+            "VALUES (:user, :model, :input, 'pending') RETURNING id"
+        )
+        pending = list(self.plan.requests)
+        try:
+            while pending:
+                due = pending[0].at_s - (time.monotonic() - self.started)
+                if self.stop_event.wait(max(0.0, due)):
+                    return
+                now = time.monotonic() - self.started
+                batch = [r for r in pending if r.at_s <= now]
+                pending = pending[len(batch) :]
+                for attempt in range(1, 6):
+                    try:
+                        with self.engine.begin() as conn:
+                            ids = [
+                                int(
+                                    conn.execute(
+                                        insert,
+                                        {
+                                            "user": r.user,
+                                            "model": MODEL,
+                                            "input": json.dumps(r.input),
+                                        },
+                                    ).scalar_one()
+                                )
+                                for r in batch
+                            ]
+                        self.ids.extend(ids)
+                        break
+                    except sa.exc.OperationalError:
+                        # The soak terminates database connections on purpose: retry the insert.
+                        if attempt == 5:
+                            raise
+                        time.sleep(0.2 * attempt)
+        except BaseException as exc:
+            self.error = exc
+
+
+# --- the soak ------------------------------------------------------------------------------
+
+
+def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: str) -> StackConfig:
+    emulator_args = ["--latency-jitter", "0.3", "--retry-after", "1", "--seed", str(config.seed)]
+    for name, rate in EMULATOR_FAULTS.items():
+        if name != "failure_rate":  # StackConfig passes that one itself
+            emulator_args += [f"--{name.replace('_', '-')}", str(rate)]
+    return StackConfig(
+        state_dir=state,
+        storage="postgres",
+        dagster_pg_url=dagster_url,
+        app_db_url=app_url,
+        latency_s=config.latency,
+        concurrency=config.concurrency,
+        failure_rate=EMULATOR_FAULTS["failure_rate"],
+        emulator_args=emulator_args,
+        max_concurrent_runs=config.max_concurrent_runs,
+        extra_env={
+            "AI_HANDLER_SENSOR_INTERVAL_S": "1",
+            # Stuck predictions must end: the await step cancels them and refunds.
+            "AI_HANDLER_PREDICTION_DEADLINE_S": str(config.deadline_s),
+            "AI_HANDLER_MAX_BATCH": str(config.max_batch),
+            # Batches from the first request on: fewer runs, each costs seconds to start.
+            "AI_HANDLER_SMALL_BACKLOG": "0",
+            "AI_HANDLER_MAX_IN_FLIGHT": "96",
+            "AI_HANDLER_MAX_IN_FLIGHT_PER_USER": "48",
+            "AI_HANDLER_DB_POOL_MAX": "8",
+        },
+    )
+
+
+def _statuses(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT status, count(*) FROM generations GROUP BY status"))
+        return {status: int(n) for status, n in rows}
+
+
+def _wait_for_sensor(stack: Stack, timeout_s: float) -> None:
+    """Block until the request sensor has ticked once: the daemon runs and its code loaded."""
+    from dagster import DagsterInstance
+    from dagster._core.scheduler.instigation import InstigatorType
+
+    instance = DagsterInstance.from_config(str(stack.dagster_home))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+                if state.instigator_name == "generation_request_sensor" and instance.get_ticks(
+                    state.instigator_origin_id, state.selector_id, limit=1
+                ):
+                    return
+            time.sleep(0.5)
+    finally:
+        instance.dispose()
+    raise TimeoutError(f"the request sensor did not tick within {timeout_s:.0f}s")
+
+
+def _runs_in_progress(stack: Stack) -> int:
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    instance = DagsterInstance.from_config(str(stack.dagster_home))
+    try:
+        return len(
+            instance.get_runs(
+                filters=RunsFilter(
+                    statuses=[
+                        DagsterRunStatus.QUEUED,
+                        DagsterRunStatus.NOT_STARTED,
+                        DagsterRunStatus.STARTING,
+                        DagsterRunStatus.STARTED,
+                        DagsterRunStatus.CANCELING,
+                    ]
+                )
+            )
+        )
+    finally:
+        instance.dispose()
+
+
+def launch_reconcile(stack: Stack) -> None:
+    """Queue ``reconcile_job`` on the stack's instance (the daemon launches it), now rather
+    than at the schedule's next five-minute mark."""
+    dagster = Path(sys.executable).with_name("dagster")
+    subprocess.run(
+        [
+            str(dagster) if dagster.exists() else "dagster",
+            "job",
+            "launch",
+            "-w",
+            str(stack.config.state_dir / "workspace.yaml"),
+            "-j",
+            "reconcile_job",
+        ],
+        env=stack.env(),
+        cwd=str(stack.config.state_dir),
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+
+def _fetcher() -> tuple[httpx.Client, Callable[[str], bytes | None]]:
+    client = httpx.Client(timeout=15, trust_env=False)
+
+    def fetch(url: str) -> bytes | None:
+        for attempt in range(3):
+            try:
+                response = client.get(url)
+            except httpx.HTTPError:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            if response.status_code == 200:
+                return response.content
+            if response.status_code == 404:
+                return None
+            time.sleep(0.2 * (attempt + 1))
+        return None
+
+    return client, fetch
+
+
+def run_chaos(config: ChaosConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one soak on fresh databases and a fresh stack; return its report."""
+    from ai_handler_dagster.db.engine import dispose_engines
+    from ai_handler_dagster.devstack.pg import drop_database, new_database
+
+    state = Path(tempfile.mkdtemp(prefix="ai-handler-chaos-"))
+    app_url = new_database(config.pg_admin_url, "aih_chaos_app")
+    dagster_url = new_database(config.pg_admin_url, "aih_chaos_dagster")
+    stack = Stack(_stack_config(config, state, app_url, dagster_url))
+    report: dict[str, Any] | None = None
+    try:
+        with stack:
+            report = _soak(config, stack, app_url, progress)
+        return report
+    finally:
+        dispose_engines()
+        if not config.keep:
+            drop_database(config.pg_admin_url, app_url)
+            drop_database(config.pg_admin_url, dagster_url)
+        if report is not None and report["violations"] == 0 and not config.keep:
+            shutil.rmtree(state, ignore_errors=True)
+        elif progress:
+            sys.stderr.write(f"chaos: stack state and logs kept in {state}\n")
+
+
+def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+    from ai_handler_dagster.db.engine import make_engine
+    from ai_handler_dagster.pricing import load_pricing
+
+    def say(text: str) -> None:
+        if progress:
+            sys.stderr.write(f"[chaos {time.monotonic() - begun:6.1f}s] {text}\n")
+            sys.stderr.flush()
+
+    begun = time.monotonic()
+    price = load_pricing().price_for(MODEL).hold_amount()
+    plan = make_plan(config, price)
+    engine = make_engine(
+        sa.make_url(app_url).update_query_dict({"application_name": APPLICATION_NAME})
+    )
+    _grant(engine, plan.grants, config.seed)
+    say("stack up; waiting for the daemon's first sensor tick")
+    _wait_for_sensor(stack, timeout_s=180)
+    say(
+        f"daemon ready; {config.count} requests from {len(plan.grants)} users over "
+        f"{config.arrival_window_s:.0f}s; {len(plan.faults)} process faults scheduled"
+    )
+
+    started = time.monotonic()
+    submitter = Submitter(plan, engine, started)
+    driver = FaultDriver(
+        plan,
+        stack,
+        app_url,
+        config.pg_admin_url,
+        started,
+        random.Random(f"chaos-victims:{config.seed}"),
+        say,
+    )
+    submitter.start()
+    driver.start()
+    try:
+        _settle(config, stack, engine, submitter, driver, started, say)
+    finally:
+        submitter.stop_event.set()
+        driver.stop_event.set()
+        submitter.join(timeout=30)
+        driver.join(timeout=120)
+    duration = time.monotonic() - started
+    for thread in (submitter, driver):
+        if thread.error is not None:
+            raise RuntimeError(f"{thread.name} failed: {thread.error!r}") from thread.error
+
+    # Quiet the emulator before the audit reads its files, and wait for the last runs to end.
+    deadline = time.monotonic() + 60
+    while _runs_in_progress(stack) and time.monotonic() < deadline:
+        time.sleep(1)
+    with EmulatorControl(stack.emulator_url) as control:
+        stats = control.stats()
+        control.configure(faults={name: 0.0 for name in EMULATOR_FAULTS})
+        predictions = control.predictions()
+    say("settled; auditing")
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_url,
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+        region_name="us-east-1",
+    )
+    http, fetch = _fetcher()
+    try:
+        result = chaos_audit.audit(
+            engine,
+            predictions=predictions,
+            s3_objects=chaos_audit.list_s3_objects(s3, BUCKET),
+            fetch_output=fetch,
+        )
+    finally:
+        http.close()
+    return _report(config, plan, driver.log, stats, result, duration)
+
+
+def _settle(
+    config: ChaosConfig,
+    stack: Stack,
+    engine: sa.Engine,
+    submitter: Submitter,
+    driver: FaultDriver,
+    started: float,
+    say: Callable[[str], None],
+) -> None:
+    """Wait until every request is in and has ended, and the fault driver is done.
+
+    Generations normally end through their runs and the refund sensors. When nothing moves for a
+    while, reconciliation is launched at once instead of waiting for its schedule.
+    """
+    deadline = started + config.timeout_s
+    last_line, last_change, last_done = "", time.monotonic(), -1
+    reconcile_at = 0.0
+    while True:
+        counts = _statuses(engine)
+        done = sum(counts.get(s, 0) for s in TERMINAL)
+        inserted = sum(counts.values())
+        line = (
+            f"{inserted}/{config.count} in, {done} ended ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + ")"
+        )
+        if line != last_line:
+            say(line)
+            last_line = line
+        if done != last_done:
+            last_done, last_change = done, time.monotonic()
+        if (
+            inserted >= config.count
+            and done >= config.count
+            and not submitter.is_alive()
+            and not driver.is_alive()
+        ):
+            return
+        if submitter.error is not None or driver.error is not None:
+            return
+        now = time.monotonic()
+        stalled = now - last_change > 60 and inserted >= config.count and done < inserted
+        if stalled and now > reconcile_at:
+            say("no progress for 60 s: launching reconcile_job")
+            try:
+                launch_reconcile(stack)
+            except (subprocess.SubprocessError, OSError) as exc:
+                say(f"could not launch reconcile_job: {exc}")
+            reconcile_at = now + 90
+        if now > deadline:
+            raise TimeoutError(
+                f"the soak did not settle within {config.timeout_s:.0f}s: {line}; "
+                f"logs in {stack.logs_dir}"
+            )
+        time.sleep(1)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def _emulator_faults(stats: dict[str, Any]) -> dict[str, int]:
+    applied = stats.get("faults_applied", {})
+    return {
+        "model_failure": int(applied.get("failure", 0)),
+        "http_500": int(applied.get("http_500", 0)),
+        "http_429": int(applied.get("http_429", 0)),
+        "create_dropped": int(stats.get("create_responses_dropped", 0)),
+        "stuck": int(applied.get("stuck", 0)),
+        "output_removed": int(applied.get("remove_output", 0)),
+    }
+
+
+def _report(
+    config: ChaosConfig,
+    plan: Plan,
+    log: FaultLog,
+    stats: dict[str, Any],
+    result: chaos_audit.AuditReport,
+    duration: float,
+) -> dict[str, Any]:
+    faults = _emulator_faults(stats)
+    for kind in (
+        "worker_kill",
+        "daemon_restart",
+        "daemon_restart_workers",
+        "s3_outage",
+        "pg_terminate",
+        "pg_backends_terminated",
+    ):
+        faults[kind] = int(log.counts.get(kind, 0))
+    shortfalls = list(log.shortfalls)
+    if faults["worker_kill"] < config.worker_kills:
+        shortfalls.append(
+            f"{faults['worker_kill']} of {config.worker_kills} run worker kills landed"
+        )
+    if faults["pg_terminate"] < config.pg_terminations:
+        shortfalls.append(
+            f"{faults['pg_terminate']} of {config.pg_terminations} connection terminations ran"
+        )
+    for kind in ("daemon_restart", "s3_outage"):
+        if faults[kind] < 1:
+            shortfalls.append(f"no {kind.replace('_', ' ')} happened")
+    statuses = result.statuses
+    failed = statuses.get("failed", 0) + statuses.get("canceled", 0)
+    return {
+        "seed": config.seed,
+        "count": config.count,
+        "users": len(plan.grants),
+        "poor_users": sum(1 for u in plan.grants if u.startswith("poor-")),
+        "duration_s": round(duration, 1),
+        "faults": faults,
+        "fault_events": list(log.events),
+        "s3_outage_s": [round(s, 1) for s in log.s3_outage_s],
+        "succeeded": statuses.get("succeeded", 0),
+        "failed": failed,
+        "failed_by_code": result.failed_by_code,
+        "refunded": result.refunded,
+        "credits_granted": result.granted_credits,
+        "credits_captured": result.captured_credits,
+        "predictions": result.predictions,
+        "paid_predictions": result.paid_predictions,
+        "canceled_orphans": result.canceled_orphans,
+        "objects_checked": result.objects_checked,
+        "objects_compared_with_emulator": result.objects_compared_with_emulator,
+        "checks": result.by_check(),
+        "fault_shortfalls": shortfalls,
+        "violations": len(result.violations) + len(shortfalls),
+        "violation_details": [str(v) for v in result.violations[:100]],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a table for people."""
+    lines = [
+        f"chaos soak: seed {report['seed']}",
+        "",
+        "load",
+        f"  {'generations':44}{report['count']:>8}",
+        f"  {'users (on small balances)':44}{report['users']:>5} ({report['poor_users']})",
+        f"  {'duration (s)':44}{report['duration_s']:>8}",
+        "",
+        "faults injected",
+    ]
+    for kind, label in FAULT_LABELS.items():
+        lines.append(f"  {label:44}{report['faults'].get(kind, 0):>8}")
+    if report["s3_outage_s"]:
+        lines.append(f"  {'  S3 offline (s)':44}{', '.join(map(str, report['s3_outage_s'])):>8}")
+    lines += ["", "outcomes", f"  {'succeeded':44}{report['succeeded']:>8}"]
+    lines.append(f"  {'failed or canceled':44}{report['failed']:>8}")
+    for code, n in report["failed_by_code"].items():
+        lines.append(f"    {code:42}{n:>8}")
+    lines += [
+        f"  {'refunded (holds released or expired)':44}{report['refunded']:>8}",
+        f"  {'credits granted':44}{report['credits_granted']:>8}",
+        f"  {'credits captured':44}{report['credits_captured']:>8}",
+        f"  {'predictions on the emulator (paid)':44}"
+        f"{report['predictions']:>5} ({report['paid_predictions']})",
+        f"  {'orphan predictions, canceled':44}{report['canceled_orphans']:>8}",
+        f"  {'S3 objects checked (vs emulator bytes)':44}"
+        f"{report['objects_checked']:>5} ({report['objects_compared_with_emulator']})",
+        "",
+        "invariants",
+    ]
+    for name, description in chaos_audit.CHECKS.items():
+        n = report["checks"].get(name, 0)
+        verdict = "ok" if n == 0 else f"{n} VIOLATION(S)"
+        lines.append(f"  {description:70} {verdict}")
+    for shortfall in report["fault_shortfalls"]:
+        lines.append(f"  fault schedule not met: {shortfall}")
+    for detail in report["violation_details"]:
+        lines.append(f"  - {detail}")
+    lines += ["", f"violations: {report['violations']}"]
+    return "\n".join(lines)
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Run the soak; print the table (and one JSON object with ``--json``)."""
+    config = ChaosConfig(
+        seed=args.seed,
+        count=args.count,
+        users=args.users,
+        latency=args.latency,
+        concurrency=args.concurrency,
+        deadline_s=args.deadline,
+        worker_kills=args.worker_kills,
+        window_s=args.window,
+        timeout_s=args.timeout,
+        pg_admin_url=args.pg_url,
+        keep=args.keep,
+    )
+    report = run_chaos(config, progress=not args.quiet)
+    sys.stdout.write(format_table(report) + "\n")
+    if args.json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    return 0 if report["violations"] == 0 else 1
+
+
+def register(sub: Any) -> None:
+    """Add ``chaos`` to the CLI."""
+    p = sub.add_parser("chaos", help="seeded soak with faults through the real stack, then audit")
+    p.add_argument("--seed", type=int, default=1, help="seed of the load and fault schedule")
+    p.add_argument("--count", type=int, default=300, help="generations (default 300)")
+    p.add_argument("--users", type=int, default=6, help="users, two of them on small balances")
+    p.add_argument("--latency", type=float, default=1.0, help="model seconds (default 1)")
+    p.add_argument("--concurrency", type=int, default=16, help="provider slots (default 16)")
+    p.add_argument(
+        "--deadline", type=int, default=20, help="prediction deadline in seconds (default 20)"
+    )
+    p.add_argument("--worker-kills", type=int, default=5, help="run workers to SIGKILL")
+    p.add_argument("--window", type=float, default=None, help="seconds over which requests arrive")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to settle (default 1800)")
+    p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
+    p.add_argument("--keep", action="store_true", help="keep the databases and the state folder")
+    p.add_argument("--json", action="store_true", help="also print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=cmd_chaos)

@@ -1,0 +1,531 @@
+"""The audit after a chaos soak: what the money, the outputs and the provider say, checked from
+outside the code that moved them.
+
+Nothing here imports the ledger, the generation transitions or the ORM models: the audit reads
+the app database with plain SQL over its tables, lists the outputs bucket through boto3, and takes
+the provider's view from the emulator's ``/_emulator/predictions`` (every prediction it ever
+created, paid or not, with the faults it applied). A bug in ``ledger.py`` or ``generations.py``
+therefore cannot hide itself by also being in the check.
+
+Entry deltas are recomputed from each entry's kind and its hold (a grant adds its amount, a
+capture spends its amount, a hold or its ending moves the hold's amount in and out of ``held``)
+instead of trusting the stored deltas, and balances are replayed entry by entry to prove that the
+available balance was never negative at any point, not only at the end.
+
+Each check has a name (``CHECKS``); :func:`audit` returns an :class:`AuditReport` whose
+``violations`` name the check they break, so a report can say which invariant failed and for whom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+#: Every invariant the audit checks: name -> what holds when it passes.
+CHECKS: dict[str, str] = {
+    "terminal": "every generation ended (none pending, queued or running)",
+    "open_holds": "no hold is left pending",
+    "balances": "each user's balance = grants - captured amounts, exactly",
+    "caches": "cached balance and held equal the sums of the entries",
+    "available": "available credits never negative, at any entry",
+    "holds": "at most one hold per attempt, opened once and ended exactly once",
+    "refunds": "refunds = the holds of failed and canceled attempts",
+    "charges": "succeeded generations captured exactly what they charged",
+    "paid_predictions": "paid predictions of a generation <= its attempts",
+    "orphan_predictions": "paid predictions no generation owns were canceled",
+    "outputs": "succeeded generations have their S3 objects with the emulator's sha256",
+    "stuck_canceled": "stuck predictions were canceled",
+}
+
+OUTPUTS_PREFIX = "generations/"
+UNFINISHED = ("pending", "queued", "running")
+REFUND_KINDS = ("release", "expire")
+ENDING_KINDS = ("capture", *REFUND_KINDS)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant: the check, whom it concerns, and what was found."""
+
+    check: str
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.subject}: {self.message}"
+
+
+@dataclass
+class AuditReport:
+    """The audit's findings and the outcome counts it saw on the way."""
+
+    violations: list[Violation] = field(default_factory=list)
+    generations: int = 0
+    users: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    failed_by_code: dict[str, int] = field(default_factory=dict)
+    refunded: int = 0
+    captured_credits: int = 0
+    granted_credits: int = 0
+    predictions: int = 0
+    paid_predictions: int = 0
+    canceled_orphans: int = 0
+    stuck_predictions: int = 0
+    objects_checked: int = 0
+    objects_compared_with_emulator: int = 0
+
+    def add(self, check: str, subject: str, message: str) -> None:
+        if check not in CHECKS:
+            raise ValueError(f"unknown check {check!r}")
+        self.violations.append(Violation(check, subject, message))
+
+    def by_check(self) -> dict[str, int]:
+        """Violations per check, every check listed (0 when it holds)."""
+        counts = Counter(v.check for v in self.violations)
+        return {name: counts.get(name, 0) for name in CHECKS}
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[Mapping[str, Any]]:
+    return [row._mapping for row in conn.execute(sa.text(sql), params)]
+
+
+def _json(value: Any) -> Any:
+    """A JSON column as Python (drivers return text on SQLite, objects on PostgreSQL)."""
+    if isinstance(value, str | bytes):
+        return json.loads(value)
+    return value
+
+
+def _normalized(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """An object of the outputs bucket as the S3 API returned it."""
+
+    size: int
+    sha256: str
+
+
+def list_s3_objects(client: Any, bucket: str, prefix: str = OUTPUTS_PREFIX) -> dict[str, S3Object]:
+    """Every object under ``prefix`` with the sha256 of its bytes, read through the S3 API."""
+    found: dict[str, S3Object] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            found[item["Key"]] = S3Object(size=len(body), sha256=sha256(body))
+    return found
+
+
+# --- the audit -----------------------------------------------------------------------------
+
+
+def audit(
+    engine: sa.Engine,
+    *,
+    predictions: list[dict[str, Any]],
+    s3_objects: Mapping[str, S3Object],
+    fetch_output: Callable[[str], bytes | None],
+) -> AuditReport:
+    """Check every invariant of ``CHECKS`` over a settled system.
+
+    ``predictions`` is the emulator's ``/_emulator/predictions``; ``s3_objects`` the outputs
+    bucket (:func:`list_s3_objects`); ``fetch_output(url)`` the bytes of an emulator output file,
+    or None when the emulator no longer has it.
+    """
+    report = AuditReport()
+    with engine.connect() as conn:
+        generations = _rows(
+            conn,
+            "SELECT id, user_id, model, input, status, attempt, prediction_id, hold_id, "
+            "amount_held, amount_charged, outputs, error_code FROM generations ORDER BY id",
+        )
+        accounts = _rows(conn, "SELECT id, user_id, balance, held FROM accounts ORDER BY id")
+        holds = _rows(
+            conn,
+            "SELECT id, account_id, generation_id, amount, status, captured_amount "
+            "FROM holds ORDER BY id",
+        )
+        entries = _rows(
+            conn,
+            "SELECT id, account_id, hold_id, kind, amount, balance_delta, held_delta "
+            "FROM ledger_entries ORDER BY id",
+        )
+    gens = {
+        g["id"]: dict(g, input=_json(g["input"]), outputs=_json(g["outputs"])) for g in generations
+    }
+    report.generations = len(gens)
+    report.users = len(accounts)
+    report.statuses = dict(Counter(g["status"] for g in gens.values()))
+    report.failed_by_code = dict(
+        sorted(
+            Counter(
+                g["error_code"] or g["status"]
+                for g in gens.values()
+                if g["status"] in ("failed", "canceled")
+            ).items()
+        )
+    )
+    holds_by_id = {h["id"]: h for h in holds}
+    entries_by_hold: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        if entry["hold_id"] is not None:
+            entries_by_hold[entry["hold_id"]].append(entry)
+
+    _check_terminal(report, gens)
+    _check_money(report, accounts, holds, entries, holds_by_id)
+    _check_holds(report, gens, holds, entries_by_hold)
+    _check_settlements(report, gens, holds, holds_by_id, entries_by_hold, accounts)
+    _check_predictions(report, gens, predictions)
+    _check_outputs(report, gens, predictions, s3_objects, fetch_output)
+    return report
+
+
+def _check_terminal(report: AuditReport, gens: Mapping[int, dict[str, Any]]) -> None:
+    for gid, g in gens.items():
+        if g["status"] in UNFINISHED:
+            report.add("terminal", f"generation {gid}", f"left {g['status']}")
+
+
+def _entry_deltas(entry: Mapping[str, Any], hold: Mapping[str, Any] | None) -> tuple[int, int]:
+    """(balance, held) change an entry stands for, from its kind and its hold alone."""
+    kind, amount = entry["kind"], entry["amount"]
+    if kind == "grant":
+        return amount, 0
+    hold_amount = hold["amount"] if hold is not None else 0
+    if kind == "hold":
+        return 0, hold_amount
+    if kind == "capture":
+        return -amount, -hold_amount
+    return 0, -hold_amount  # release, expire
+
+
+def _check_money(
+    report: AuditReport,
+    accounts: list[Mapping[str, Any]],
+    holds: list[Mapping[str, Any]],
+    entries: list[Mapping[str, Any]],
+    holds_by_id: Mapping[int, Mapping[str, Any]],
+) -> None:
+    users = {a["id"]: a["user_id"] for a in accounts}
+    grants: Counter[int] = Counter()
+    captures: Counter[int] = Counter()
+    running: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # account -> [balance, held]
+    stored: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    flagged: set[int] = set()
+    for entry in entries:  # id order is commit order per account: entries are written locked
+        account = entry["account_id"]
+        if entry["kind"] == "grant":
+            grants[account] += entry["amount"]
+        elif entry["kind"] == "capture":
+            captures[account] += entry["amount"]
+        d_balance, d_held = _entry_deltas(entry, holds_by_id.get(entry["hold_id"]))
+        state = running[account]
+        state[0] += d_balance
+        state[1] += d_held
+        stored[account][0] += entry["balance_delta"]
+        stored[account][1] += entry["held_delta"]
+        if state[0] - state[1] < 0 and account not in flagged:
+            flagged.add(account)
+            report.add(
+                "available",
+                f"user {users.get(account, account)}",
+                f"available went to {state[0] - state[1]} at ledger entry {entry['id']} "
+                f"({entry['kind']})",
+            )
+    pending_held: Counter[int] = Counter()
+    for h in holds:
+        if h["status"] == "pending":
+            pending_held[h["account_id"]] += h["amount"]
+    report.granted_credits = sum(grants.values())
+    report.captured_credits = sum(captures.values())
+    for account in accounts:
+        aid, subject = account["id"], f"user {account['user_id']}"
+        expected = grants[aid] - captures[aid]
+        if account["balance"] != expected:
+            report.add(
+                "balances",
+                subject,
+                f"balance {account['balance']} != grants {grants[aid]} - captured "
+                f"{captures[aid]} = {expected}",
+            )
+        replayed_balance, replayed_held = running[aid]
+        sums = stored[aid]
+        if (account["balance"], account["held"]) != (replayed_balance, replayed_held) or (
+            sums[0],
+            sums[1],
+        ) != (replayed_balance, replayed_held):
+            report.add(
+                "caches",
+                subject,
+                f"cached balance/held {account['balance']}/{account['held']}, stored deltas "
+                f"sum to {sums[0]}/{sums[1]}, entries replayed give "
+                f"{replayed_balance}/{replayed_held}",
+            )
+        elif account["held"] != pending_held[aid]:
+            report.add(
+                "caches",
+                subject,
+                f"held {account['held']} but its pending holds total {pending_held[aid]}",
+            )
+        if account["balance"] - account["held"] < 0 and aid not in flagged:
+            report.add(
+                "available",
+                subject,
+                f"available {account['balance'] - account['held']} is negative",
+            )
+
+
+def _check_holds(
+    report: AuditReport,
+    gens: Mapping[int, dict[str, Any]],
+    holds: list[Mapping[str, Any]],
+    entries_by_hold: Mapping[int, list[Mapping[str, Any]]],
+) -> None:
+    per_generation: Counter[int] = Counter()
+    for h in holds:
+        subject = f"hold {h['id']}"
+        if h["generation_id"] is not None:
+            per_generation[h["generation_id"]] += 1
+        if h["status"] == "pending":
+            report.add("open_holds", subject, f"still pending (generation {h['generation_id']})")
+        kinds = [e["kind"] for e in entries_by_hold.get(h["id"], [])]
+        openings = kinds.count("hold")
+        endings = [k for k in kinds if k in ENDING_KINDS]
+        if openings != 1:
+            report.add("holds", subject, f"opened {openings} times (entries {kinds})")
+        if h["status"] != "pending" and len(endings) != 1:
+            report.add("holds", subject, f"{h['status']} but ended {len(endings)} times {kinds}")
+        elif h["status"] == "pending" and endings:
+            report.add("holds", subject, f"pending but has ending entries {endings}")
+        elif endings:
+            expected = {"capture": "captured", "release": "released", "expire": "expired"}
+            if expected[endings[0]] != h["status"]:
+                report.add(
+                    "holds", subject, f"status {h['status']} but its ending entry is {endings[0]}"
+                )
+            capture = [e for e in entries_by_hold[h["id"]] if e["kind"] == "capture"]
+            if capture and capture[0]["amount"] != h["captured_amount"]:
+                report.add(
+                    "holds",
+                    subject,
+                    f"captured_amount {h['captured_amount']} but its capture entry spent "
+                    f"{capture[0]['amount']}",
+                )
+    for gid, count in per_generation.items():
+        g = gens.get(gid)
+        if g is not None and count > g["attempt"]:
+            report.add(
+                "holds",
+                f"generation {gid}",
+                f"{count} holds for {g['attempt']} attempt(s)",
+            )
+
+
+def _check_settlements(
+    report: AuditReport,
+    gens: Mapping[int, dict[str, Any]],
+    holds: list[Mapping[str, Any]],
+    holds_by_id: Mapping[int, Mapping[str, Any]],
+    entries_by_hold: Mapping[int, list[Mapping[str, Any]]],
+    accounts: list[Mapping[str, Any]],
+) -> None:
+    refunded = {
+        h["id"]
+        for h in holds
+        if any(e["kind"] in REFUND_KINDS for e in entries_by_hold.get(h["id"], []))
+    }
+    report.refunded = len(refunded)
+    # Which holds must have been refunded: every hold of a failed or canceled generation, and
+    # every hold of an earlier attempt (a new attempt starts only after the old one settled).
+    should_refund: set[int] = set()
+    for h in holds:
+        g = gens.get(h["generation_id"]) if h["generation_id"] is not None else None
+        if g is None:
+            continue
+        if g["status"] in ("failed", "canceled") or g["hold_id"] != h["id"]:
+            should_refund.add(h["id"])
+    for hold_id in sorted(should_refund - refunded):
+        h = holds_by_id[hold_id]
+        g = gens[h["generation_id"]]
+        report.add(
+            "refunds",
+            f"generation {g['id']}",
+            f"{g['status']} but hold {hold_id} was not refunded (it is {h['status']})",
+        )
+    for hold_id in sorted(refunded - should_refund):
+        h = holds_by_id[hold_id]
+        report.add(
+            "refunds",
+            f"hold {hold_id}",
+            f"refunded but generation {h['generation_id']} is "
+            f"{gens[h['generation_id']]['status'] if h['generation_id'] in gens else 'unknown'}",
+        )
+
+    charged_by_user: Counter[str] = Counter()
+    for gid, g in gens.items():
+        subject = f"generation {gid}"
+        if g["status"] != "succeeded":
+            if g["amount_charged"]:
+                report.add("charges", subject, f"{g['status']} but charged {g['amount_charged']}")
+            continue
+        charged_by_user[g["user_id"]] += g["amount_charged"]
+        h = holds_by_id.get(g["hold_id"]) if g["hold_id"] is not None else None
+        if h is None:
+            report.add("charges", subject, "succeeded without a hold")
+            continue
+        if h["generation_id"] != gid:
+            report.add(
+                "charges", subject, f"its hold {h['id']} is generation {h['generation_id']}'s"
+            )
+        if h["status"] != "captured" or h["captured_amount"] != g["amount_charged"]:
+            report.add(
+                "charges",
+                subject,
+                f"charged {g['amount_charged']} but hold {h['id']} is {h['status']} with "
+                f"{h['captured_amount']} captured",
+            )
+    captured_by_user: Counter[str] = Counter()
+    account_user = {a["id"]: a["user_id"] for a in accounts}
+    for h in holds:
+        if h["status"] == "captured":
+            captured_by_user[account_user.get(h["account_id"], "?")] += h["captured_amount"]
+    for user in sorted(set(charged_by_user) | set(captured_by_user)):
+        if charged_by_user[user] != captured_by_user[user]:
+            report.add(
+                "charges",
+                f"user {user}",
+                f"succeeded generations charged {charged_by_user[user]} but holds captured "
+                f"{captured_by_user[user]}",
+            )
+
+
+def _check_predictions(
+    report: AuditReport, gens: Mapping[int, dict[str, Any]], predictions: list[dict[str, Any]]
+) -> None:
+    owner = {g["prediction_id"]: gid for gid, g in gens.items() if g["prediction_id"]}
+    by_input: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for gid, g in gens.items():
+        by_input[(g["model"].split(":")[0], _normalized(g["input"]))].append(gid)
+    paid_for: dict[int, list[str]] = defaultdict(list)
+    report.predictions = len(predictions)
+    for p in predictions:
+        private = p.get("_emulator") or {}
+        if "stuck" in (private.get("faults") or []):
+            report.stuck_predictions += 1
+            if p["status"] != "canceled":
+                report.add(
+                    "stuck_canceled", f"prediction {p['id']}", f"stuck prediction is {p['status']}"
+                )
+        if not private.get("paid"):
+            continue
+        report.paid_predictions += 1
+        gid = owner.get(p["id"])
+        if gid is not None:
+            paid_for[gid].append(f"{p['id']} (owned, {p['status']})")
+            continue
+        matches = by_input.get((p.get("model") or "", _normalized(p.get("input"))), [])
+        if p["status"] == "canceled":
+            report.canceled_orphans += 1
+            continue
+        if matches:
+            for match in matches:
+                paid_for[match].append(f"{p['id']} (owned by no generation, {p['status']})")
+        else:
+            report.add(
+                "orphan_predictions",
+                f"prediction {p['id']}",
+                f"paid, owned by no generation, matches no request's input, and {p['status']} "
+                "instead of canceled",
+            )
+    for gid, paid in sorted(paid_for.items()):
+        attempts = gens[gid]["attempt"]
+        if len(paid) > attempts:
+            report.add(
+                "paid_predictions",
+                f"generation {gid}",
+                f"{len(paid)} paid predictions for {attempts} attempt(s): {', '.join(paid)}",
+            )
+
+
+def _check_outputs(
+    report: AuditReport,
+    gens: Mapping[int, dict[str, Any]],
+    predictions: list[dict[str, Any]],
+    s3_objects: Mapping[str, S3Object],
+    fetch_output: Callable[[str], bytes | None],
+) -> None:
+    by_id = {p["id"]: p for p in predictions}
+    for gid, g in gens.items():
+        if g["status"] != "succeeded":
+            continue
+        subject = f"generation {gid}"
+        outputs = g["outputs"] or []
+        if not outputs:
+            report.add("outputs", subject, "succeeded without any output recorded")
+            continue
+        prediction = by_id.get(g["prediction_id"] or "")
+        if prediction is None:
+            report.add("outputs", subject, f"its prediction {g['prediction_id']} is unknown")
+            emulator_urls: list[str] = []
+        else:
+            emulator_urls = _output_urls(prediction)
+            if emulator_urls and len(emulator_urls) != len(outputs):
+                report.add(
+                    "outputs",
+                    subject,
+                    f"{len(outputs)} objects recorded for {len(emulator_urls)} emulator outputs",
+                )
+        for index, recorded in enumerate(outputs):
+            key = recorded.get("key")
+            stored = s3_objects.get(key) if isinstance(key, str) else None
+            if stored is None:
+                report.add("outputs", subject, f"object {key!r} is not in the bucket")
+                continue
+            report.objects_checked += 1
+            if stored.sha256 != recorded.get("sha256") or stored.size != recorded.get("size"):
+                report.add(
+                    "outputs",
+                    subject,
+                    f"{key}: S3 holds {stored.size} bytes sha256 {stored.sha256[:12]}, recorded "
+                    f"{recorded.get('size')} bytes sha256 {str(recorded.get('sha256'))[:12]}",
+                )
+                continue
+            original = fetch_output(emulator_urls[index]) if index < len(emulator_urls) else None
+            if original is None:
+                continue  # the emulator removed it: the recorded checksum is the evidence
+            report.objects_compared_with_emulator += 1
+            if sha256(original) != stored.sha256:
+                report.add(
+                    "outputs",
+                    subject,
+                    f"{key}: sha256 {stored.sha256[:12]} differs from the emulator's output "
+                    f"{sha256(original)[:12]}",
+                )
+
+
+def _output_urls(prediction: Mapping[str, Any]) -> list[str]:
+    output = prediction.get("output")
+    if prediction.get("data_removed") or not output:
+        return []
+    items: Iterable[Any] = output if isinstance(output, list) else [output]
+    return [u for u in items if isinstance(u, str) and "/files/" in u]
