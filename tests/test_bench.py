@@ -54,5 +54,5 @@ def test_bench_smoke_run_reports_every_field(
     assert 0 < report["efficiency"] <= 1.0
     assert report["latency_p50_s"] <= report["latency_p95_s"]
     assert report["latency_p50_s"] >= 0.5  # nothing finishes faster than the model runs
-    assert report["api_calls_per_generation"] >= 2  # at least a create and one look at it
+    assert report["api_calls_per_generation"] >= 1  # at least the create (webhooks do the rest)
     assert report["peak_rss_mib"] > 100  # the daemon and code server alone are bigger
