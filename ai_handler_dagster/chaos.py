@@ -107,7 +107,7 @@ class ChaosConfig:
 
     @property
     def arrival_window_s(self) -> float:
-        return self.window_s if self.window_s is not None else max(20.0, self.count * 0.3)
+        return self.window_s if self.window_s is not None else max(40.0, self.count * 0.3)
 
 
 # --- the plan ------------------------------------------------------------------------------
@@ -293,6 +293,8 @@ class FaultDriver(threading.Thread):
         self.say = say
         self.log = FaultLog()
         self.stop_event = threading.Event()
+        #: Set once every request is in and has ended: there will be no more work to disturb.
+        self.drained = threading.Event()
         self.error: BaseException | None = None
         self.killed: set[int] = set()
 
@@ -309,12 +311,39 @@ class FaultDriver(threading.Thread):
                 due = max(fault.at_s, last + self.MIN_GAP_S)
                 if self.stop_event.wait(max(0.0, due - self.elapsed())):
                     return
+                # A fault matters while there is work in flight: wait for some if none is.
+                if not self._wait_for_work():
+                    self.log.shortfalls.append(f"no work in flight for {fault.kind}")
+                    continue
                 getattr(self, f"_{fault.kind}")(instance)
                 last = self.elapsed()
         except BaseException as exc:  # reported by the soak, never swallowed
             self.error = exc
         finally:
             instance.dispose()
+
+    def _wait_for_work(self) -> bool:
+        deadline = time.monotonic() + self.WORKER_WAIT_S
+        engine = sa.create_engine(
+            sa.make_url(self.app_db_url).update_query_dict({"application_name": APPLICATION_NAME}),
+            poolclass=sa.pool.NullPool,
+        )
+        try:
+            while not self.stop_event.is_set():
+                with engine.connect() as conn:
+                    busy = conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM generations WHERE status IN ('queued', 'running')"
+                        )
+                    ).scalar_one()
+                if busy:
+                    return True
+                if time.monotonic() > deadline or self.drained.is_set():
+                    return False
+                time.sleep(0.5)
+            return False
+        finally:
+            engine.dispose()
 
     def _kill_worker(self, instance: Any) -> None:
         deadline = time.monotonic() + self.WORKER_WAIT_S
@@ -336,14 +365,29 @@ class FaultDriver(threading.Thread):
                     )
                     self.say(f"fault: SIGKILL run worker {pid} (run {run_id[:8]})")
                     return
-            if time.monotonic() > deadline:
-                self.log.shortfalls.append(
-                    f"no run worker to kill within {self.WORKER_WAIT_S:.0f}s"
-                )
+            if time.monotonic() > deadline or self.drained.is_set():
+                self.log.shortfalls.append("no live run worker to kill")
                 return
             time.sleep(0.5)
 
     def _daemon_restart(self, instance: Any) -> None:
+        from dagster import DagsterRunStatus, RunsFilter
+
+        # Prefer a moment when runs are executing and none is still starting. A worker killed
+        # while its run is STARTING is only noticed after run monitoring's start timeout
+        # (120 s): correct, but it would make every soak that hits it two minutes longer.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            runs = instance.get_runs(
+                filters=RunsFilter(
+                    job_name="generation_job",
+                    statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED],
+                )
+            )
+            statuses = {run.status for run in runs}
+            if DagsterRunStatus.STARTED in statuses and DagsterRunStatus.STARTING not in statuses:
+                break
+            time.sleep(0.25)
         workers = live_workers(instance, self.stack)
         self.stack.restart_daemon()
         self.log.record(
@@ -479,10 +523,9 @@ class Submitter(threading.Thread):
 
 
 def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: str) -> StackConfig:
+    # The emulator starts without faults (the stack's own start-up calls, such as fetching the
+    # webhook secret, are not part of the soak); _soak turns them on once the stack is up.
     emulator_args = ["--latency-jitter", "0.3", "--retry-after", "1", "--seed", str(config.seed)]
-    for name, rate in EMULATOR_FAULTS.items():
-        if name != "failure_rate":  # StackConfig passes that one itself
-            emulator_args += [f"--{name.replace('_', '-')}", str(rate)]
     return StackConfig(
         state_dir=state,
         storage="postgres",
@@ -490,7 +533,6 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
         app_db_url=app_url,
         latency_s=config.latency,
         concurrency=config.concurrency,
-        failure_rate=EMULATOR_FAULTS["failure_rate"],
         emulator_args=emulator_args,
         max_concurrent_runs=config.max_concurrent_runs,
         extra_env={
@@ -645,6 +687,8 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
         f"{config.arrival_window_s:.0f}s; {len(plan.faults)} process faults scheduled"
     )
 
+    with EmulatorControl(stack.emulator_url) as control:
+        control.configure(faults=dict(EMULATOR_FAULTS))
     started = time.monotonic()
     submitter = Submitter(plan, engine, started)
     driver = FaultDriver(
@@ -732,13 +776,10 @@ def _settle(
             last_line = line
         if done != last_done:
             last_done, last_change = done, time.monotonic()
-        if (
-            inserted >= config.count
-            and done >= config.count
-            and not submitter.is_alive()
-            and not driver.is_alive()
-        ):
-            return
+        if inserted >= config.count and done >= config.count and not submitter.is_alive():
+            driver.drained.set()
+            if not driver.is_alive():
+                return
         if submitter.error is not None or driver.error is not None:
             return
         now = time.monotonic()

@@ -1,0 +1,550 @@
+"""The chaos soak and its audit.
+
+Proves that:
+
+- the audit (``chaos_audit.audit``) reports every kind of violation it exists for, on a
+  hand-made database state with one of each (a generation left running and its hold left open,
+  a balance that is not grants minus captures, cached sums that disagree with the entries, an
+  available balance that went negative between entries, two holds for one attempt and a hold
+  ended twice, a failed generation whose hold was captured, a charge that differs from its
+  capture, a second paid prediction for one attempt, a paid orphan nobody canceled, an S3 object
+  whose bytes are not the emulator's and one that is missing, a stuck prediction left running),
+  names whom each concerns, and finds nothing wrong with the clean generations beside them;
+- the soak's plan is a function of its seed: the same seed gives the same load and faults, and
+  users on small balances ask for more than they can pay;
+- the local S3 endpoint's outage control goes offline and comes back on the same port with every
+  object, in process and through ``SIGUSR1`` to the endpoint's process;
+- ``ai-handler chaos`` with two different seeds, through the real stack (PostgreSQL, emulator
+  faults, run workers killed, the daemon restarted, an S3 outage, database connections
+  terminated), settles every generation with zero violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from ai_handler_dagster import chaos, chaos_audit
+from ai_handler_dagster.db import upgrade
+from ai_handler_dagster.devstack.s3 import LocalS3, local_s3_client, start_local_s3
+
+MODEL = "demo/pixel-sketch"
+PNG_A = b"\x89PNG\r\n\x1a\n" + b"a" * 40
+PNG_B = b"\x89PNG\r\n\x1a\n" + b"b" * 40
+PNG_OTHER = b"\x89PNG\r\n\x1a\n" + b"z" * 40
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- a hand-made database state --------------------------------------------------------------
+
+
+class Books:
+    """Writes accounts, holds, entries and generations with plain SQL, as a corrupting hand
+    (or a bug) could."""
+
+    def __init__(self, conn: sa.Connection) -> None:
+        self.conn = conn
+        self.keys = 0
+
+    def _key(self) -> str:
+        self.keys += 1
+        return f"k{self.keys}"
+
+    def account(self, user: str, balance: int, held: int = 0) -> int:
+        return int(
+            self.conn.execute(
+                sa.text(
+                    "INSERT INTO accounts (user_id, balance, held) VALUES (:u, :b, :h) RETURNING id"
+                ),
+                {"u": user, "b": balance, "h": held},
+            ).scalar_one()
+        )
+
+    def entry(
+        self,
+        account: int,
+        kind: str,
+        amount: int,
+        balance_delta: int,
+        held_delta: int,
+        hold: int | None = None,
+    ) -> None:
+        self.conn.execute(
+            sa.text(
+                "INSERT INTO ledger_entries (account_id, hold_id, kind, amount, balance_delta, "
+                "held_delta, idempotency_key) VALUES (:a, :h, :k, :m, :bd, :hd, :key)"
+            ),
+            {
+                "a": account,
+                "h": hold,
+                "k": kind,
+                "m": amount,
+                "bd": balance_delta,
+                "hd": held_delta,
+                "key": self._key(),
+            },
+        )
+
+    def grant(self, account: int, amount: int, balance_delta: int | None = None) -> None:
+        delta = amount if balance_delta is None else balance_delta
+        self.entry(account, "grant", amount, delta, 0)
+
+    def hold(
+        self,
+        account: int,
+        generation: int,
+        amount: int,
+        *,
+        ends: tuple[str, ...] = (),
+        captured: int = 0,
+    ) -> int:
+        """A hold with its opening entry and the given ending entries (``capture`` spends
+        ``captured``); its status follows the first ending."""
+        status = {"capture": "captured", "release": "released", "expire": "expired"}.get(
+            ends[0] if ends else "", "pending"
+        )
+        hold_id = int(
+            self.conn.execute(
+                sa.text(
+                    "INSERT INTO holds (account_id, generation_id, idempotency_key, amount, "
+                    "status, captured_amount, expires_at, ended_at) VALUES (:a, :g, :key, :m, "
+                    ":s, :c, now() + interval '1 hour', "
+                    "CASE WHEN :s = 'pending' THEN NULL ELSE now() END) RETURNING id"
+                ),
+                {
+                    "a": account,
+                    "g": generation,
+                    "key": self._key(),
+                    "m": amount,
+                    "s": status,
+                    "c": captured if status == "captured" else 0,
+                },
+            ).scalar_one()
+        )
+        self.entry(account, "hold", amount, 0, amount, hold_id)
+        for kind in ends:
+            spent = captured if kind == "capture" else 0
+            self.entry(
+                account, kind, spent if kind == "capture" else amount, -spent, -amount, hold_id
+            )
+        return hold_id
+
+    def generation(
+        self,
+        user: str,
+        status: str,
+        prompt: str,
+        *,
+        prediction: str | None = None,
+        code: str | None = None,
+        charged: int = 0,
+    ) -> int:
+        return int(
+            self.conn.execute(
+                sa.text(
+                    "INSERT INTO generations (user_id, model, input, status, prediction_id, "
+                    "error_code, amount_charged) VALUES (:u, :m, :i, :s, :p, :c, :ch) "
+                    "RETURNING id"
+                ),
+                {
+                    "u": user,
+                    "m": MODEL,
+                    "i": json.dumps({"prompt": prompt}),
+                    "s": status,
+                    "p": prediction,
+                    "c": code,
+                    "ch": charged,
+                },
+            ).scalar_one()
+        )
+
+    def set_output(self, generation: int, data: bytes) -> None:
+        """Record one stored output of ``data`` under the generation's deterministic key."""
+        self.conn.execute(
+            sa.text("UPDATE generations SET outputs = :o WHERE id = :g"),
+            {"o": json.dumps([_object(generation, data)]), "g": generation},
+        )
+
+    def link(self, generation: int, hold: int, amount_held: int) -> None:
+        self.conn.execute(
+            sa.text("UPDATE generations SET hold_id = :h, amount_held = :a WHERE id = :g"),
+            {"h": hold, "a": amount_held, "g": generation},
+        )
+
+
+def _prediction(
+    pid: str,
+    prompt: str,
+    status: str,
+    *,
+    paid: bool = True,
+    faults: tuple[str, ...] = (),
+    files: int = 0,
+    data_removed: bool = False,
+) -> dict[str, Any]:
+    output = [f"http://emulator.test/files/{pid}/{i}.png" for i in range(files)] or None
+    return {
+        "id": pid,
+        "model": MODEL,
+        "input": {"prompt": prompt},
+        "status": status,
+        "output": None if data_removed else output,
+        "data_removed": data_removed,
+        "_emulator": {"paid": paid, "faults": list(faults)},
+    }
+
+
+def _object(gid: int, data: bytes) -> dict[str, Any]:
+    key = f"generations/{gid}/0.png"
+    return {
+        "bucket": "audit-test",
+        "key": key,
+        "uri": f"s3://audit-test/{key}",
+        "size": len(data),
+        "sha256": _sha(data),
+        "content_type": "image/png",
+    }
+
+
+@dataclass
+class HandMade:
+    engine: sa.Engine
+    predictions: list[dict[str, Any]]
+    files: dict[str, bytes]
+    expected: dict[str, str]  # check -> subject it must name
+    clean_subjects: list[str]
+
+
+@pytest.fixture
+def s3() -> Iterator[LocalS3]:
+    with start_local_s3(bucket="audit-test") as local:
+        yield local
+
+
+@pytest.fixture
+def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
+    upgrade(pg_url)
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    client = s3.client()
+    files: dict[str, bytes] = {}
+    predictions: list[dict[str, Any]] = []
+    expected: dict[str, str] = {}
+    with engine.begin() as conn:
+        # The database itself refuses a second ending of a hold; a hand-edited copy may not.
+        conn.execute(sa.text("DROP INDEX uq_ledger_entries_hold_ending"))
+        books = Books(conn)
+
+        # alice: everything right (a success with its output, a refunded failure, a stuck
+        # prediction canceled at its deadline, a refusal, a canceled orphan).
+        alice = books.account("alice", 95)
+        books.grant(alice, 100)
+        a1 = books.generation("alice", "succeeded", "a fox", prediction="pa1", charged=5)
+        books.set_output(a1, PNG_A)
+        books.link(a1, books.hold(alice, a1, 5, ends=("capture",), captured=5), 5)
+        client.put_object(Bucket="audit-test", Key=f"generations/{a1}/0.png", Body=PNG_A)
+        predictions.append(_prediction("pa1", "a fox", "succeeded", files=1))
+        files["http://emulator.test/files/pa1/0.png"] = PNG_A
+        a2 = books.generation(
+            "alice", "failed", "a stuck fox", prediction="pa2", code="deadline_exceeded"
+        )
+        books.link(a2, books.hold(alice, a2, 5, ends=("release",)), 5)
+        predictions.append(_prediction("pa2", "a stuck fox", "canceled", faults=("stuck",)))
+        books.generation("alice", "failed", "too poor", code="insufficient_credits")
+        predictions.append(_prediction("pa4", "a fox", "canceled"))
+
+        # bob: a generation left running, its hold still pending, its stuck prediction running.
+        bob = books.account("bob", 100, held=5)
+        books.grant(bob, 100)
+        b1 = books.generation("bob", "running", "a bear", prediction="pb1")
+        books.link(b1, books.hold(bob, b1, 5), 5)
+        predictions.append(_prediction("pb1", "a bear", "processing", faults=("stuck",)))
+        expected["terminal"] = f"generation {b1}"
+        expected["open_holds"] = "hold "
+        expected["stuck_canceled"] = "prediction pb1"
+
+        # carol: a balance that is not grants minus captures.
+        carol = books.account("carol", 90)
+        books.grant(carol, 100)
+        expected["balances"] = "user carol"
+
+        # dave: a grant entry whose stored delta disagrees with its amount.
+        dave = books.account("dave", 100)
+        books.grant(dave, 100, balance_delta=50)
+        expected["caches"] = "user dave"
+
+        # erin: a hold larger than the balance (available negative until it was released).
+        erin = books.account("erin", 10)
+        books.grant(erin, 10)
+        e1 = books.generation("erin", "failed", "an eel", code="prediction_failed")
+        books.link(e1, books.hold(erin, e1, 20, ends=("release",)), 20)
+        expected["available"] = "user erin"
+
+        # frank: two holds for one attempt (both refunded); gina: one hold ended twice.
+        frank = books.account("frank", 100)
+        books.grant(frank, 100)
+        f1 = books.generation("frank", "failed", "a frog", code="run_failed")
+        books.hold(frank, f1, 5, ends=("release",))
+        books.link(f1, books.hold(frank, f1, 5, ends=("release",)), 5)
+        gina = books.account("gina", 100)
+        books.grant(gina, 100)
+        g1 = books.generation("gina", "failed", "a goat", code="run_failed")
+        books.link(g1, books.hold(gina, g1, 5, ends=("release", "release")), 5)
+        expected["holds"] = f"generation {f1}"
+
+        # hank: a failed generation whose hold was captured instead of refunded.
+        hank = books.account("hank", 95)
+        books.grant(hank, 100)
+        h1 = books.generation("hank", "failed", "a hen", code="prediction_failed")
+        books.link(h1, books.hold(hank, h1, 5, ends=("capture",), captured=5), 5)
+        expected["refunds"] = f"generation {h1}"
+
+        # ivan: charged 5, captured 4.
+        ivan = books.account("ivan", 96)
+        books.grant(ivan, 100)
+        i1 = books.generation("ivan", "succeeded", "an ibis", prediction="pi1", charged=5)
+        books.set_output(i1, PNG_B)
+        books.link(i1, books.hold(ivan, i1, 5, ends=("capture",), captured=4), 5)
+        client.put_object(Bucket="audit-test", Key=f"generations/{i1}/0.png", Body=PNG_B)
+        predictions.append(_prediction("pi1", "an ibis", "succeeded", files=1, data_removed=True))
+        expected["charges"] = f"generation {i1}"
+
+        # jane: her failed attempt's prediction, and a second one for the same input that
+        # nobody owns and nobody canceled.
+        jane = books.account("jane", 100)
+        books.grant(jane, 100)
+        j1 = books.generation("jane", "failed", "a jay", prediction="pj1", code="prediction_failed")
+        books.link(j1, books.hold(jane, j1, 5, ends=("release",)), 5)
+        predictions.append(_prediction("pj1", "a jay", "failed"))
+        predictions.append(_prediction("pj2", "a jay", "succeeded", files=1))
+        expected["paid_predictions"] = f"generation {j1}"
+
+        # A paid prediction nobody asked for, left to finish.
+        predictions.append(_prediction("pz", "nobody asked", "succeeded", files=1))
+        expected["orphan_predictions"] = "prediction pz"
+
+        # kate: an S3 object whose bytes are not what the emulator produced, and one missing.
+        kate = books.account("kate", 90)
+        books.grant(kate, 100)
+        k1 = books.generation("kate", "succeeded", "a kite", prediction="pk1", charged=5)
+        books.set_output(k1, PNG_B)
+        books.link(k1, books.hold(kate, k1, 5, ends=("capture",), captured=5), 5)
+        client.put_object(Bucket="audit-test", Key=f"generations/{k1}/0.png", Body=PNG_B)
+        predictions.append(_prediction("pk1", "a kite", "succeeded", files=1))
+        files["http://emulator.test/files/pk1/0.png"] = PNG_OTHER
+        k2 = books.generation("kate", "succeeded", "a koala", prediction="pk2", charged=5)
+        books.set_output(k2, PNG_A)
+        books.link(k2, books.hold(kate, k2, 5, ends=("capture",), captured=5), 5)
+        predictions.append(_prediction("pk2", "a koala", "succeeded", files=1, data_removed=True))
+        expected["outputs"] = f"generation {k1}"
+        clean = [f"generation {a1}", f"generation {a2}", "user alice", "prediction pa4"]
+    try:
+        yield HandMade(engine, predictions, files, expected, clean)
+    finally:
+        engine.dispose()
+
+
+def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: LocalS3) -> None:
+    report = chaos_audit.audit(
+        hand_made.engine,
+        predictions=hand_made.predictions,
+        s3_objects=chaos_audit.list_s3_objects(s3.client(), "audit-test"),
+        fetch_output=hand_made.files.get,
+    )
+    found = [str(v) for v in report.violations]
+    print("\n".join(found))
+    counts = report.by_check()
+    assert set(counts) == set(chaos_audit.CHECKS)
+    for check, subject in hand_made.expected.items():
+        assert any(v.check == check and v.subject.startswith(subject) for v in report.violations), (
+            check,
+            subject,
+            found,
+        )
+    assert all(counts[name] >= 1 for name in chaos_audit.CHECKS), counts
+    # The double ending of gina's hold and the missing object of kate's koala are named too.
+    assert any(v.check == "holds" and "ended 2 times" in v.message for v in report.violations)
+    assert any(v.check == "outputs" and "not in the bucket" in v.message for v in report.violations)
+    for subject in hand_made.clean_subjects:
+        assert not [v for v in report.violations if v.subject == subject], (subject, found)
+    # What it saw on the way.
+    assert report.statuses["succeeded"] == 4
+    assert report.failed_by_code["insufficient_credits"] == 1
+    assert report.stuck_predictions == 2
+    assert report.canceled_orphans == 1
+    assert report.objects_compared_with_emulator == 2  # alice's fox and kate's kite
+    assert not report.ok
+
+
+def test_a_clean_state_passes_every_check(pg_url: str, s3: LocalS3) -> None:
+    upgrade(pg_url)
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            books = Books(conn)
+            alice = books.account("alice", 95)
+            books.grant(alice, 100)
+            a1 = books.generation("alice", "succeeded", "a fox", prediction="pa1", charged=5)
+            books.set_output(a1, PNG_A)
+            books.link(a1, books.hold(alice, a1, 5, ends=("capture",), captured=5), 5)
+            a2 = books.generation("alice", "canceled", "a fox, canceled", code="run_failed")
+            books.link(a2, books.hold(alice, a2, 5, ends=("release",)), 5)
+        s3.client().put_object(Bucket="audit-test", Key=f"generations/{a1}/0.png", Body=PNG_A)
+        report = chaos_audit.audit(
+            engine,
+            predictions=[_prediction("pa1", "a fox", "succeeded", files=1)],
+            s3_objects=chaos_audit.list_s3_objects(s3.client(), "audit-test"),
+            fetch_output={"http://emulator.test/files/pa1/0.png": PNG_A}.get,
+        )
+    finally:
+        engine.dispose()
+    assert report.violations == []
+    assert report.refunded == 1 and report.captured_credits == 5 and report.granted_credits == 100
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() -> None:
+    config = chaos.ChaosConfig(seed=7, count=60)
+    first, again = chaos.make_plan(config, 5), chaos.make_plan(config, 5)
+    other = chaos.make_plan(chaos.ChaosConfig(seed=8, count=60), 5)
+    assert first == again
+    assert first.requests != other.requests and first.faults != other.faults
+    assert len(first.requests) == 60
+    assert len({json.dumps(r.input, sort_keys=True) for r in first.requests}) == 60
+    kinds = sorted(f.kind for f in first.faults)
+    assert kinds.count("kill_worker") == 5 and kinds.count("pg_terminate") == 2
+    assert {"daemon_restart", "s3_outage"} <= set(kinds)
+    for user, grant in first.grants.items():
+        asked = 5 * sum(1 for r in first.requests if r.user == user)
+        if user.startswith("poor-"):
+            assert grant < asked
+            # Each poor user's requests arrive together, in two bursts.
+            assert len({r.at_s for r in first.requests if r.user == user}) <= 2
+        else:
+            assert grant >= asked
+
+
+# --- the S3 outage control ---------------------------------------------------------------------
+
+
+def test_an_outage_refuses_connections_then_serves_every_object_again(s3: LocalS3) -> None:
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="kept.txt", Body=b"still here")
+    outage = threading.Thread(target=s3.outage, args=(1.5,))
+    outage.start()
+    try:
+        deadline = time.monotonic() + 5
+        while _port_open(s3.port) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _port_open(s3.port)
+    finally:
+        outage.join()
+    assert _port_open(s3.port)
+    assert client.get_object(Bucket=s3.bucket, Key="kept.txt")["Body"].read() == b"still here"
+
+
+def test_sigusr1_takes_the_endpoint_process_offline_and_back_with_its_objects(
+    tmp_path: Path,
+) -> None:
+    port_file = tmp_path / "s3.port"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ai_handler_dagster.devstack.s3",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--outage-seconds",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        client = local_s3_client(f"http://127.0.0.1:{port}")
+        client.put_object(Bucket="ai-handler-outputs", Key="k", Body=b"v")
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while _port_open(port):
+            assert time.monotonic() < deadline, "the endpoint never went offline"
+            time.sleep(0.02)
+        while not _port_open(port):
+            assert time.monotonic() < deadline, "the endpoint did not come back"
+            time.sleep(0.05)
+        assert client.get_object(Bucket="ai-handler-outputs", Key="k")["Body"].read() == b"v"
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --- the soak ----------------------------------------------------------------------------------
+
+
+def _run_soak(seed: int, count: int, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    from tests.conftest import PG_ADMIN_URL
+
+    parser = argparse.ArgumentParser()
+    chaos.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["chaos", "--seed", str(seed), "--count", str(count), "--pg-url", PG_ADMIN_URL, "--json"]
+    )
+    code = args.handler(args)
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    print(out)
+    assert code == (0 if report["violations"] == 0 else 1)
+    return report
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "count"), [(11, 32), (23, 36)])
+def test_a_seeded_soak_settles_with_no_violation(
+    seed: int, count: int, pg_available: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not pg_available:
+        pytest.skip("PostgreSQL is not reachable")
+    report = _run_soak(seed, count, capsys)
+    assert report["violations"] == 0, report["violation_details"] + report["fault_shortfalls"]
+    assert (report["seed"], report["count"]) == (seed, count)
+    assert report["succeeded"] + report["failed"] == count
+    faults = report["faults"]
+    assert faults["worker_kill"] >= 5
+    assert faults["daemon_restart"] == 1 and faults["s3_outage"] == 1
+    assert faults["pg_terminate"] >= 2 and faults["pg_backends_terminated"] >= 2
+    assert faults["http_500"] + faults["http_429"] > 0
+    assert report["failed_by_code"].get("insufficient_credits", 0) >= 1
+    assert report["succeeded"] > 0
+    assert all(n == 0 for n in report["checks"].values()), report["checks"]
