@@ -33,6 +33,8 @@ from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinish
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
+ONE_MICROSECOND = timedelta(microseconds=1)
+
 #: Partitions of the reprocessing job: one per day of generation requests (UTC). The current day
 #: is a partition too (``end_offset=1``): failures of today are the ones an operator most often
 #: wants to reprocess, and without it today's key only appears once the day is over.
@@ -92,8 +94,11 @@ def requeue_day(
             session.scalars(
                 sa.select(Generation.id)
                 .where(
-                    Generation.created_at >= day,
-                    Generation.created_at < day + timedelta(days=1),
+                    # Open bounds one microsecond outside the day: on SQLite, timestamps an
+                    # application wrote with CURRENT_TIMESTAMP have no fraction and compare as
+                    # text, so "<day> 00:00:00" sorts below "<day> 00:00:00.000000".
+                    Generation.created_at > day - ONE_MICROSECOND,
+                    Generation.created_at <= day + timedelta(days=1) - ONE_MICROSECOND,
                     Generation.status.in_(statuses),
                 )
                 .order_by(Generation.id)
