@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger
+from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
@@ -114,9 +114,10 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo; returns what happened (``DemoResult.ok`` says if it is all as expected)."""
     out = sys.stderr
-    config = StackConfig(latency_s=1.0, concurrency=8)
-    if state_dir is not None:
-        config.state_dir = state_dir
+    # A folder of its own, so the demo can run beside `ai-handler dev` without sharing its queue.
+    config = StackConfig(
+        state_dir=state_dir or settings.state_dir() / "demo", latency_s=1.0, concurrency=8
+    )
     started = time.monotonic()
     stack = Stack(config)
     if not quiet:

@@ -11,6 +11,7 @@ the chaos soak: the same processes and configuration production runs, only point
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import sqlalchemy as sa
 
@@ -172,6 +173,7 @@ class Stack:
         self.logs_dir = config.state_dir / "logs"
         self.app_db_url = config.app_db_url or f"sqlite:///{config.state_dir / 'app.db'}"
         self._log_files: list[object] = []
+        self._lock: IO[str] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -205,6 +207,9 @@ class Stack:
         for handle in self._log_files:
             handle.close()  # type: ignore[attr-defined]
         self._log_files.clear()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     # ----------------------------------------------------------------- environment
 
@@ -241,8 +246,23 @@ class Stack:
 
     # ----------------------------------------------------------------- parts
 
+    def _lock_state_dir(self) -> None:
+        """One stack per state folder: a second one would claim the first one's requests and
+        store their outputs in its own S3."""
+        lock = open(self.config.state_dir / ".stack.lock", "w")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise settings.ConfigError(
+                f"another embedded stack (ai-handler dev, demo, bench?) is running in "
+                f"{self.config.state_dir}; stop it, or use another AI_HANDLER_STATE_DIR"
+            ) from None
+        self._lock = lock
+
     def _prepare(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         (self.dagster_home / "dagster.yaml").write_text(
