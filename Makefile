@@ -31,8 +31,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/ai-handler bench
 
+# A seeded soak with faults, then the audit: `make chaos SEED=2 CHAOS_ARGS="--count 60"`.
+SEED ?= 1
 chaos: $(STAMP)
-	$(BIN)/ai-handler chaos
+	$(BIN)/ai-handler chaos --seed $(SEED) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache
