@@ -99,7 +99,7 @@ class AuditReport:
 
 
 def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[Mapping[str, Any]]:
-    return [row._mapping for row in conn.execute(sa.text(sql), params)]
+    return [dict(row._mapping) for row in conn.execute(sa.text(sql), params)]
 
 
 def _json(value: Any) -> Any:
@@ -389,20 +389,20 @@ def _check_settlements(
                 report.add("charges", subject, f"{g['status']} but charged {g['amount_charged']}")
             continue
         charged_by_user[g["user_id"]] += g["amount_charged"]
-        h = holds_by_id.get(g["hold_id"]) if g["hold_id"] is not None else None
-        if h is None:
+        hold = holds_by_id.get(g["hold_id"]) if g["hold_id"] is not None else None
+        if hold is None:
             report.add("charges", subject, "succeeded without a hold")
             continue
-        if h["generation_id"] != gid:
+        if hold["generation_id"] != gid:
             report.add(
-                "charges", subject, f"its hold {h['id']} is generation {h['generation_id']}'s"
+                "charges", subject, f"its hold {hold['id']} is generation {hold['generation_id']}'s"
             )
-        if h["status"] != "captured" or h["captured_amount"] != g["amount_charged"]:
+        if hold["status"] != "captured" or hold["captured_amount"] != g["amount_charged"]:
             report.add(
                 "charges",
                 subject,
-                f"charged {g['amount_charged']} but hold {h['id']} is {h['status']} with "
-                f"{h['captured_amount']} captured",
+                f"charged {g['amount_charged']} but hold {hold['id']} is {hold['status']} with "
+                f"{hold['captured_amount']} captured",
             )
     captured_by_user: Counter[str] = Counter()
     account_user = {a["id"]: a["user_id"] for a in accounts}
@@ -439,9 +439,9 @@ def _check_predictions(
         if not private.get("paid"):
             continue
         report.paid_predictions += 1
-        gid = owner.get(p["id"])
-        if gid is not None:
-            paid_for[gid].append(f"{p['id']} (owned, {p['status']})")
+        owned_by = owner.get(p["id"])
+        if owned_by is not None:
+            paid_for[owned_by].append(f"{p['id']} (owned, {p['status']})")
             continue
         matches = by_input.get((p.get("model") or "", _normalized(p.get("input"))), [])
         if p["status"] == "canceled":
