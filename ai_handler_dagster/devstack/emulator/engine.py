@@ -390,7 +390,7 @@ class Engine:
         with self._lock:
             pred = self._predictions.get(prediction_id)
             out = pred.files.get(index) if pred is not None else None
-        if out is None or out.ext != ext:
+        if out is None or out.ext != ext or out.gone or out.url is not None:
             raise not_found("No such output file (it may have expired).")
         return out
 
@@ -596,7 +596,8 @@ class Engine:
             if result.files:
                 pred.files = dict(enumerate(result.files))
                 output: list[str] = [
-                    f"{self.base_url}/files/{pred.id}/{i}.{f.ext}" for i, f in pred.files.items()
+                    f.url or f"{self.base_url}/files/{pred.id}/{i}.{f.ext}"
+                    for i, f in pred.files.items()
                 ]
             else:
                 output = list(result.chunks or [])
@@ -605,7 +606,7 @@ class Engine:
                 self._event(pred, "output")
             pred.metrics.update(result.metrics)
             self._finish(pred, "succeeded")
-            if "remove_output" in pred.faults:
+            if "remove_output" in pred.faults or result.remove_outputs:
                 # Gone right after success: whoever did not download at once finds nothing.
                 self.scheduler.call_later(0, lambda: self._expire(pred, force=True))
 

@@ -4,6 +4,10 @@
   of prompt, seed and size, with the prompt written on the picture. Same inputs, same bytes.
 * ``demo/haiku-text`` writes a haiku (a list of text chunks, like a language model's stream)
   derived from a hash of the prompt.
+* ``test/bad-output`` is a test model: it succeeds with an output that misbehaves on purpose
+  (a URL on a foreign host or a private address, a redirect to cloud metadata, an oversized or
+  mislabelled file, an output that expires at once), chosen by its ``misbehave`` input. No
+  shipped price table prices it, so only tests that bring their own table can run it.
 
 Each model describes its inputs once (:class:`InputField`); the same description produces the
 OpenAPI schema served by the versions endpoint and validates create requests, so the two cannot
@@ -65,11 +69,19 @@ class InputField:
 
 @dataclass(frozen=True)
 class OutputFile:
-    """One output file a prediction serves under ``/files/{id}/{index}.{ext}``."""
+    """One output file a prediction serves under ``/files/{id}/{index}.{ext}``.
+
+    The last three fields are for test models only: ``url`` lists that URL in the output
+    instead of the emulator's own (and the emulator serves nothing for it), ``redirect``
+    answers the file's URL with a 302 to that location, and ``gone`` answers it with 404.
+    """
 
     data: bytes
     ext: str
     content_type: str
+    url: str | None = None
+    redirect: str | None = None
+    gone: bool = False
 
 
 @dataclass
@@ -79,6 +91,8 @@ class ModelResult:
     files: list[OutputFile] = field(default_factory=list)
     chunks: list[str] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: Delete the outputs right after success (``data_removed``), as the ``remove_output`` fault.
+    remove_outputs: bool = False
 
 
 class DemoModel:
@@ -369,7 +383,98 @@ class HaikuText(DemoModel):
         return chunks[: inputs["max_tokens"]]
 
 
-MODELS: dict[str, DemoModel] = {m.ref: m for m in (PixelSketch(), HaikuText())}
+#: Where misbehaving outputs point: cloud metadata, a private network, a host nobody allowed.
+METADATA_URL = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+PRIVATE_URL = "http://10.0.0.7/internal/output.png"
+FOREIGN_URL = "https://outputs.attacker.example/output.png"
+
+
+class BadOutput(DemoModel):
+    """``test/bad-output``: a test model that succeeds with an output that misbehaves.
+
+    ``misbehave`` picks the misbehaviour (see ``MISBEHAVIOURS``); the prediction itself always
+    succeeds, so whatever refuses the output must be the client's download rules.
+    """
+
+    owner = "test"
+    name = "bad-output"
+    description = "Test model: succeeds with a deliberately bad output (see the misbehave input)."
+    MISBEHAVIOURS = (
+        "foreign-host",  # a URL on a host that is not the provider's
+        "private-address",  # a URL on a private (RFC 1918) address
+        "metadata-address",  # a URL on the link-local cloud metadata address
+        "redirect-to-metadata",  # an emulator file URL that redirects to cloud metadata
+        "redirect-to-private",  # an emulator file URL that redirects to a private address
+        "oversized",  # a PNG of size_bytes bytes
+        "wrong-content-type",  # PNG bytes served as image/jpeg
+        "markup-as-image",  # HTML with a script served as image/png
+        "expired",  # a good PNG, deleted right after success (data_removed)
+        "gone",  # an emulator file URL that answers 404
+    )
+    inputs = (
+        InputField("prompt", "string", "Any text", required=True, min_length=1, max_length=2000),
+        InputField(
+            "misbehave",
+            "string",
+            "How the output misbehaves: " + ", ".join(MISBEHAVIOURS),
+            default="foreign-host",
+        ),
+        InputField(
+            "size_bytes",
+            "integer",
+            "Size of the 'oversized' output in bytes",
+            default=2 * 1024 * 1024,
+            minimum=1,
+            maximum=64 * 1024 * 1024,
+        ),
+    )
+    output_schema = {"type": "array", "items": {"type": "string", "format": "uri"}}
+
+    def validate(self, raw: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        inputs, problems = super().validate(raw)
+        choice = inputs.get("misbehave")
+        if not problems and choice not in self.MISBEHAVIOURS:
+            problems.append(
+                _invalid(
+                    "enum",
+                    "input.misbehave",
+                    "Must be one of: " + ", ".join(self.MISBEHAVIOURS),
+                )
+            )
+        return inputs, problems
+
+    def run(self, inputs: Mapping[str, Any], seed: int) -> ModelResult:
+        choice = inputs["misbehave"]
+        png = render_sketch(inputs["prompt"], seed, 64, 64)
+        file = OutputFile(png, "png", "image/png")
+        result = ModelResult(metrics={"misbehave": choice})
+        if choice == "foreign-host":
+            file = OutputFile(b"", "png", "image/png", url=FOREIGN_URL)
+        elif choice == "private-address":
+            file = OutputFile(b"", "png", "image/png", url=PRIVATE_URL)
+        elif choice == "metadata-address":
+            file = OutputFile(b"", "png", "image/png", url=METADATA_URL)
+        elif choice == "redirect-to-metadata":
+            file = OutputFile(b"", "png", "image/png", redirect=METADATA_URL)
+        elif choice == "redirect-to-private":
+            file = OutputFile(b"", "png", "image/png", redirect=PRIVATE_URL)
+        elif choice == "oversized":
+            body = png[:8] + bytes(max(0, inputs["size_bytes"] - 8))
+            file = OutputFile(body, "png", "image/png")
+        elif choice == "wrong-content-type":
+            file = OutputFile(png, "png", "image/jpeg")
+        elif choice == "markup-as-image":
+            markup = b"<!doctype html><html><script>alert(document.cookie)</script></html>"
+            file = OutputFile(markup, "png", "image/png")
+        elif choice == "expired":
+            result.remove_outputs = True
+        elif choice == "gone":
+            file = OutputFile(b"", "png", "image/png", gone=True)
+        result.files = [file]
+        return result
+
+
+MODELS: dict[str, DemoModel] = {m.ref: m for m in (PixelSketch(), HaikuText(), BadOutput())}
 """Every model the emulator serves, by ``owner/name``."""
 
 VERSIONS: dict[str, DemoModel] = {m.version_id: m for m in MODELS.values()}

@@ -454,6 +454,8 @@ class App:
     def output_file(self, request: Request, id: str, index: str, ext: str) -> Response:
         """``GET /files/{id}/{index}.{ext}``: no auth, like replicate.delivery."""
         out = self.engine.file(id, int(index), ext)
+        if out.redirect is not None:  # test models only
+            return Response(302, b"", "text/plain", {"Location": out.redirect})
         return Response(200, out.data, out.content_type, {"Cache-Control": "private, max-age=60"})
 
     def web_page(self, request: Request, id: str) -> Response:
