@@ -143,6 +143,11 @@ def _parse_input(text: str) -> Any:
             raise UsageError(
                 f"cannot read input file {str(path)!r}: {exc.strerror or exc}"
             ) from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"input file {str(path)!r} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} "
+                f"at offset {exc.start})"
+            ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

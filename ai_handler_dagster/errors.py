@@ -8,6 +8,9 @@ contract: never rename one, only add new ones.
 code                      retryable  meaning
 ========================  =========  ==========================================================
 ``invalid_input``         no         input rejected by the provider (HTTP 422); names the fields
+``invalid_request``       no         the stored request is malformed (a user id, model reference
+                                     or input that ``submit`` refuses), found before anything
+                                     was held; the message names the field
 ``unauthorized``          no         the provider rejected the credentials (HTTP 401/403)
 ``model_not_found``       no         unknown model or version (HTTP 404)
 ``prediction_failed``     no         the prediction ran and failed (status ``failed``)
@@ -31,6 +34,7 @@ from __future__ import annotations
 from typing import Final
 
 INVALID_INPUT: Final = "invalid_input"
+INVALID_REQUEST: Final = "invalid_request"
 UNAUTHORIZED: Final = "unauthorized"
 MODEL_NOT_FOUND: Final = "model_not_found"
 PREDICTION_FAILED: Final = "prediction_failed"
@@ -49,6 +53,7 @@ INTERNAL_ERROR: Final = "internal_error"
 ALL_CODES: Final[frozenset[str]] = frozenset(
     {
         INVALID_INPUT,
+        INVALID_REQUEST,
         UNAUTHORIZED,
         MODEL_NOT_FOUND,
         PREDICTION_FAILED,

@@ -31,11 +31,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from ai_handler_dagster import ledger
 from ai_handler_dagster.db.models import TERMINAL_STATUSES, Generation, Hold, utcnow
-from ai_handler_dagster.errors import INSUFFICIENT_CREDITS, UNPRICED_MODEL
+from ai_handler_dagster.errors import INSUFFICIENT_CREDITS, INVALID_REQUEST, UNPRICED_MODEL
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "record_prediction",
     "requeue",
     "start_attempt",
+    "stored_request_problem",
     "submit",
     "succeed",
     "validate_input",
@@ -112,9 +113,13 @@ def get(session: Session, generation_id: int) -> Generation:
 
 
 def _lock(session: Session, generation_id: int) -> Generation:
+    # The input is not decoded here: no transition needs it, and a row an application wrote by
+    # hand may hold text that is not JSON at all (SQLite does not check). Reading it is left to
+    # ``start_attempt``, which fails such a row instead of raising.
     row = session.scalars(
         sa.select(Generation)
         .where(Generation.id == generation_id)
+        .options(defer(Generation.input))
         .with_for_update()
         .execution_options(populate_existing=True)
     ).first()
@@ -191,6 +196,26 @@ def validate_input(value: object) -> dict[str, Any]:
     if size > MAX_INPUT_BYTES:
         raise InvalidRequest(f"input is {size} bytes as JSON; the limit is {MAX_INPUT_BYTES}")
     return value
+
+
+def stored_request_problem(row: Generation) -> str | None:
+    """Why a stored request cannot run, or None: what ``submit`` would have refused.
+
+    Applications may insert rows straight into the table, bypassing ``submit``. A malformed user
+    id, model reference or input is found here, before any credit is held or the provider is
+    called, so that it fails only its own generation.
+    """
+    try:
+        _text(row.user_id, "user_id")
+        parse_model_ref(row.model)
+        try:
+            payload = row.input
+        except ValueError as exc:  # json.JSONDecodeError: SQLite keeps whatever text was written
+            return f"input is not valid JSON: {exc}"
+        validate_input(payload)
+    except ValueError as exc:  # InvalidRequest is one
+        return str(exc)
+    return None
 
 
 def _same_request(
@@ -306,7 +331,11 @@ def claim_pending(
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
-    query = sa.select(Generation).where(Generation.status == "pending")
+    # The sensor needs ids, users and models only; not decoding inputs means a row holding text
+    # that is not JSON (possible on SQLite) cannot make every tick fail.
+    query = (
+        sa.select(Generation).where(Generation.status == "pending").options(defer(Generation.input))
+    )
     if per_user_limit is None:
         query = query.order_by(Generation.id).limit(limit)
     else:
@@ -376,8 +405,11 @@ def start_attempt(
 
     - already running with this attempt's hold (an op retry or a re-executed run): returned as is,
       and ``dagster_run_id`` moves to ``run_id`` so the old run's failure does not refund it;
-    - cannot afford the hold, or the model lost its price: marked ``failed``
-      (``insufficient_credits`` / ``unpriced_model``), nothing held, returned;
+    - a request that ``submit`` would have refused (a row written straight into the table with
+      a malformed user id, model reference or input): marked ``failed`` (``invalid_request``),
+      nothing held, returned;
+    - cannot afford the hold (or the user has no account), or the model lost its price: marked
+      ``failed`` (``insufficient_credits`` / ``unpriced_model``), nothing held, returned;
     - already terminal: returned unchanged.
     """
     row = _lock(session, generation_id)
@@ -386,6 +418,11 @@ def start_attempt(
         return row
     if row.status == "running" and row.hold_id is not None:
         row.dagster_run_id = run_id
+        session.flush()
+        return row
+    problem = stored_request_problem(row)
+    if problem is not None:
+        _finish(row, "failed", INVALID_REQUEST, problem, now)
         session.flush()
         return row
     try:

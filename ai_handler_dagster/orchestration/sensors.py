@@ -135,6 +135,8 @@ def _stale_batches(session: sa.orm.Session, now: datetime) -> dict[str, list[Gen
         )
         .order_by(Generation.id)
         .limit(500)
+        # Inputs are not needed here, and one that is not JSON must not fail the tick.
+        .options(sa.orm.defer(Generation.input))
     ).all()
     batches: dict[str, list[Generation]] = {}
     for row in rows:
