@@ -124,6 +124,8 @@ schedules:
   num_workers: 2
 telemetry:
   enabled: false
+nux:
+  enabled: false
 """
 
 
