@@ -37,8 +37,8 @@ CHECKS: dict[str, str] = {
     "holds": "at most one hold per attempt, opened once and ended exactly once",
     "refunds": "refunds = the holds of failed and canceled attempts",
     "charges": "succeeded generations captured exactly what they charged",
-    "paid_predictions": "paid predictions of a generation <= its attempts",
-    "orphan_predictions": "paid predictions no generation owns were canceled",
+    "paid_predictions": "paid predictions of a request <= its attempts; unowned ones canceled",
+    "orphan_predictions": "paid predictions matching no request were canceled",
     "outputs": "succeeded generations have their S3 objects with the emulator's sha256",
     "stuck_canceled": "stuck predictions were canceled",
 }
@@ -459,11 +459,15 @@ def _check_predictions(
             )
     for gid, paid in sorted(paid_for.items()):
         attempts = gens[gid]["attempt"]
-        if len(paid) > attempts:
+        # A paid prediction for this request that no attempt owns is a second paid prediction
+        # (or a lost create nobody stopped) unless it was canceled: either way, money ran on.
+        loose = [item for item in paid if "owned by no generation" in item]
+        if len(paid) > attempts or loose:
             report.add(
                 "paid_predictions",
                 f"generation {gid}",
-                f"{len(paid)} paid predictions for {attempts} attempt(s): {', '.join(paid)}",
+                f"{len(paid)} paid predictions for {attempts} attempt(s), {len(loose)} owned by "
+                f"no generation and not canceled: {', '.join(paid)}",
             )
 
 
