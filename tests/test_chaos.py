@@ -8,8 +8,8 @@ Proves that:
   available balance that went negative between entries, two holds for one attempt and a hold
   ended twice, a failed generation whose hold was captured, a charge that differs from its
   capture, a second paid prediction for one attempt, a lost create left running after its
-  generation was refunded, a paid orphan nobody canceled, an S3 object
-  whose bytes are not the emulator's and one that is missing, a stuck prediction left running),
+  generation was refunded, a paid orphan nobody canceled, an S3 object whose bytes are not the
+  emulator's and one that is missing, a stuck prediction left running),
   names whom each concerns, and finds nothing wrong with the clean generations beside them;
 - the soak's plan is a function of its seed: the same seed gives the same load and faults, and
   users on small balances ask for more than they can pay;
