@@ -50,7 +50,6 @@ from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 MODEL = "demo/pixel-sketch"
 TERMINAL = ("succeeded", "failed", "canceled")
-UNFINISHED = ("pending", "queued", "running")
 
 #: ``application_name`` of the soak's own app-database connections (the application inserting
 #: requests, the progress and audit queries): the faults target the project's connections.
