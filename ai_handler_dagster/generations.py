@@ -545,7 +545,8 @@ def succeed(
     """Capture the charge, store the outputs and mark the generation ``succeeded``.
 
     The charge is the model's price for ``predict_time`` (metered) or its fixed price, never more
-    than what was held (a price raised mid-run, or removed, charges at most the hold). ``outputs``
+    than what was held (a price raised mid-run, or removed, or a ``predict_time`` that is not a
+    duration, charges the hold). ``outputs``
     is a list of ``{key, uri, size, sha256, content_type}`` (extra keys are kept). Idempotent: a
     succeeded row is returned as is. A generation that already failed raises
     ``InvalidTransition``; a hold that was already released or expired raises
@@ -563,6 +564,10 @@ def succeed(
     try:
         charge = min(prices.price_for(row.model).charge_for(predict_time), row.amount_held)
     except UnpricedModel:
+        charge = row.amount_held
+    except ValueError:
+        # The provider reported a time that is no time (negative, NaN, infinite): as if it had
+        # reported none, the hold is charged. Raising here failed the whole batch's finalize.
         charge = row.amount_held
     ledger.capture(session, row.hold_id, charge, now=now)
     _finish(row, "succeeded", None, None, now or utcnow())

@@ -14,6 +14,8 @@ outcomes a case may expect:
   cause; the user is not charged (balance unchanged; a hold is either never taken, or taken and
   released exactly once); nothing is left in S3 under ``generations/<id>/``; and the good row
   inserted right after it, in the same batch of the same run, succeeds with its output in S3.
+- ``Succeeds``: the output is good and the nonsense the provider sent along only decides the
+  charge (as if nothing had been reported); the neighbour succeeds too.
 
 Every ``Fails`` row goes through the real path: the request sensor claims all of them (and their
 good neighbours) in one batch, and the generation job runs that batch in process against the
@@ -33,7 +35,10 @@ Regressions reproduced here:
 - on SQLite, a row whose input is not JSON text at all made every request-sensor tick raise, so
   no request of anyone was ever claimed again;
 - ``ai-handler submit --input @FILE`` with a file that is not UTF-8 crashed with a traceback
-  (exit 1) instead of ``error: ...`` (exit 2).
+  (exit 1) instead of ``error: ...`` (exit 2);
+- a prediction reported with a negative ``predict_time`` made ``finalize`` raise for a metered
+  model: the op failed, and every generation of the batch not yet settled was refunded as
+  ``run_failed`` although its output was stored and its prediction paid.
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ credits_per_second = 2
 max_seconds = 30
 
 [models."test/bad-output"]
-credits = 3
+credits_per_second = 1
+max_seconds = 10
 
 [models."test/ghost-model"]
 credits = 2
@@ -141,7 +147,14 @@ class Fails:
     held: bool
 
 
-Outcome = Refused | Deduplicated | DatabaseRefuses | Fails
+@dataclass(frozen=True)
+class Succeeds:
+    """The generation succeeds and is charged ``charged`` credits."""
+
+    charged: int
+
+
+Outcome = Refused | Deduplicated | DatabaseRefuses | Fails | Succeeds
 
 
 @dataclass(frozen=True)
@@ -574,6 +587,13 @@ CASES: list[Case] = [
         input=misbehave("gone"),
     ),
     Case(
+        "output-negative-predict-time",
+        "api",
+        Succeeds(charged=10),  # test/bad-output's hold: 1 credit/s for at most 10 s
+        model=BAD_OUTPUT,
+        input=misbehave("negative-predict-time"),
+    ),
+    Case(
         "output-plain-http-in-production",
         "api",
         Fails("output_rejected", "output URL must use HTTPS", held=True),
@@ -796,7 +816,7 @@ def world(
             ids: dict[str, int] = {}
             neighbours: dict[str, int] = {}
             for case in CASES:
-                if not isinstance(case.expect, Fails) or not _runs_here(case, dialect):
+                if not isinstance(case.expect, Fails | Succeeds) or not _runs_here(case, dialect):
                     continue
                 if case.production != production:
                     continue
@@ -1029,6 +1049,20 @@ def _check_fails(world: World, case: Case) -> None:
     assert world.keys(neighbour_id) == [f"{world.prefix}/generations/{neighbour_id}/0.{ext}"]
 
 
+def _check_succeeds(world: World, case: Case) -> None:
+    assert isinstance(case.expect, Succeeds)
+    gid, neighbour_id = world.ids[case.name], world.neighbours[case.name]
+    with session_scope(world.engine) as session:
+        row = session.get_one(Generation, gid)
+        neighbour = session.get_one(Generation, neighbour_id)
+        session.expunge_all()
+    assert row.status == "succeeded", row.error_message
+    assert row.amount_charged == case.expect.charged
+    assert _balance(world.engine, case.owner) == (GRANT - case.expect.charged, 0)
+    assert world.keys(gid) == [f"{world.prefix}/generations/{gid}/0.png"]
+    assert (neighbour.status, neighbour.batch_key) == ("succeeded", row.batch_key)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input(
     world: World, case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -1037,6 +1071,8 @@ def test_bad_input(
         pytest.skip(f"a {case.dialect} case; the other database has its own twin")
     if isinstance(case.expect, Fails):
         _check_fails(world, case)
+    elif isinstance(case.expect, Succeeds):
+        _check_succeeds(world, case)
     elif isinstance(case.expect, Deduplicated):
         _check_deduplicated(world, case)
     elif isinstance(case.expect, DatabaseRefuses):
@@ -1072,6 +1108,7 @@ def test_the_matrix_covers_every_way_in() -> None:
         ("api", "Refused"),
         ("api", "Deduplicated"),
         ("api", "Fails"),
+        ("api", "Succeeds"),
         ("cli", "Refused"),
         ("row", "DatabaseRefuses"),
         ("row", "Fails"),

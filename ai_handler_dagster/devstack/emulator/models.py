@@ -410,6 +410,7 @@ class BadOutput(DemoModel):
         "markup-as-image",  # HTML with a script served as image/png
         "expired",  # a good PNG, deleted right after success (data_removed)
         "gone",  # an emulator file URL that answers 404
+        "negative-predict-time",  # a good PNG, with metrics.predict_time of -1 s
     )
     inputs = (
         InputField("prompt", "string", "Any text", required=True, min_length=1, max_length=2000),
@@ -470,6 +471,8 @@ class BadOutput(DemoModel):
             result.remove_outputs = True
         elif choice == "gone":
             file = OutputFile(b"", "png", "image/png", gone=True)
+        elif choice == "negative-predict-time":
+            result.metrics["predict_time"] = -1.0
         result.files = [file]
         return result
 
