@@ -546,11 +546,10 @@ def succeed(
 
     The charge is the model's price for ``predict_time`` (metered) or its fixed price, never more
     than what was held (a price raised mid-run, or removed, or a ``predict_time`` that is not a
-    duration, charges the hold). ``outputs``
-    is a list of ``{key, uri, size, sha256, content_type}`` (extra keys are kept). Idempotent: a
-    succeeded row is returned as is. A generation that already failed raises
-    ``InvalidTransition``; a hold that was already released or expired raises
-    ``ledger.HoldAlreadyEnded``, and nothing is written.
+    duration, charges the hold). ``outputs`` is a list of ``{key, uri, size, sha256,
+    content_type}`` (extra keys are kept). Idempotent: a succeeded row is returned as is. A
+    generation that already failed raises ``InvalidTransition``; a hold that was already released
+    or expired raises ``ledger.HoldAlreadyEnded``, and nothing is written.
     """
     row = _lock(session, generation_id)
     if row.status == "succeeded":
