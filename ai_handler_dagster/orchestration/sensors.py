@@ -26,6 +26,7 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._core.storage.tags import WILL_RETRY_TAG
+from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
@@ -194,6 +195,23 @@ def generation_request_sensor(
     return SensorResult(run_requests=requests)
 
 
+def _will_retry(context: RunStatusSensorContext) -> bool:
+    """Whether Dagster will re-execute this run (``run_retries``), which resumes its generations.
+
+    Dagster stores a run's failure first and tags it ``dagster/will_retry`` in a second write, by
+    whichever process reported the failure; a sensor can see the run in between. A run without
+    the tag is therefore decided the way Dagster's retry daemon decides it (which also writes the
+    tag), never taken as "not retried".
+    """
+    run = context.instance.get_run_by_id(context.dagster_run.run_id) or context.dagster_run
+    tag = run.tags.get(WILL_RETRY_TAG)
+    if tag is not None:
+        return tag == "true"
+    if run.status != DagsterRunStatus.FAILURE or not context.instance.run_retries_enabled:
+        return False
+    return should_retry(run, context.instance)
+
+
 def _refund_run(
     context: RunStatusSensorContext,
     database: DatabaseResource,
@@ -202,7 +220,7 @@ def _refund_run(
     status: str,
 ) -> None:
     run = context.dagster_run
-    if run.tags.get(WILL_RETRY_TAG) == "true":
+    if _will_retry(context):
         context.log.info(f"run {run.run_id} will be retried by Dagster; not refunding")
         return
     refunded = refund_unfinished(

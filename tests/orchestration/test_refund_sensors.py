@@ -1,0 +1,166 @@
+"""The run-failure refund sensor and Dagster's run retries.
+
+Regression: a run worker killed mid-run is failed by Dagster and retried (``run_retries``). The
+failure is written first and the ``dagster/will_retry`` tag a moment later, in a separate write
+by whichever process reported the failure (on a busy machine, seconds later). The sensor used to
+read a run without the tag as "not retried" and refund its generations; the retry then resumed
+from the failed step, paid for work on refunded generations and failed in ``finalize`` (found
+by ``ai-handler chaos``).
+
+Proves that the sensor, shown a failed run without the tag, decides as Dagster's retry daemon
+does: it leaves the generations of a run Dagster will retry alone, and refunds those of a run
+that will not be retried (retries disabled, or the retries used up), and that an explicit tag is
+still obeyed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from dagster import (
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    build_run_status_sensor_context,
+    instance_for_test,
+)
+from dagster._core.storage.tags import WILL_RETRY_TAG
+from dagster._core.test_utils import create_run_for_test
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.db import upgrade
+from ai_handler_dagster.db.engine import make_engine, session_scope
+from ai_handler_dagster.orchestration.recovery import BATCH_TAG
+from ai_handler_dagster.orchestration.sensors import refund_failed_runs
+from ai_handler_dagster.pricing import load_pricing
+from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.resources.replicate import ReplicateResource
+
+BATCH = "gen-1-a1"
+
+
+@pytest.fixture
+def app_db(sqlite_url: str) -> str:
+    upgrade(sqlite_url)
+    return sqlite_url
+
+
+@pytest.fixture
+def retrying_instance() -> Iterator[DagsterInstance]:
+    with instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 1}}) as inst:
+        yield inst
+
+
+@pytest.fixture
+def plain_instance() -> Iterator[DagsterInstance]:
+    with instance_for_test() as inst:  # run retries disabled
+        yield inst
+
+
+def _running_generation(app_db: str, run_id: str) -> int:
+    """One generation claimed into BATCH and started by ``run_id``, holding its credits."""
+    engine = make_engine(app_db)
+    prices = load_pricing()
+    with session_scope(engine) as session:
+        ledger.grant(session, "u", 100, key="grant-u")
+        row = gens.submit(
+            session, user_id="u", model="demo/pixel-sketch", input={"prompt": "x"}, prices=prices
+        )
+        gid = row.id
+    with session_scope(engine) as session:
+        gens.claim_pending(session, limit=10, batch_key_fn=lambda rows: BATCH)
+    with session_scope(engine) as session:
+        assert gens.start_attempt(session, gid, run_id=run_id, prices=prices).status == "running"
+    return gid
+
+
+def _failed_run_without_tag(
+    instance: DagsterInstance, tags: dict[str, str], parent: DagsterRun | None = None
+) -> DagsterRun:
+    """A run whose failure is recorded, as the sensor sees it before Dagster tags the retry."""
+    run = create_run_for_test(
+        instance,
+        job_name="generation_job",
+        status=DagsterRunStatus.STARTED,
+        tags={BATCH_TAG: BATCH, **tags},
+        root_run_id=parent.run_id if parent else None,
+        parent_run_id=parent.run_id if parent else None,
+    )
+    failure = DagsterEvent(
+        event_type_value=DagsterEventType.RUN_FAILURE.value, job_name="generation_job"
+    )
+    instance.handle_run_event(run.run_id, failure)
+    failed = instance.get_run_by_id(run.run_id)
+    assert failed is not None and failed.status == DagsterRunStatus.FAILURE
+    assert WILL_RETRY_TAG not in failed.tags or tags.get(WILL_RETRY_TAG)
+    return failed
+
+
+def _evaluate(instance: DagsterInstance, run: DagsterRun, app_db: str) -> None:
+    failure = DagsterEvent(
+        event_type_value=DagsterEventType.RUN_FAILURE.value, job_name="generation_job"
+    )
+    context = build_run_status_sensor_context(
+        sensor_name="refund_failed_runs",
+        dagster_event=failure,
+        dagster_instance=instance,
+        dagster_run=run,
+        resources={
+            "database": DatabaseResource(url=app_db),
+            # Never called: these generations have no prediction to cancel.
+            "replicate": ReplicateResource(api_token="r8_unused", base_url="http://127.0.0.1:9"),
+        },
+    ).for_run_failure()
+    refund_failed_runs(context)
+
+
+def _status(app_db: str, gid: int) -> str:
+    with session_scope(make_engine(app_db)) as session:
+        return gens.get(session, gid).status
+
+
+def test_a_failed_run_dagster_will_retry_is_not_refunded_before_its_tag_is_written(
+    app_db: str, retrying_instance: DagsterInstance
+) -> None:
+    run = _failed_run_without_tag(retrying_instance, {})
+    gid = _running_generation(app_db, run.run_id)
+    _evaluate(retrying_instance, run, app_db)
+    assert _status(app_db, gid) == "running"  # the retry resumes it, with the same hold
+    assert retrying_instance.get_run_by_id(run.run_id).tags[WILL_RETRY_TAG] == "true"  # type: ignore[union-attr]
+
+
+def test_a_failed_run_whose_retries_are_used_up_is_refunded(
+    app_db: str, retrying_instance: DagsterInstance
+) -> None:
+    parent = create_run_for_test(
+        retrying_instance, job_name="generation_job", status=DagsterRunStatus.FAILURE
+    )
+    # A retry already (run group: the parent and this run), as Dagster tags its retries.
+    lineage = {"dagster/parent_run_id": parent.run_id, "dagster/root_run_id": parent.run_id}
+    run = _failed_run_without_tag(retrying_instance, lineage, parent=parent)
+    gid = _running_generation(app_db, run.run_id)
+    _evaluate(retrying_instance, run, app_db)
+    assert _status(app_db, gid) == "failed"
+
+
+def test_without_run_retries_a_failed_run_is_refunded(
+    app_db: str, plain_instance: DagsterInstance
+) -> None:
+    run = _failed_run_without_tag(plain_instance, {})
+    gid = _running_generation(app_db, run.run_id)
+    _evaluate(plain_instance, run, app_db)
+    assert _status(app_db, gid) == "failed"
+
+
+@pytest.mark.parametrize(("tag", "expected"), [("true", "running"), ("false", "failed")])
+def test_an_explicit_retry_tag_is_obeyed(
+    app_db: str, retrying_instance: DagsterInstance, tag: str, expected: str
+) -> None:
+    run = _failed_run_without_tag(retrying_instance, {WILL_RETRY_TAG: tag})
+    gid = _running_generation(app_db, run.run_id)
+    _evaluate(retrying_instance, run, app_db)
+    assert _status(app_db, gid) == expected
