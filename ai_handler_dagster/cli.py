@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import importlib
 import json
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -322,5 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # SIGTERM (timeout, process managers, CI) unwinds like Ctrl-C, so every command that started
+    # an embedded stack stops its processes in its `finally` instead of leaving them behind.
+    raise SystemExit(128 + signum)
+
+
+def run() -> None:
+    """Console entry point: ``main`` with SIGTERM turned into a clean exit."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
