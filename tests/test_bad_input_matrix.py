@@ -635,7 +635,7 @@ class World:
     neighbours: dict[str, int]
     runs: list[ExecuteInProcessResult]
     original_id: int
-    after_tick: SensorResult | SkipReason | None = None
+    after_tick: SensorResult | SkipReason
 
     @property
     def engine(self) -> sa.Engine:
@@ -870,14 +870,17 @@ def world(
 # --- checks -----------------------------------------------------------------------------------
 
 
+def _counts_in(session: Any) -> dict[str, int]:
+    """Rows per table, as ``session`` sees them."""
+    return {
+        model.__tablename__: int(session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
+        for model in (Generation, Account, Hold, LedgerEntry)
+    }
+
+
 def _counts(engine: sa.Engine) -> dict[str, int]:
     with session_scope(engine) as session:
-        return {
-            model.__tablename__: int(
-                session.scalar(sa.select(sa.func.count()).select_from(model)) or 0
-            )
-            for model in (Generation, Account, Hold, LedgerEntry)
-        }
+        return _counts_in(session)
 
 
 def _balance(engine: sa.Engine, user: str) -> tuple[int, int] | None:
@@ -925,13 +928,6 @@ def _check_refused_api(world: World, case: Case) -> None:
             assert good.status == "pending"
     assert isinstance(case.expect, Refused)
     assert case.expect.message in str(refused.value)
-
-
-def _counts_in(session: Any) -> dict[str, int]:
-    return {
-        model.__tablename__: int(session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
-        for model in (Generation, Account, Hold, LedgerEntry)
-    }
 
 
 def _check_refused_cli(
