@@ -933,7 +933,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         pg_admin_url=args.pg_url,
         keep=args.keep,
     )
-    report = run_chaos(config, progress=not args.quiet)
+    try:
+        report = run_chaos(config, progress=not args.quiet)
+    except (TimeoutError, RuntimeError) as exc:
+        # The soak could not finish (nothing settled, a fault could not be injected): no audit.
+        sys.stderr.write(f"error: chaos soak did not complete: {exc}\n")
+        return 1
     sys.stdout.write(format_table(report) + "\n")
     if args.json:
         sys.stdout.write(json.dumps(report) + "\n")
