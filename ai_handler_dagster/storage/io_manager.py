@@ -68,7 +68,24 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
 
     def store(self) -> S3OutputStore:
         """An output store on a fresh client (boto3 clients are cheap and thread-safe)."""
-        return S3OutputStore(self.s3.get_client(), self.bucket, self.prefix)
+        return S3OutputStore(
+            self.s3.get_client(), self.bucket, self.prefix, presign_client=self._presign_client()
+        )
+
+    def _presign_client(self) -> Any:
+        """A client for presigned links only: the resource's settings, Signature Version 4."""
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        return boto3.session.Session(profile_name=self.s3.profile_name).client(
+            "s3",
+            region_name=self.s3.region_name,
+            endpoint_url=self.s3.endpoint_url,
+            aws_access_key_id=self.s3.aws_access_key_id,
+            aws_secret_access_key=self.s3.aws_secret_access_key,
+            aws_session_token=self.s3.aws_session_token,
+            config=BotoConfig(signature_version="s3v4"),
+        )
 
     def _manifest_key(self, context: OutputContext) -> str:
         return manifest_key(

@@ -69,10 +69,15 @@ class S3OutputStore:
     e.g. ``dagster_aws.s3.S3Resource(...).get_client()``.
     """
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+    def __init__(
+        self, client: Any, bucket: str, prefix: str = "", *, presign_client: Any = None
+    ) -> None:
         if not bucket:
             raise ValueError("bucket must be set")
         self.client = client
+        # Links are signed with Signature Version 4 (the client's default may be the legacy
+        # version 2, which regions opened since 2014 refuse).
+        self.presign_client = presign_client or client
         self.bucket = bucket
         self.prefix = prefix
 
@@ -146,7 +151,7 @@ class S3OutputStore:
     def presign(self, key: str, expires_s: int = 3600) -> str:
         """A time-limited GET link to a private object."""
         return str(
-            self.client.generate_presigned_url(
+            self.presign_client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_s)
             )
         )
