@@ -50,9 +50,9 @@ class BenchConfig:
     timeout_s: float = 1800.0
     pg_admin_url: str = DEFAULT_PG_URL
     #: Settings of the optimized design (ignored with ``naive``).
-    max_batch: int = 32
-    max_in_flight: int = 256
-    max_concurrent_runs: int = 6
+    max_batch: int = 128
+    max_in_flight: int = 384
+    max_concurrent_runs: int = 4
     webhooks: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -218,7 +218,6 @@ def _stack_config(
             {
                 "AI_HANDLER_MAX_BATCH": str(config.max_batch),
                 "AI_HANDLER_MAX_IN_FLIGHT": str(config.max_in_flight),
-                "AI_HANDLER_MAX_IN_FLIGHT_PER_USER": str(config.max_in_flight),
             }
         )
     return StackConfig(
@@ -386,9 +385,9 @@ def register(sub: Any) -> None:
     p.add_argument("--naive", action="store_true", help="one generation per run, multiprocess")
     p.add_argument("--compare", action="store_true", help="run both designs; print the ratio")
     p.add_argument("--naive-count", type=int, default=40, help="generations for the naive run")
-    p.add_argument("--max-batch", type=int, default=32, help="generations per run (batched)")
-    p.add_argument("--max-in-flight", type=int, default=256, help="queued+running at once")
-    p.add_argument("--max-runs", type=int, default=6, help="runs in progress at once")
+    p.add_argument("--max-batch", type=int, default=128, help="generations per run (batched)")
+    p.add_argument("--max-in-flight", type=int, default=384, help="queued+running at once")
+    p.add_argument("--max-runs", type=int, default=4, help="runs in progress at once")
     p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhook receiver)")
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")

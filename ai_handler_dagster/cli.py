@@ -37,6 +37,7 @@ EXTENSION_MODULES = (
     "ai_handler_dagster.orchestration.commands",
     "ai_handler_dagster.bench",
     "ai_handler_dagster.webhooks.commands",
+    "ai_handler_dagster.chaos",
 )
 
 

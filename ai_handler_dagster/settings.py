@@ -76,13 +76,16 @@ def _int_setting(name: str, default: int, *, minimum: int = 1) -> int:
 
 
 def max_batch_size() -> int:
-    """Most generations one run processes (``AI_HANDLER_MAX_BATCH``, default 32)."""
-    return _int_setting("AI_HANDLER_MAX_BATCH", 32)
+    """Most generations one run processes (``AI_HANDLER_MAX_BATCH``, default 128).
+
+    Each run costs seconds of process start-up, so a long queue is served in few, large runs;
+    inside a run the generations progress concurrently."""
+    return _int_setting("AI_HANDLER_MAX_BATCH", 128)
 
 
 def max_in_flight() -> int:
-    """Most generations queued or running at once (``AI_HANDLER_MAX_IN_FLIGHT``, default 128)."""
-    return _int_setting("AI_HANDLER_MAX_IN_FLIGHT", 128)
+    """Most generations queued or running at once (``AI_HANDLER_MAX_IN_FLIGHT``, default 384)."""
+    return _int_setting("AI_HANDLER_MAX_IN_FLIGHT", 384)
 
 
 def max_in_flight_per_user() -> int:

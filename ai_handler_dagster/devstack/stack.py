@@ -327,7 +327,14 @@ class Stack:
         """The webhook receiver; only it holds the signing secret (fetched like on Replicate)."""
         from ai_handler_dagster.webhooks.config import SECRET_VAR, fetch_secret
 
-        secret = fetch_secret(self.emulator_url, EMULATOR_TOKEN)
+        for attempt in range(5):  # the emulator may be injecting 500s already
+            try:
+                secret = fetch_secret(self.emulator_url, EMULATOR_TOKEN)
+                break
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         port = free_port()
         proc = self._spawn(
             "webhooks",

@@ -447,6 +447,10 @@ def finalize(
                     prices=prices,
                 )
                 status, amount = row.status, row.amount_charged
+        except gens.InvalidTransition as exc:
+            # Another path ended this generation first (refunded it): leave it as it is.
+            context.log.warning(f"generation {generation_id} not finalized: {exc}")
+            status, amount = "ended elsewhere", 0
         except ledger.HoldAlreadyEnded as exc:
             # Another path refunded this generation first (e.g. its hold expired): it stays
             # refunded and is marked failed; nothing is charged.
