@@ -241,8 +241,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     created: list[str] = []
     if config.storage == "postgres":
         app_url = new_database(config.pg_admin_url, "aih_bench_app")
-        dagster_url: str | None = new_database(config.pg_admin_url, "aih_bench_dagster")
-        created = [app_url, dagster_url]
+        dagster_db = new_database(config.pg_admin_url, "aih_bench_dagster")
+        dagster_url: str | None = dagster_db
+        created = [app_url, dagster_db]
     elif config.storage == "sqlite":
         app_url, dagster_url = f"sqlite:///{state / 'app.db'}", None
     else:

@@ -24,7 +24,7 @@ def _tighten_sensor_loop() -> None:
     if not hasattr(sensor_daemon, "MIN_INTERVAL_LOOP_TIME"):
         sys.stderr.write("ai_handler_dagster.daemon: sensor loop period not adjustable here\n")
         return
-    sensor_daemon.MIN_INTERVAL_LOOP_TIME = period  # type: ignore[attr-defined]
+    sensor_daemon.MIN_INTERVAL_LOOP_TIME = period  # type: ignore[assignment]
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ chain at run time, so they never appear in run config, logs or metadata.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from dagster import Definitions, EnvVar
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
@@ -48,7 +49,7 @@ def build_resources() -> dict[str, object]:
         region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
     )
     bucket = os.environ.get("AI_HANDLER_S3_BUCKET", DEFAULT_BUCKET)
-    replicate_kwargs: dict[str, object] = {
+    replicate_kwargs: dict[str, Any] = {
         "api_token": EnvVar("REPLICATE_API_TOKEN"),
         "deadline_s": settings.prediction_deadline_s(),
         # The provider cancels by itself a little after our own deadline, should we be gone.

@@ -285,14 +285,14 @@ class Stack:
         if self.config.log_to_files:
             log = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._log_files.append(log)
-            out: object = log
+            out: IO[bytes] | None = log
         else:
             out = None
         proc = subprocess.Popen(
             args,
             env={**self.env(), **(extra_env or {})},
             cwd=str(self.config.state_dir),
-            stdout=out,  # type: ignore[arg-type]
+            stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,
         )

@@ -178,7 +178,7 @@ def reconcile(
         ).all()
     settled = 0
     for batch_key, queued_at in batches:
-        runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: batch_key}))
+        runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: str(batch_key)}))
         if any(not run.is_finished for run in runs):
             continue
         if not runs and queued_at is not None and now - queued_at < LOST_BATCH_AFTER:

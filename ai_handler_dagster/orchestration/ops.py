@@ -146,6 +146,11 @@ def _in_parallel(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
         return list(pool.map(fn, items))
 
 
+def _by_id(codes: dict[int, Any]) -> dict[str, Any]:
+    """Generation id -> error code, with string keys as JSON metadata needs."""
+    return {str(gid): code for gid, code in codes.items()}
+
+
 def _fail(engine: sa.Engine, generation_id: int, error: GenerationError) -> bool:
     """Fail one generation and release its hold, in one transaction. True if this call did it."""
     with session_scope(engine) as session:
@@ -204,7 +209,7 @@ def reserve_credits(
         {
             "generation_ids": MetadataValue.json(list(config.generation_ids)),
             "held": len(held),
-            "refused": MetadataValue.json(report.failed),
+            "refused": MetadataValue.json(_by_id(report.failed)),
             "credits_held": sum(r["held"] or 0 for r in report.rows if r["status"] == "running"),
             "generations": MetadataValue.md(report.markdown()),
         }
@@ -295,7 +300,7 @@ def create_predictions(
                 ).markdown()
             ),
             "created": len(created),
-            "failed": MetadataValue.json(failed),
+            "failed": MetadataValue.json(_by_id(failed)),
         }
     )
     return created
@@ -351,7 +356,7 @@ def await_predictions(
             context.log.info(f"{done}/{total} predictions finished ({len(failed)} failed)")
     metadata: dict[str, Any] = {
         "succeeded": len(succeeded),
-        "failed": MetadataValue.json(failed),
+        "failed": MetadataValue.json(_by_id(failed)),
         "predictions": MetadataValue.md(
             BatchReport(
                 rows=[

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from ai_handler_dagster import generations as gens
+import ai_handler_dagster.generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
 
