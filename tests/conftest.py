@@ -8,12 +8,13 @@ tests never see each other's rows.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+
+from ai_handler_dagster.devstack.pg import drop_database, new_database
 
 # The ledger race tests run 32 threads at once: let this process open that many connections.
 os.environ.setdefault("AI_HANDLER_DB_POOL_MAX", "40")
@@ -41,27 +42,11 @@ def pg_available() -> bool:
 
 def new_pg_database(prefix: str = "aih_test") -> str:
     """Create an empty PostgreSQL database and return its URL (drop it with drop_pg_database)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    engine = _admin_engine()
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    return new_database(PG_ADMIN_URL, prefix)
 
 
 def drop_pg_database(url: str) -> None:
-    name = sa.make_url(url).database
-    engine = _admin_engine()
-    with engine.connect() as conn:
-        conn.execute(
-            sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"
-            ),
-            {"name": name},
-        )
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-    engine.dispose()
+    drop_database(PG_ADMIN_URL, url)
 
 
 @pytest.fixture
