@@ -8,9 +8,9 @@ Proves that:
   launcher checks the worker's pid; without it the run would stay ``STARTED`` until the maximum
   runtime), and the run then either resumes through Dagster's run retry or is refunded; either
   way there is one hold, settled once, and one paid prediction for the attempt;
-- when the code server dies together with the run worker (so nothing reports the worker's death),
-  run monitoring still fails the run within a few polls, through the launcher's pid check, and
-  the run's generation is then refunded once;
+- when the warm process the worker was forked from dies together with it (so nothing reports the
+  worker's death), run monitoring still fails the run within a few polls, through the launcher's
+  pid check, and the run's generation is then settled once (a new warm process serves the retry);
 - a run canceled through the instance ends ``CANCELED`` without its step being retried, its
   generation ends ``canceled`` with its hold released exactly once, and its prediction is
   canceled on Replicate;
@@ -228,24 +228,24 @@ def parent_pid(pid: int) -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
-def test_run_monitoring_fails_a_run_whose_worker_died_with_its_code_server(
+def test_run_monitoring_fails_a_run_whose_worker_died_with_its_parent(
     env: StackUnderTest, instance: DagsterInstance
 ) -> None:
-    """The launcher's own check: the code server that would report its child's death is gone
-    too, so only run monitoring (``LocalRunLauncher.check_run_worker_health``) can notice. Without
-    it the run would stay ``STARTED`` until the maximum runtime (30 minutes) and hold the credits.
-    Last in the module: the daemon needs up to a minute to start a new code server."""
+    """The launcher's own check: the warm process the worker was forked from is gone too, so only
+    run monitoring (``LocalRunLauncher.check_run_worker_health``) can notice. Without it the run
+    would stay ``STARTED`` until the maximum runtime (30 minutes) and hold the credits. The next
+    launch starts a new warm process, so the retried run (or the refund) settles the generation."""
     stack, app = env.stack, env.app
     user, prompt, gid = start_one(env, "orphan")
     row, run = wait_mid_prediction(env, instance, gid)
     pid = wait_for(lambda: worker_pid(instance, run.run_id), timeout_s=30, what="the worker pid")
     server = parent_pid(pid)
     with open(f"/proc/{server}/cmdline", "rb") as cmdline:
-        assert b"grpc" in cmdline.read(), "the worker's parent is not the code server"
+        assert b"forkserver" in cmdline.read(), "the worker's parent is not the warm process"
     assert {pid, server} <= set(stack.pids())
 
     os.kill(server, signal.SIGKILL)
-    wait_for(lambda: not process_alive(server), timeout_s=10, what="the code server to die")
+    wait_for(lambda: not process_alive(server), timeout_s=10, what="the warm process to die")
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
 
@@ -267,7 +267,7 @@ def test_run_monitoring_fails_a_run_whose_worker_died_with_its_code_server(
     assert f"run worker process {pid} is gone" in (message or ""), message
     assert entry.timestamp - killed_at < DETECTION_BOUND_S
 
-    # Once the daemon has a code server again, the refund sensor (or a retry) settles it.
+    # The refund sensor (or a retry, forked from a new warm process) settles it.
     final = app.wait_terminal([gid], timeout_s=240)
     [hold] = app.holds(gid)
     paid = [p for p in predictions_with_prompt(stack, prompt) if p["_emulator"]["paid"]]
