@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,85 @@ def _timings(engine: sa.Engine, ids: list[int]) -> tuple[list[float], float, dic
     return latencies, wall, by_status
 
 
+def _stamp(value: Any) -> float:
+    """Epoch seconds of a stored timestamp (naive ones are UTC, as SQLite returns them)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
+def idle_phases(instance: Any, engine: sa.Engine, generation_id: int) -> dict[str, float]:
+    """Where one generation's latency went, from its row and its run's Dagster event log.
+
+    Phases, in seconds: ``sensor`` (request inserted -> run enqueued: the sensor tick and the run's
+    creation), ``dequeue`` (enqueued -> starting), ``launch`` (starting -> the worker process
+    runs), then each op's duration by name, ``gaps`` (time between ops: event writes, loading
+    inputs) and ``after_ops`` (the last op's end -> the row terminal, negative when the row ended
+    inside the last op).
+    """
+    from dagster import DagsterEventType
+
+    with session_scope(engine) as session:
+        row = session.get(Generation, generation_id)
+        if row is None or row.dagster_run_id is None or row.finished_at is None:
+            return {}
+        created, finished, run_id = (
+            _stamp(row.created_at),
+            _stamp(row.finished_at),
+            row.dagster_run_id,
+        )
+    marks: dict[str, float] = {}
+    steps: dict[str, list[float]] = {}
+    for record in instance.get_records_for_run(run_id).records:
+        entry = record.event_log_entry
+        event = entry.dagster_event
+        if event is None:
+            continue
+        kind = event.event_type
+        if kind == DagsterEventType.RUN_ENQUEUED:
+            marks.setdefault("enqueued", entry.timestamp)
+        elif kind == DagsterEventType.RUN_STARTING:
+            marks.setdefault("starting", entry.timestamp)
+        elif kind == DagsterEventType.RUN_START:
+            marks.setdefault("started", entry.timestamp)
+        elif kind == DagsterEventType.ENGINE_EVENT and (event.message or "").startswith(
+            "Started process"
+        ):
+            marks.setdefault("process", entry.timestamp)
+        elif kind == DagsterEventType.STEP_START and event.step_key:
+            steps.setdefault(event.step_key, []).append(entry.timestamp)
+        elif (
+            kind in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE)
+            and event.step_key in steps
+        ):
+            steps[event.step_key].append(entry.timestamp)
+    if not {"enqueued", "starting"} <= set(marks) or not steps:
+        return {}
+    process = marks.get("process", marks.get("started", marks["starting"]))
+    phases = {
+        "sensor": marks["enqueued"] - created,
+        "dequeue": marks["starting"] - marks["enqueued"],
+        "launch": process - marks["starting"],
+    }
+    spans = sorted((times[0], times[-1], key) for key, times in steps.items())
+    busy = 0.0
+    for start, end, key in spans:
+        phases[key] = end - start
+        busy += end - start
+    phases["gaps"] = (spans[-1][1] - process) - busy
+    phases["after_ops"] = finished - spans[-1][1]
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
+def _median_phases(samples: list[dict[str, float]]) -> dict[str, float]:
+    keys = [k for k in samples[0]] if samples else []
+    return {
+        k: round(statistics.median(s[k] for s in samples if k in s), 2)
+        for k in keys
+        if any(k in s for s in samples)
+    }
+
+
 def _stack_config(
     config: BenchConfig, state_dir: Path, app_url: str, dagster_url: str | None
 ) -> StackConfig:
@@ -271,13 +351,20 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
 
     # Idle overhead: one generation into an idle system, repeated; the first one is a warm-up.
     idle: list[float] = []
-    for sample in range(config.idle_samples + 1):
-        [gid] = _insert(engine, users[:1], 1, f"idle-{sample}")
-        _wait(engine, [gid], 600, progress=False)
-        latencies, _, _ = _timings(engine, [gid])
-        if sample > 0:
-            idle.append(latencies[0] - config.latency)
+    phases: list[dict[str, float]] = []
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(stack.dagster_home)) as instance:
+        for sample in range(config.idle_samples + 1):
+            [gid] = _insert(engine, users[:1], 1, f"idle-{sample}")
+            _wait(engine, [gid], 600, progress=False)
+            latencies, _, _ = _timings(engine, [gid])
+            if sample > 0:
+                idle.append(latencies[0] - config.latency)
+                phases.append(idle_phases(instance, engine, gid))
+    idle_breakdown = _median_phases([p for p in phases if p])
     say(f"[{mode}] idle overhead samples: {[round(x, 2) for x in idle]}")
+    say(f"[{mode}] idle latency by phase (median s): {json.dumps(idle_breakdown)}")
 
     before = _api_calls(emulator.stats())
     sampler = _RssSampler(stack)
@@ -306,6 +393,7 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
         "latency_p50_s": round(_percentile(latencies, 0.5), 2),
         "latency_p95_s": round(_percentile(latencies, 0.95), 2),
         "idle_overhead_p50_s": round(statistics.median(idle), 2) if idle else None,
+        "idle_breakdown_s": idle_breakdown,
         "api_calls_per_generation": round(calls / config.count, 2),
         "peak_rss_mib": round(sampler.peak_bytes / 2**20, 1),
         "ledger_violations": len(violations),

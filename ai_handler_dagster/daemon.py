@@ -1,17 +1,23 @@
-"""``python -m ai_handler_dagster.daemon run -w workspace.yaml``: ``dagster-daemon`` with a
-tighter sensor loop.
+"""``python -m ai_handler_dagster.daemon run -w workspace.yaml``: ``dagster-daemon`` with
+tighter loops.
 
 Dagster's sensor daemon evaluates sensors at most once every 5 seconds, whatever a sensor's
 ``minimum_interval_seconds``; a request waits 2.5 s on average before anything sees it. For a queue
 of paid requests that is most of the idle latency, so this entry point runs the same daemon with the
-loop period from ``AI_HANDLER_SENSOR_LOOP_S`` (default 1 s). Everything else is ``dagster-daemon``
-unchanged; plain ``dagster-daemon run`` works too, with the 5 s loop.
+loop period from ``AI_HANDLER_SENSOR_LOOP_S`` (default 0.25 s). The loop only checks which sensors
+are due; each sensor still ticks at its own ``minimum_interval_seconds`` (the request sensor: every
+second), and a fine loop keeps a tick from slipping to the next whole period. Likewise the run
+queue is read every ``AI_HANDLER_DEQUEUE_LOOP_S`` (default 0.5 s; ``dagster.yaml`` only takes whole
+seconds). Everything else is ``dagster-daemon`` unchanged; plain ``dagster-daemon run`` works too,
+with the 5 s sensor loop and the configured dequeue interval.
 
 It also starts the run launcher's warm process (see ``ai_handler_dagster.launcher``) before the
 first run needs it.
 
-The period lives in a module constant of Dagster's sensor daemon (``MIN_INTERVAL_LOOP_TIME``); if
-a Dagster upgrade removes it this entry point says so and runs the stock daemon.
+The sensor period lives in a module constant of Dagster's sensor daemon
+(``MIN_INTERVAL_LOOP_TIME``), the dequeue period in the run coordinator's
+``dequeue_interval_seconds``; if a Dagster upgrade removes either, this entry point says so and
+runs the stock behaviour.
 """
 
 from __future__ import annotations
@@ -23,11 +29,23 @@ import sys
 def _tighten_sensor_loop() -> None:
     import dagster._daemon.sensor as sensor_daemon
 
-    period = float(os.environ.get("AI_HANDLER_SENSOR_LOOP_S", "1"))
+    period = float(os.environ.get("AI_HANDLER_SENSOR_LOOP_S", "0.25"))
     if not hasattr(sensor_daemon, "MIN_INTERVAL_LOOP_TIME"):
         sys.stderr.write("ai_handler_dagster.daemon: sensor loop period not adjustable here\n")
         return
     sensor_daemon.MIN_INTERVAL_LOOP_TIME = period  # type: ignore[assignment]
+
+
+def _tighten_dequeue_loop() -> None:
+    from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
+
+    period = float(os.environ.get("AI_HANDLER_DEQUEUE_LOOP_S", "0.5"))
+    if not isinstance(getattr(QueuedRunCoordinator, "dequeue_interval_seconds", None), property):
+        sys.stderr.write("ai_handler_dagster.daemon: dequeue period not adjustable here\n")
+        return
+    QueuedRunCoordinator.dequeue_interval_seconds = property(  # type: ignore[method-assign,assignment]
+        lambda _self: period
+    )
 
 
 def _warm_run_launcher() -> None:
@@ -49,6 +67,7 @@ def _warm_run_launcher() -> None:
 
 def main() -> None:
     _tighten_sensor_loop()
+    _tighten_dequeue_loop()
     _warm_run_launcher()
     from dagster._daemon.cli import main as daemon_main
 

@@ -101,8 +101,8 @@ def small_backlog() -> int:
 
 
 def sensor_interval_s() -> int:
-    """Seconds between ticks of the request sensor (``AI_HANDLER_SENSOR_INTERVAL_S``, default 2)."""
-    return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 2)
+    """Seconds between ticks of the request sensor (``AI_HANDLER_SENSOR_INTERVAL_S``, default 1)."""
+    return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 1)
 
 
 def db_pool_max() -> int:

@@ -438,7 +438,7 @@ def _parse_time(value: Any) -> float | None:
 
 
 #: Longest wait between two looks at the webhook state of a prediction (a database read).
-WEBHOOK_LOOKUP_MAX_S = 1.0
+WEBHOOK_LOOKUP_MAX_S = 0.25
 
 
 @dataclass
@@ -853,7 +853,7 @@ class ReplicateResource(dg.ConfigurableResource):
                         inflight[pool.submit(self._cancel_at_deadline, pid)] = (pid, "cancel")
                         continue
                     # Waiting for a webhook: ask the lookup (the database) at least every
-                    # second, the API only every webhook_fallback_s.
+                    # quarter second, the API only every webhook_fallback_s.
                     if webhook_pending and now - watch.last_get_at < self.webhook_fallback_s:
                         schedule(pid, min(grow(watch), WEBHOOK_LOOKUP_MAX_S))
                         continue

@@ -16,7 +16,7 @@ from typing import Any
 
 from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
 from dagster_aws.s3 import S3Resource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ai_handler_dagster.storage.objects import StagedFile, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore, manifest_key
@@ -66,11 +66,19 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
         "generations).",
     )
 
+    _store: S3OutputStore | None = PrivateAttr(default=None)
+
     def store(self) -> S3OutputStore:
-        """An output store on a fresh client (boto3 clients are cheap and thread-safe)."""
-        return S3OutputStore(
-            self.s3.get_client(), self.bucket, self.prefix, presign_client=self._presign_client()
-        )
+        """The output store of this run, its clients made once (creating a boto3 client loads
+        and parses the S3 service model: a tenth of a second each)."""
+        if self._store is None:
+            self._store = S3OutputStore(
+                self.s3.get_client(),
+                self.bucket,
+                self.prefix,
+                presign_client=self._presign_client(),
+            )
+        return self._store
 
     def _presign_client(self) -> Any:
         """A client for presigned links only: the resource's settings, Signature Version 4."""

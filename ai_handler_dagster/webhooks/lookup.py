@@ -88,7 +88,9 @@ def make_lookup(engine: sa.Engine) -> Lookup:
     return lookup
 
 
-def make_batched_lookup(engine: sa.Engine, ids: Iterable[str], *, max_age_s: float = 1.0) -> Lookup:
+def make_batched_lookup(
+    engine: sa.Engine, ids: Iterable[str], *, max_age_s: float = 0.25
+) -> Lookup:
     """Like :func:`make_lookup`, reading every one of ``ids`` not yet terminal in one query.
 
     The query runs when a lookup finds its cached answer older than ``max_age_s``, so a webhook
