@@ -6,8 +6,9 @@ predictions, the local S3 endpoint, a code location and a real ``dagster-daemon`
 queue -> run launcher -> runs). No system can finish more than C/L generations a second, so
 ``efficiency = throughput / (C / L)`` says how close the project gets.
 
-``--naive`` runs the same workload with one generation per run and Dagster's default multiprocess
-executor; ``--compare`` runs both and prints the ratio.
+``--naive`` runs the same workload with one generation per run, Dagster's default multiprocess
+executor and Dagster's way of starting runs (a fresh interpreter each, no warm process);
+``--compare`` runs both and prints the ratio.
 """
 
 from __future__ import annotations
@@ -309,6 +310,8 @@ def _stack_config(
         concurrency=config.concurrency,
         max_concurrent_runs=config.max_concurrent_runs,
         webhooks=config.webhooks,
+        # The naive design starts each run the way Dagster does by default: a fresh interpreter.
+        warm_runs=not config.naive,
         extra_env=env,
     )
 

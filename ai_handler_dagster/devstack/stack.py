@@ -80,6 +80,7 @@ def instance_yaml(
     dagster_pg_url: str | None,
     max_concurrent_runs: int,
     monitoring_poll_s: int = 3,
+    warm_runs: bool = True,
 ) -> str:
     """The embedded instance's ``dagster.yaml``: the production settings with local storage."""
     if storage == "postgres":
@@ -92,8 +93,8 @@ def instance_yaml(
     return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
 {storage_block}
 run_queue:
-  # Dequeue every second (Dagster's default is 5 s) with worker threads, so a queued run starts
-  # at once when a slot is free.
+  # Dequeue every second (Dagster's default is 5 s; python -m ai_handler_dagster.daemon reads the
+  # queue every 0.5 s) with worker threads, so a queued run starts at once when a slot is free.
   dequeue_interval_seconds: 1
   dequeue_use_threads: true
   dequeue_num_workers: 4
@@ -106,6 +107,9 @@ concurrency:
 run_launcher:
   module: ai_handler_dagster.launcher
   class: LocalRunLauncher
+  config:
+    # Fork runs from a warm process (false: one fresh interpreter per run, Dagster's default).
+    warm_start: {"true" if warm_runs else "false"}
 run_monitoring:
   enabled: true
   start_timeout_seconds: 120
@@ -156,6 +160,8 @@ class StackConfig:
     log_to_files: bool = True
     #: Run the webhook receiver and have creates ask for completion webhooks (else poll only).
     webhooks: bool = True
+    #: Fork runs from the launcher's warm process (false: Dagster's one interpreter per run).
+    warm_runs: bool = True
 
 
 class Stack:
@@ -272,6 +278,7 @@ class Stack:
                 storage=self.config.storage,
                 dagster_pg_url=self.config.dagster_pg_url,
                 max_concurrent_runs=self.config.max_concurrent_runs,
+                warm_runs=self.config.warm_runs,
             )
         )
         (self.config.state_dir / "workspace.yaml").write_text(WORKSPACE_YAML)

@@ -1,0 +1,119 @@
+"""The run launcher's own rules, without a daemon: its configuration, when it forks, and when it
+restarts its warm process. The forked path itself runs in the end-to-end tests (every run of
+``tests/e2e`` is forked from the warm process; the crash test checks the worker's parent).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, job, op
+from dagster._core.launcher import WorkerStatus
+from dagster._core.test_utils import create_run_for_test, instance_for_test
+
+from ai_handler_dagster.devstack.stack import instance_yaml
+from ai_handler_dagster.launcher import (
+    WORKER_PID_TAG,
+    LocalRunLauncher,
+    source_fingerprint,
+)
+
+
+@op
+def noop() -> None:
+    return None
+
+
+@job
+def tiny_job() -> None:
+    noop()
+
+
+def _instance_with(tmp_path: Path, warm: bool) -> DagsterInstance:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        instance_yaml(storage="sqlite", dagster_pg_url=None, max_concurrent_runs=2, warm_runs=warm)
+    )
+    return DagsterInstance.from_config(str(home))
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_instance_file_selects_warm_or_cold_starts(tmp_path: Path, warm: bool) -> None:
+    with _instance_with(tmp_path, warm) as instance:
+        launcher = instance.run_launcher
+        assert isinstance(launcher, LocalRunLauncher)
+        assert launcher.warm_start is warm
+        assert "ai_handler_dagster.definitions" in launcher.preload_modules
+
+
+def test_an_unknown_launcher_setting_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "run_launcher:\n  module: ai_handler_dagster.launcher\n  class: LocalRunLauncher\n"
+        "  config:\n    warm_starts: true\n"
+    )
+    with pytest.raises(Exception, match="warm_starts"):
+        DagsterInstance.from_config(str(home)).run_launcher  # noqa: B018
+
+
+def test_the_fingerprint_moves_when_a_source_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "fp_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    module = package / "mod.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = source_fingerprint(["fp_pkg.mod"])
+    assert before > 0
+    assert source_fingerprint(["fp_pkg.mod"]) == before  # nothing changed
+    later = time.time() + 5
+    os.utime(module, (later, later))
+    assert source_fingerprint(["fp_pkg.mod"]) > before
+    # Installed libraries are not watched, and unknown names are ignored.
+    assert source_fingerprint(["dagster", "no_such_package_here"]) == 0.0
+
+
+def test_only_runs_on_this_interpreter_are_forked() -> None:
+    launcher = LocalRunLauncher(warm_start=True)
+    with instance_for_test() as instance:
+        launcher.register_instance(instance)
+        here = create_run_for_test(instance, job_name="tiny_job")
+        assert here.job_code_origin is None  # a run without a Python origin
+        assert launcher._can_fork(here) is False
+    cold = LocalRunLauncher(warm_start=False)
+    assert cold.warm_start is False
+
+
+def test_worker_health_follows_the_recorded_pid() -> None:
+    launcher = LocalRunLauncher()
+    with instance_for_test() as instance:
+        launcher.register_instance(instance)
+        alive = create_run_for_test(
+            instance, job_name="tiny_job", tags={WORKER_PID_TAG: str(os.getpid())}
+        )
+        assert launcher.check_run_worker_health(alive).status == WorkerStatus.RUNNING
+        gone_pid = _a_finished_pid()
+        gone = create_run_for_test(
+            instance, job_name="tiny_job", tags={WORKER_PID_TAG: str(gone_pid)}
+        )
+        health = launcher.check_run_worker_health(gone)
+        assert health.status == WorkerStatus.FAILED
+        assert f"run worker process {gone_pid} is gone" in (health.msg or "")
+        unknown = create_run_for_test(instance, job_name="tiny_job")
+        assert launcher.check_run_worker_health(unknown).status == WorkerStatus.RUNNING
+
+
+def _a_finished_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
