@@ -320,8 +320,10 @@ def await_predictions(
 ) -> list[AwaitedPrediction]:
     """Wait for every prediction of the batch, failing and refunding each one as soon as it fails.
 
-    Polling backs off per prediction; when webhooks are configured the state they recorded is read
-    from the database first and the API is only polled slowly as a fallback.
+    When webhooks are configured the state they recorded is read from the database first and the
+    API is only polled slowly as a fallback. Without them, a sweep of the provider's list of recent
+    predictions answers for a page of predictions per request; GETs (backing off per prediction)
+    cover only what the list did not show.
     """
     engine = database.engine()
     rows = _load(engine, generation_ids)
@@ -331,7 +333,11 @@ def await_predictions(
     total = len(by_prediction)
     webhooks = public_webhook_url() is not None
     lookup = make_batched_lookup(engine, list(by_prediction)) if webhooks else None
-    waiting = replicate.wait_many(list(by_prediction), lookup=lookup, expect_webhooks=webhooks)
+    # Without webhooks, listing recent predictions answers for a page of them per request.
+    sweep = None if webhooks else replicate.list_sweep(list(by_prediction))
+    waiting = replicate.wait_many(
+        list(by_prediction), lookup=lookup, expect_webhooks=webhooks, sweep=sweep
+    )
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         error = snapshot_error(snapshot)

@@ -28,6 +28,7 @@ from ai_handler_dagster.devstack.emulator import Faults
 from ai_handler_dagster.errors import GenerationError
 from ai_handler_dagster.resources import replicate as rr
 from ai_handler_dagster.resources.replicate import (
+    ListSweep,
     PredictionSnapshot,
     ProviderHTTPError,
     ReplicateResource,
@@ -581,3 +582,88 @@ def test_lookup_result_wins_over_deadline(emulator: Any, make_replicate: MakeRes
     assert done == [reported] and not done[0].deadline_exceeded
     assert _requests(emulator, "/cancel") == 0
     resource.cancel(running.id)  # clean up the stuck prediction
+
+
+# --------------------------------------------------------------------------------------------
+# Waiting without webhooks: the list sweep
+
+
+def test_list_sweep_finds_every_result_with_a_fraction_of_the_requests(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Many predictions queued behind the provider's cap: GET polling needs several requests per
+    prediction, the sweep one list page per refresh, and the results are the same."""
+    resource = make_replicate()
+    emulator.configure(latency_s=0.5, concurrency=4)
+    ids = [resource.create(IMAGE, {"prompt": f"sweep {i}", **SMALL}).id for i in range(40)]
+    gets_before = _requests(emulator, "GET /v1/predictions/")
+    sweep = resource.list_sweep(ids)
+    done = {s.id: s for s in resource.wait_many(ids, deadline_s=60, sweep=sweep)}
+    assert set(done) == set(ids)
+    assert all(s.status == "succeeded" and s.output and s.predict_time for s in done.values())
+    gets = _requests(emulator, "GET /v1/predictions/") - gets_before
+    # Every answer came from the list: no GET of single predictions, and far fewer requests
+    # than predictions (the queue took about 5 s to drain).
+    assert gets == 0
+    assert 1 <= sweep.requests < len(ids) / 2
+
+
+def test_list_sweep_leaves_unseen_predictions_to_gets(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """A sweep limited to one page of 2 cannot see older predictions: those are polled one by one,
+    and every prediction still ends exactly once."""
+    resource = make_replicate()
+    emulator.configure(page_size=2)
+    ids = [resource.create(IMAGE, {"prompt": f"deep {i}", **SMALL}).id for i in range(6)]
+    sweep = ListSweep(resource, ids, max_pages=1)
+    done = [s.id for s in resource.wait_many(ids, deadline_s=30, sweep=sweep)]
+    assert sorted(done) == sorted(ids)
+    # Only the two newest were on the one page the sweep reads.
+    assert {p for p in ids if sweep.covers(p)} <= set(ids[-2:])
+    assert _requests(emulator, "GET /v1/predictions/") >= len(ids) - 2
+
+
+def test_list_sweep_survives_an_unreadable_list(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    resource = make_replicate()
+    ids = [resource.create(IMAGE, {"prompt": f"flaky list {i}", **SMALL}).id for i in range(5)]
+    emulator.configure(faults=Faults(http_500_rate=0.5, seed=3))
+    done = list(resource.wait_many(ids, deadline_s=30, sweep=resource.list_sweep(ids)))
+    assert sorted(s.id for s in done) == sorted(ids)
+    assert all(s.status == "succeeded" for s in done)
+
+
+def test_list_sweep_ignores_a_finished_entry_without_its_result() -> None:
+    """A provider whose list shows finished predictions without output or metrics: the sweep
+    does not take such an entry as the result (a GET reads the whole prediction)."""
+
+    class FakeResource:
+        base_url = "https://api.example"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def _request_json(self, method: str, path: str, *, attempts: int = 1) -> dict[str, Any]:
+            self.calls += 1
+            return {
+                "results": [
+                    {"id": "short", "status": "succeeded", "created_at": "2026-01-01T00:00:02Z"},
+                    {
+                        "id": "full",
+                        "status": "succeeded",
+                        "created_at": "2026-01-01T00:00:01Z",
+                        "output": ["https://x/1.png"],
+                        "metrics": {"predict_time": 1.0},
+                    },
+                ],
+                "next": None,
+            }
+
+    fake = FakeResource()
+    sweep = ListSweep(fake, ["short", "full"])  # type: ignore[arg-type]
+    assert sweep("short") is None and not sweep.covers("short")
+    full = sweep("full")
+    assert full is not None and full.output == ["https://x/1.png"] and sweep.covers("full")
+    assert fake.calls == 1  # one refresh answered both lookups
