@@ -13,7 +13,6 @@ money behind; and ``verify`` notices a generation whose hold disagrees with its 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -27,6 +26,7 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
 from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
 from tests.db import support
+from tests.db.support import race
 
 T = TypeVar("T")
 SKETCH = "demo/pixel-sketch"  # fixed 5 credits
@@ -61,25 +61,6 @@ def prices() -> PriceBook:
 def tx(engine: sa.Engine, fn: Callable[[Session], T]) -> T:
     with session_scope(engine) as session:
         return fn(session)
-
-
-def race(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
-    barrier = threading.Barrier(n, timeout=60)
-    results: list[T | BaseException] = [RuntimeError("not run")] * n
-
-    def work(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except BaseException as exc:  # collected for the assertions of the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return results
 
 
 def fund(engine: sa.Engine, user: str = "alice", amount: int = 100) -> None:

@@ -11,7 +11,6 @@ finds corrupted caches and deleted entries.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
@@ -24,6 +23,7 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Account, Hold, LedgerEntry, utcnow
 from tests.db import support
+from tests.db.support import race
 
 T = TypeVar("T")
 
@@ -44,26 +44,6 @@ def engine(db_url: str) -> sa.Engine:
 def in_tx(engine: sa.Engine, fn: Callable[[Session], T]) -> T:
     with session_scope(engine) as session:
         return fn(session)
-
-
-def race(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
-    """Run ``fn(i)`` in ``n`` threads released at the same moment; results or exceptions."""
-    barrier = threading.Barrier(n, timeout=60)
-    results: list[T | BaseException] = [RuntimeError("not run")] * n
-
-    def work(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except BaseException as exc:  # collected for the assertions of the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return results
 
 
 def bal(engine: sa.Engine, user: str) -> ledger.Balance:

@@ -8,8 +8,10 @@ starting again at 1. Tests still run against real SQLite and real PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +20,8 @@ from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import dispose_engines, make_engine
 from ai_handler_dagster.db.models import Base
 from tests.conftest import drop_pg_database, new_pg_database
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -55,3 +59,23 @@ def emptied(url: str) -> sa.Engine:
             for name in tables:
                 conn.exec_driver_sql(f"DELETE FROM {name}")
     return engine
+
+
+def race(n: int, fn: Callable[[int], T]) -> list[T | BaseException]:
+    """Run ``fn(i)`` in ``n`` threads released at the same moment; results or exceptions."""
+    barrier = threading.Barrier(n, timeout=60)
+    results: list[T | BaseException] = [RuntimeError("not run")] * n
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:  # collected for the assertions of the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
