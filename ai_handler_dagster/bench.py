@@ -423,10 +423,12 @@ REPORT_KEYS = (
 
 def _table(reports: list[dict[str, Any]]) -> str:
     keys = [k for k in (*REPORT_KEYS, "statuses") if any(k in r for r in reports)]
-    header = f"{'':26}" + "".join(f"{r['mode']:>16}" for r in reports)
+    # Columns as wide as their widest cell (a status count can be long), at least 16.
+    width = max(16, *(len(json.dumps(r.get(k))) + 2 for r in reports for k in keys))
+    header = f"{'':26}" + "".join(f"{r['mode']:>{width}}" for r in reports)
     lines = [header]
     for key in keys:
-        cells = "".join(f"{json.dumps(r.get(key)):>16}" for r in reports)
+        cells = "".join(f"{json.dumps(r.get(key)):>{width}}" for r in reports)
         lines.append(f"{key:26}{cells}")
     return "\n".join(lines)
 
