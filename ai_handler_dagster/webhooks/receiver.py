@@ -24,25 +24,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
-import socket
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from ai_handler_dagster.db.engine import make_engine
+from ai_handler_dagster.http_server import BodyTooLarge, LocalHTTPServer, TrackedHandler
 from ai_handler_dagster.webhooks.store import record_delivery
 
 log = logging.getLogger(__name__)
@@ -205,12 +203,7 @@ def handle(
 # HTTP server
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    # A burst of completions (hundreds of predictions ending together) queues in the kernel.
-    request_queue_size = 1024
-
+class _Server(LocalHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
@@ -224,23 +217,11 @@ class _Server(ThreadingHTTPServer):
         self.tolerance_s = tolerance_s
         self.max_body_bytes = max_body_bytes
         self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.connections: set[socket.socket] = set()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def count(self, key: str) -> None:
         with self.lock:
             self.counts[key] += 1
-
-    def close_connections(self) -> None:
-        """Cut keep-alive connections so a stopped receiver answers nothing more."""
-        with self.lock:
-            conns = list(self.connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver prints a traceback to stderr by default. A sender hanging up (or our own
@@ -253,35 +234,10 @@ class _Server(ThreadingHTTPServer):
         log.exception("unexpected error serving a webhook from %s", client_address)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(TrackedHandler):
     server_version = "ai-handler-webhooks/1.0"
-    # Idle keep-alive connections are closed after this long, so they do not pin threads.
-    timeout = 30
-    # The answer leaves in one write with Nagle off; otherwise the sender's delayed ACK adds
-    # about 40 ms to every delivery on a kept-alive connection.
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
+    logger = log
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.lock:
-                self.server.connections.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] != HEALTH_PATH:
@@ -297,8 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, "not found")
             return
         try:
-            body = self._read_body()
-        except _BodyTooLarge:
+            body = self.read_body(self.server.max_body_bytes)
+        except BodyTooLarge:
             self.server.count("413")
             # The rest of the body is never read, so the connection cannot carry another request.
             self.close_connection = True
@@ -320,40 +276,6 @@ class _Handler(BaseHTTPRequestHandler):
         if status != 204:
             log.info("refused webhook from %s: %d %s", self.address_string(), status, message)
         self._answer(status, message)
-
-    def _read_body(self) -> bytes:
-        """The body (Content-Length or chunked), refused as soon as it exceeds the limit."""
-        limit = self.server.max_body_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                line = self.rfile.readline(100).split(b";")[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise ValueError("malformed chunked body") from None
-                if size == 0:
-                    while self.rfile.readline(1000).strip():  # trailers
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > limit:
-                    raise _BodyTooLarge
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(10)  # CRLF after each chunk
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
-        try:
-            length = int(raw)
-        except ValueError:
-            raise ValueError("invalid Content-Length") from None
-        if length < 0:
-            raise ValueError("invalid Content-Length")
-        if length > limit:
-            raise _BodyTooLarge
-        return self.rfile.read(length) if length else b""
 
     def _answer(self, status: int, message: str, content_type: str = "text/plain") -> None:
         body = b"" if status == 204 else message.encode()

@@ -18,9 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+from ai_handler_dagster.http_server import BodyTooLarge, LocalHTTPServer, TrackedHandler
 
 from .config import EmulatorConfig
 from .engine import ApiError, Engine, model_for, not_found, validation_error
@@ -507,55 +508,14 @@ class App:
         return Response.json(200, {"removed": self.engine.expire_outputs(ids)})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    # Bursts of hundreds of concurrent creates must queue in the kernel, not be refused.
-    request_queue_size = 1024
-
+class _Server(LocalHTTPServer):
     app: App
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
 
-    def close_connections(self) -> None:
-        """Cut keep-alive connections so a stopped emulator answers nothing more."""
-        with self.connections_lock:
-            conns = list(self.connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(TrackedHandler):
     server_version = "replicate-emulator/1.0"
-    # Idle keep-alive connections are closed after this long, so they do not pin threads.
-    timeout = 30
-    # Head and body leave in one buffered write with Nagle off: written separately, the
-    # client's delayed ACK stalls every answer by about 40 ms.
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
+    logger = log
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:
         self._serve()
@@ -578,11 +538,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         parts = urlsplit(self.path)
         try:
-            body = self._read_body()
+            body = self.read_body(MAX_BODY_BYTES)
         except ValueError as exc:
             # The stream position is unknown now: answer and close rather than misparse.
             self.close_connection = True
-            self._write(Response.problem(ApiError(400, "Bad request", str(exc))))
+            if isinstance(exc, BodyTooLarge):
+                detail = f"The request body is over the {MAX_BODY_BYTES}-byte limit."
+            else:
+                detail = f"The request body could not be read: {exc}."
+            self._write(Response.problem(ApiError(400, "Bad request", detail)))
             return
         request = Request(self.command, parts.path, parse_qs(parts.query), self.headers, body)
         try:
@@ -594,27 +558,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         self._write(response)
-
-    def _read_body(self) -> bytes:
-        """The request body, sent with Content-Length or chunked; ValueError if malformed."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline(100).split(b";")[0].strip() or b"x", 16)
-                if size == 0:
-                    while self.rfile.readline(1000).strip():  # trailers
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > MAX_BODY_BYTES:
-                    raise ValueError("Request body too large.")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(10)  # CRLF after each chunk
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise ValueError("Invalid or too large Content-Length.")
-        return self.rfile.read(length) if length else b""
 
     def _write(self, response: Response) -> None:
         self.send_response(response.status)
@@ -717,7 +660,7 @@ def start_emulator(
     """Start an emulator serving on ``host:port`` (0 = any free port) in a background thread."""
     config = config or EmulatorConfig()
     # The engine's URLs need the bound port: bind first, attach the app before serving.
-    server = _Server((host, port))
+    server = _Server((host, port), _Handler)
     bound_port = server.server_address[1]
     shown_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in shown_host:
