@@ -722,15 +722,7 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
         control.configure(faults={name: 0.0 for name in EMULATOR_FAULTS})
         predictions = control.predictions()
     say("settled; auditing")
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_url,
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        region_name="us-east-1",
-    )
+    s3 = stack.s3_client()
     http, fetch = _fetcher()
     try:
         result = chaos_audit.audit(

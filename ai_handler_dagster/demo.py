@@ -97,18 +97,6 @@ def _progress(done: int, total: int, elapsed: float, stream: Any, last: list[int
     stream.flush()
 
 
-def _s3_client(stack: Stack) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=stack.s3_url,
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        region_name="us-east-1",
-    )
-
-
 def run_demo(
     *, state_dir: Path | None = None, timeout_s: float = 300, quiet: bool = False
 ) -> DemoResult:
@@ -180,7 +168,7 @@ def run_demo(
                 {"u": user},
             )
 
-        s3 = _s3_client(stack)
+        s3 = stack.s3_client()
         s3_objects = 0
         checksum_errors = 0
         for row in rows:

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import sqlalchemy as sa
 
@@ -369,16 +369,14 @@ class Stack:
         self.s3_url = f"http://127.0.0.1:{port}"
         self._wait_for_bucket()
 
-    def _wait_for_bucket(self) -> None:
-        import boto3
+    def s3_client(self) -> Any:
+        """A boto3 client for the stack's local S3 endpoint (it accepts any credentials)."""
+        from ai_handler_dagster.devstack.s3 import local_s3_client
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.s3_url,
-            aws_access_key_id="local",
-            aws_secret_access_key="local",
-            region_name="us-east-1",
-        )
+        return local_s3_client(self.s3_url)
+
+    def _wait_for_bucket(self) -> None:
+        client = self.s3_client()
         deadline = time.monotonic() + 30
         while True:
             try:

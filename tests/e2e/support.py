@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
 import httpx
 import sqlalchemy as sa
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
@@ -121,13 +120,7 @@ def dagster_instance(stack: Stack) -> Iterator[DagsterInstance]:
 
 
 def s3_client(stack: Stack) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=stack.s3_url,
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        region_name="us-east-1",
-    )
+    return stack.s3_client()
 
 
 def s3_keys(stack: Stack, prefix: str) -> list[str]:
