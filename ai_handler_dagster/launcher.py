@@ -194,8 +194,9 @@ class LocalRunLauncher(DefaultRunLauncher):
         if not self.warm_start or origin is None:
             return False
         executable = origin.repository_origin.executable_path
-        # Only code that runs on this interpreter can be forked from it.
-        return not executable or os.path.realpath(executable) == os.path.realpath(sys.executable)
+        # Only code that runs on this interpreter can be forked from it. Paths are compared as
+        # given, not resolved: two virtualenvs link to one interpreter but hold other packages.
+        return not executable or os.path.abspath(executable) == os.path.abspath(sys.executable)
 
     def _context(self) -> Any:
         """The fork-server context, restarted first if the project's sources changed."""

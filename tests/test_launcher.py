@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, job, op
+from dagster._core.code_pointer import ModuleCodePointer
 from dagster._core.launcher import WorkerStatus
+from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 
 from ai_handler_dagster.devstack.stack import instance_yaml
@@ -81,15 +83,29 @@ def test_the_fingerprint_moves_when_a_source_file_changes(
     assert source_fingerprint(["dagster", "no_such_package_here"]) == 0.0
 
 
-def test_only_runs_on_this_interpreter_are_forked() -> None:
-    launcher = LocalRunLauncher(warm_start=True)
+def _origin(executable: str) -> JobPythonOrigin:
+    pointer = ModuleCodePointer("tests.test_launcher", "tiny_job", working_directory=None)
+    return JobPythonOrigin("tiny_job", RepositoryPythonOrigin(executable, pointer))
+
+
+def test_only_runs_on_this_interpreter_are_forked(tmp_path: Path) -> None:
+    other_env = tmp_path / "venv" / "bin" / "python"  # another virtualenv's interpreter
     with instance_for_test() as instance:
-        launcher.register_instance(instance)
-        here = create_run_for_test(instance, job_name="tiny_job")
-        assert here.job_code_origin is None  # a run without a Python origin
-        assert launcher._can_fork(here) is False
-    cold = LocalRunLauncher(warm_start=False)
-    assert cold.warm_start is False
+        warm = LocalRunLauncher(warm_start=True)
+        warm.register_instance(instance)
+        here = create_run_for_test(
+            instance, job_name="tiny_job", job_code_origin=_origin(sys.executable)
+        )
+        assert warm._can_fork(here) is True
+        elsewhere = create_run_for_test(
+            instance, job_name="tiny_job", job_code_origin=_origin(str(other_env))
+        )
+        assert warm._can_fork(elsewhere) is False
+        no_origin = create_run_for_test(instance, job_name="tiny_job")
+        assert warm._can_fork(no_origin) is False
+        cold = LocalRunLauncher(warm_start=False)
+        cold.register_instance(instance)
+        assert cold._can_fork(here) is False
 
 
 def test_worker_health_follows_the_recorded_pid() -> None:
