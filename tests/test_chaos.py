@@ -544,6 +544,9 @@ def _run_soak(seed: int, count: int, capsys: pytest.CaptureFixture[str]) -> dict
             # however fast the machine settles the rest.
             "--latency",
             "3",
+            # Three kills (not five) leave room between faults in this short window.
+            "--worker-kills",
+            "3",
             "--pg-url",
             PG_ADMIN_URL,
             "--json",
