@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +200,6 @@ def _timings(engine: sa.Engine, ids: list[int]) -> tuple[list[float], float, dic
     return latencies, wall, by_status
 
 
-def _stamp(value: Any) -> float:
-    """Epoch seconds of a stored timestamp (naive ones are UTC, as SQLite returns them)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return float(value.timestamp())
-
-
 def idle_phases(instance: Any, engine: sa.Engine, generation_id: int) -> dict[str, float]:
     """Where one generation's latency went, from its row and its run's Dagster event log.
 
@@ -223,11 +215,9 @@ def idle_phases(instance: Any, engine: sa.Engine, generation_id: int) -> dict[st
         row = session.get(Generation, generation_id)
         if row is None or row.dagster_run_id is None or row.finished_at is None:
             return {}
-        created, finished, run_id = (
-            _stamp(row.created_at),
-            _stamp(row.finished_at),
-            row.dagster_run_id,
-        )
+        # The column type returns aware UTC datetimes on both dialects.
+        created, finished = row.created_at.timestamp(), row.finished_at.timestamp()
+        run_id = row.dagster_run_id
     marks: dict[str, float] = {}
     steps: dict[str, list[float]] = {}
     for record in instance.get_records_for_run(run_id).records:

@@ -219,32 +219,11 @@ class FaultLog:
             self.events.append(text)
 
 
-def worker_pid(instance: Any, run_id: str) -> int | None:
-    """A run worker's pid, from the engine event its process writes when it starts."""
-    from dagster import DagsterEventType
-
-    records = instance.get_records_for_run(
-        run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=50
-    ).records
-    for record in records:
-        event = record.event_log_entry.dagster_event
-        if event is not None and (event.message or "").startswith("Started process for run"):
-            return int(event.engine_event_data.metadata["pid"].value)
-    return None
-
-
-def _alive(pid: int) -> bool:
-    """True for a running process (not gone, not a zombie its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
     """Run id -> pid of every generation run whose worker is a live process of this stack."""
     from dagster import DagsterRunStatus, RunsFilter
+
+    from ai_handler_dagster.launcher import process_alive, recorded_worker_pid
 
     runs = instance.get_runs(
         filters=RunsFilter(job_name="generation_job", statuses=[DagsterRunStatus.STARTED])
@@ -252,9 +231,9 @@ def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
     ours = set(stack.pids())
     found = {}
     for run in runs:
-        pid = worker_pid(instance, run.run_id)
-        # Only ever a process this stack started (the daemon's code server spawns the workers).
-        if pid is not None and pid in ours and _alive(pid):
+        pid = recorded_worker_pid(instance, run.run_id)
+        # Only ever a process this stack started (the daemon's warm process forks the workers).
+        if pid is not None and pid in ours and process_alive(pid):
             found[run.run_id] = pid
     return found
 

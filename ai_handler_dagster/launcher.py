@@ -74,6 +74,21 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def recorded_worker_pid(instance: Any, run_id: str) -> int | None:
+    """The pid a run's worker recorded in the event log when it started (Dagster's "Started
+    process for run" engine event, which every launch path writes), or None if not yet."""
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=50
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        data = getattr(event, "engine_event_data", None) if event else None
+        pid = data.metadata.get("pid") if data and data.metadata else None
+        if pid is not None:
+            return int(pid.value)
+    return None
+
+
 def source_fingerprint(modules: Sequence[str]) -> float:
     """Newest modification time of the Python sources of the project's preloaded packages.
 
@@ -160,7 +175,6 @@ class LocalRunLauncher(DefaultRunLauncher):
         super().__init__(inst_data=inst_data)
         self.warm_start = warm_start
         self.preload_modules = list(preload_modules)
-        self._pids: dict[str, int] = {}
         self._lock = threading.Lock()
         self._fingerprint: float | None = None
         self._workers: dict[str, multiprocessing.process.BaseProcess] = {}
@@ -241,7 +255,6 @@ class LocalRunLauncher(DefaultRunLauncher):
                 worker = self._start_worker(run.run_id, serialize_value(ref))
             self._workers[run.run_id] = worker
         assert worker.pid is not None
-        self._pids[run.run_id] = worker.pid
         self._instance.add_run_tags(run.run_id, {WORKER_PID_TAG: str(worker.pid)})
 
     def _start_worker(self, run_id: str, ref: str) -> multiprocessing.process.BaseProcess:
@@ -285,22 +298,11 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def _worker_pid(self, run: DagsterRun) -> int | None:
-        if run.run_id in self._pids:
-            return self._pids[run.run_id]
+        # Forked runs carry the pid as a tag; runs started through the code server only in
+        # their event log.
         if WORKER_PID_TAG in run.tags:
-            self._pids[run.run_id] = int(run.tags[WORKER_PID_TAG])
-            return self._pids[run.run_id]
-        records = self._instance.get_records_for_run(
-            run.run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=50
-        ).records
-        for record in records:
-            event = record.event_log_entry.dagster_event
-            data = getattr(event, "engine_event_data", None) if event else None
-            pid = data.metadata.get("pid") if data and data.metadata else None
-            if pid is not None:
-                self._pids[run.run_id] = int(pid.value)
-                return self._pids[run.run_id]
-        return None
+            return int(run.tags[WORKER_PID_TAG])
+        return recorded_worker_pid(self._instance, run.run_id)
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         pid = self._worker_pid(run)
@@ -309,7 +311,6 @@ class LocalRunLauncher(DefaultRunLauncher):
             return CheckRunHealthResult(WorkerStatus.RUNNING, "worker pid not recorded yet")
         if process_alive(pid):
             return CheckRunHealthResult(WorkerStatus.RUNNING)
-        self._pids.pop(run.run_id, None)
         return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone")
 
     def dispose(self) -> None:

@@ -509,10 +509,8 @@ class ListSweep:
         )
         seen: set[str] = set()
         pages = 0
-        path = "/v1/predictions"
         try:
-            while pending and pages < self._max_pages:
-                page = self._resource._request_json("GET", path, attempts=1)
+            for page in _list_pages(self._resource, self._max_pages if pending else 0, attempts=1):
                 pages += 1
                 self.requests += 1
                 oldest = self._read_page(page, pending, seen)
@@ -520,10 +518,6 @@ class ListSweep:
                     break
                 if floor is not None and oldest is not None and oldest < floor:
                     break  # newest first: everything further is older than what we wait for
-                next_page = page.get("next")
-                if not next_page:
-                    break
-                path = _cursor_path(str(next_page), self._resource.base_url)
         except GenerationError as err:
             # The list is unreadable for now: the predictions not seen yet are polled one by one
             # (their GETs handle throttling), and the sweep tries again at its next turn.
@@ -800,9 +794,7 @@ class ReplicateResource(dg.ConfigurableResource):
         """The oldest unclaimed recent prediction matching a create, if the server has one."""
         wanted_input = _normalize_json(payload)
         candidates: list[tuple[float, dict[str, Any]]] = []
-        path = "/v1/predictions"
-        for _ in range(_ADOPT_MAX_PAGES):
-            page = self._request_json("GET", path)
+        for page in _list_pages(self, _ADOPT_MAX_PAGES):
             reached_older = False
             for item in page.get("results") or []:
                 if not isinstance(item, dict):
@@ -820,10 +812,8 @@ class ReplicateResource(dg.ConfigurableResource):
                 )
                 if same_model and _normalize_json(item.get("input")) == wanted_input:
                     candidates.append((created if created is not None else float("inf"), item))
-            next_page = page.get("next")
-            if reached_older or not next_page:
+            if reached_older:
                 break
-            path = _cursor_path(str(next_page), self.base_url)
         if not candidates:
             return None
         candidates.sort(key=lambda pair: pair[0])
@@ -1075,6 +1065,21 @@ def _prediction_not_found(err: GenerationError, prediction_id: str) -> Generatio
         mapped.__cause__ = err
         return mapped
     return err
+
+
+def _list_pages(
+    resource: ReplicateResource, max_pages: int, *, attempts: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Pages of ``GET /v1/predictions``, newest first, following ``next`` (never to another host)
+    for at most ``max_pages``. The caller stops early by leaving the loop."""
+    path = "/v1/predictions"
+    for _ in range(max_pages):
+        page = resource._request_json("GET", path, attempts=attempts)
+        yield page
+        next_page = page.get("next")
+        if not next_page:
+            return
+        path = _cursor_path(str(next_page), resource.base_url)
 
 
 def _cursor_path(url: str, base_url: str) -> str:

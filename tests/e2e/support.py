@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import httpx
 import sqlalchemy as sa
-from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
@@ -176,19 +176,6 @@ def wait_batch_runs_finished(
         what=f"the runs of batch {batch_key} to finish",
         describe=lambda: [(r.run_id, r.status.value) for r in runs_of_batch(instance, batch_key)],
     )
-
-
-def worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
-    """The run worker's pid, from the engine event its process reports when it starts
-    ("Started process for run (pid: N).")."""
-    records = instance.get_records_for_run(
-        run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=100
-    ).records
-    for record in records:
-        event = record.event_log_entry.dagster_event
-        if event is not None and (event.message or "").startswith("Started process for run"):
-            return int(event.engine_event_data.metadata["pid"].value)  # type: ignore[arg-type]
-    return None
 
 
 def run_events(instance: DagsterInstance, run_id: str) -> list[str]:

@@ -29,7 +29,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster._core.launcher import WorkerStatus
 
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.launcher import process_alive
+from ai_handler_dagster.launcher import process_alive, recorded_worker_pid
 
 from .conftest import StackUnderTest
 from .support import (
@@ -44,7 +44,6 @@ from .support import (
     unique,
     wait_batch_runs_finished,
     wait_for,
-    worker_pid,
 )
 
 pytestmark = pytest.mark.e2e
@@ -127,7 +126,7 @@ def test_a_killed_run_worker_is_detected_and_settled_once(
     row, run = wait_mid_prediction(env, instance, gid)
 
     pid = wait_for(
-        lambda: worker_pid(instance, run.run_id),
+        lambda: recorded_worker_pid(instance, run.run_id),
         timeout_s=30,
         what=f"the worker pid of run {run.run_id}",
     )
@@ -238,7 +237,9 @@ def test_run_monitoring_fails_a_run_whose_worker_died_with_its_parent(
     stack, app = env.stack, env.app
     user, prompt, gid = start_one(env, "orphan")
     row, run = wait_mid_prediction(env, instance, gid)
-    pid = wait_for(lambda: worker_pid(instance, run.run_id), timeout_s=30, what="the worker pid")
+    pid = wait_for(
+        lambda: recorded_worker_pid(instance, run.run_id), timeout_s=30, what="the worker pid"
+    )
     server = parent_pid(pid)
     with open(f"/proc/{server}/cmdline", "rb") as cmdline:
         assert b"forkserver" in cmdline.read(), "the worker's parent is not the warm process"
