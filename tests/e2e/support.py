@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,15 +66,23 @@ def wait_for(
         time.sleep(interval_s)
 
 
+NOTABLE = re.compile(r"ERROR|Traceback|Error:|_FAILURE|Detected run|by signal")
+
+
 # --- the stack --------------------------------------------------------------------------------
 
 
-def log_tails(stack: Stack, lines: int = 60) -> str:
-    """The last lines of every log file of the stack (emulator, S3, daemon, dagster dev)."""
+def log_tails(stack: Stack, lines: int = 60, notable: int = 40) -> str:
+    """For every log file of the stack (emulator, S3, daemon, dagster dev): its notable lines
+    (errors, failures, run monitoring's verdicts) from anywhere in it, then its last lines."""
     parts = []
     for path in sorted(Path(stack.logs_dir).glob("*.log")):
         with contextlib.suppress(OSError):
             text = path.read_text(errors="replace").splitlines()
+            marked = [line for line in text[:-lines] if NOTABLE.search(line)]
+            if marked:
+                parts.append(f"===== {path.name} (notable earlier lines, last {notable}) =====")
+                parts.extend(marked[-notable:])
             parts.append(f"===== {path.name} (last {lines} lines) =====")
             parts.extend(text[-lines:])
     return "\n".join(parts) if parts else "(no stack logs)"

@@ -28,6 +28,7 @@ from .support import (
     App,
     dagster_instance,
     predictions_with_prompt,
+    run_events,
     running_stack,
     runs_of_batch,
     s3_body,
@@ -151,12 +152,12 @@ def test_inserted_rows_succeed_with_their_outputs_in_s3(submitted: Submitted) ->
 
     # Each generation ran in one run, launched by the request sensor, that succeeded.
     with dagster_instance(stack) as instance:
-        for gid, row in rows.items():
+        for row in rows.values():
             assert row.batch_key is not None
             runs = runs_of_batch(instance, row.batch_key)
             assert [(r.run_id, r.status) for r in runs] == [
                 (row.dagster_run_id, DagsterRunStatus.SUCCESS)
-            ], gid
+            ], {r.run_id: run_events(instance, r.run_id)[-8:] for r in runs}
             assert runs[0].tags.get("dagster/sensor_name") == "generation_request_sensor"
 
     charged = sum(row.amount_charged for row in rows.values())
