@@ -15,6 +15,14 @@ as soon as the process is gone, so run monitoring fails the run within one poll 
 sensor (or a run retry) takes over. Terminating a run sends the worker SIGTERM, which Dagster
 turns into an interrupt of the step.
 
+Before a launcher process starts its first run of a job, it gives each concurrency pool of the
+job its limit row at the instance's ``default_limit`` (``prepare_pools``). Dagster creates that row
+lazily, in the first run worker that claims a slot, and on PostgreSQL its creation fails whenever
+the row already exists (the insert's IntegrityError aborts the transaction, and the update meant to
+follow fails with it). So without this, two runs that reach the pool together on a fresh database
+race and one of them fails, and after ``default_limit`` changes every run that claims the pool
+fails. Prepared from the one launching process, the workers find nothing left to create.
+
 When a source file of a preloaded package changes, the fork server is restarted before the next
 launch, so a reloaded code location runs new code. With ``warm_start: false``, or for a code
 location that runs on another Python executable, runs go through the code server as Dagster's
@@ -28,13 +36,14 @@ check worker health themselves.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,8 @@ from dagster import DagsterEventType, Field
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._core.storage.dagster_run import DagsterRun
+
+log = logging.getLogger(__name__)
 
 #: Run tag holding the pid of a run's worker process (forked runs only).
 WORKER_PID_TAG = "ai_handler/worker_pid"
@@ -87,6 +98,61 @@ def recorded_worker_pid(instance: Any, run_id: str) -> int | None:
         if pid is not None:
             return int(pid.value)
     return None
+
+
+def prepare_pools(instance: Any, pools: Iterable[str]) -> list[str]:
+    """Give each pool its limit row at the instance's ``default_limit``; return those created or
+    reset to it. Pools an operator set explicitly (``dagster instance concurrency set``), and pools
+    already at the default, are left as they are. Does nothing without a default limit."""
+    storage = instance.event_log_storage
+    default = instance.global_op_concurrency_default_limit
+    if default is None or not storage.supports_global_concurrency_limits:
+        return []
+    limits = {limit.name: limit for limit in storage.get_pool_limits()}
+    changed = []
+    for pool in sorted(set(pools)):
+        current = limits.get(pool)
+        if current is None:
+            try:
+                storage.initialize_concurrency_limit_to_default(pool)
+            except Exception:
+                # A run worker launched by an earlier launcher process may have created it now.
+                now = {limit.name: limit for limit in storage.get_pool_limits()}.get(pool)
+                if now is None or now.limit != default:
+                    raise
+        elif current.from_default and current.limit != default:
+            _reset_to_default(storage, pool, default)
+        else:
+            continue
+        log.info(
+            "pool %r: limit %s -> %s (default_limit)",
+            pool,
+            "none" if current is None else current.limit,
+            default,
+        )
+        changed.append(pool)
+    return changed
+
+
+def _reset_to_default(storage: Any, pool: str, default: int) -> None:
+    """Move a pool that follows ``default_limit`` to a new default.
+
+    Dagster's own path for this (``initialize_concurrency_limit_to_default`` on an existing row)
+    fails on PostgreSQL. ``set_concurrency_slots`` resizes the slots correctly under the row's lock,
+    slots held by running steps included, but records the limit as set by an operator; the row is
+    then marked as following the default again, so that the next change of ``default_limit``
+    applies too.
+    """
+    from dagster._core.storage.event_log.schema import ConcurrencyLimitsTable
+
+    storage.set_concurrency_slots(pool, default)
+    if storage.has_default_pool_limit_col:
+        with storage.index_transaction() as conn:
+            conn.execute(
+                ConcurrencyLimitsTable.update()
+                .where(ConcurrencyLimitsTable.c.concurrency_key == pool)
+                .values(using_default_limit=True)
+            )
 
 
 def source_fingerprint(modules: Sequence[str]) -> float:
@@ -178,6 +244,8 @@ class LocalRunLauncher(DefaultRunLauncher):
         self._lock = threading.Lock()
         self._fingerprint: float | None = None
         self._workers: dict[str, multiprocessing.process.BaseProcess] = {}
+        #: Execution plans whose pools this process has prepared (``prepare_pools``).
+        self._plans_prepared: set[str] = set()
 
     @classmethod
     def config_type(cls) -> dict[str, Field]:
@@ -237,8 +305,26 @@ class LocalRunLauncher(DefaultRunLauncher):
         if stop is not None:
             stop()
 
+    def _prepare_pools(self, run: DagsterRun) -> None:
+        """Prepare the pools of the run's job, once per execution plan (callers hold the lock)."""
+        plan_id = run.execution_plan_snapshot_id
+        if plan_id is None or plan_id in self._plans_prepared:
+            return
+        try:
+            plan = self._instance.get_execution_plan_snapshot(plan_id)
+            prepare_pools(self._instance, {step.pool for step in plan.steps if step.pool})
+        except Exception:
+            # Never stop a launch over it: the worker still creates the row itself on first use.
+            log.warning(
+                "could not prepare the concurrency pools of run %s", run.run_id, exc_info=True
+            )
+            return
+        self._plans_prepared.add(plan_id)
+
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
+        with self._lock:
+            self._prepare_pools(run)
         if not self._can_fork(run):
             super().launch_run(context)
             return
