@@ -262,12 +262,9 @@ def idle_phases(instance: Any, engine: sa.Engine, generation_id: int) -> dict[st
 
 
 def _median_phases(samples: list[dict[str, float]]) -> dict[str, float]:
-    keys = [k for k in samples[0]] if samples else []
-    return {
-        k: round(statistics.median(s[k] for s in samples if k in s), 2)
-        for k in keys
-        if any(k in s for s in samples)
-    }
+    if not samples:
+        return {}
+    return {k: round(statistics.median(s[k] for s in samples if k in s), 2) for k in samples[0]}
 
 
 def _stack_config(

@@ -108,7 +108,7 @@ def prepare_pools(instance: Any, pools: Iterable[str]) -> list[str]:
     default = instance.global_op_concurrency_default_limit
     if default is None or not storage.supports_global_concurrency_limits:
         return []
-    limits = {limit.name: limit for limit in storage.get_pool_limits()}
+    limits = _pool_limits(storage)
     changed = []
     for pool in sorted(set(pools)):
         current = limits.get(pool)
@@ -117,7 +117,7 @@ def prepare_pools(instance: Any, pools: Iterable[str]) -> list[str]:
                 storage.initialize_concurrency_limit_to_default(pool)
             except Exception:
                 # A run worker launched by an earlier launcher process may have created it now.
-                now = {limit.name: limit for limit in storage.get_pool_limits()}.get(pool)
+                now = _pool_limits(storage).get(pool)
                 if now is None or now.limit != default:
                     raise
         elif current.from_default and current.limit != default:
@@ -132,6 +132,11 @@ def prepare_pools(instance: Any, pools: Iterable[str]) -> list[str]:
         )
         changed.append(pool)
     return changed
+
+
+def _pool_limits(storage: Any) -> dict[str, Any]:
+    """Pool name -> its ``PoolLimit`` (limit, and whether it follows ``default_limit``)."""
+    return {limit.name: limit for limit in storage.get_pool_limits()}
 
 
 def _reset_to_default(storage: Any, pool: str, default: int) -> None:

@@ -21,6 +21,7 @@ from dagster._core.test_utils import create_run_for_test
 from ai_handler_dagster.definitions import defs
 from ai_handler_dagster.devstack.stack import instance_yaml
 from ai_handler_dagster.launcher import LocalRunLauncher, prepare_pools
+from tests.db.support import race
 
 POOL = "replicate"
 
@@ -123,23 +124,10 @@ def test_workers_claiming_a_prepared_pool_at_once_all_get_an_answer(
     """Eight run workers claim the prepared pool at the same moment, and none of them fails."""
     with _instance(tmp_path, "a", "postgres", pg_url, 3) as instance:
         prepare_pools(instance, [POOL])
-        start, claimed = threading.Barrier(8), threading.Barrier(8)
-        results: list[bool] = []
-        errors: list[BaseException] = []
-
-        def worker(i: int) -> None:
-            start.wait()
-            try:
-                results.append(_claim(instance, f"step_{i}", hold=claimed))
-            except BaseException as exc:  # collected for the assertion below
-                errors.append(exc)
-                claimed.abort()
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        claimed = threading.Barrier(8, timeout=60)
+        outcomes = race(8, lambda i: _claim(instance, f"step_{i}", hold=claimed))
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
         assert errors == []
         # Some got a slot and the rest wait. How many got one is Dagster's claim to keep: on
         # PostgreSQL its slot update is not conditional, so concurrent claims can exceed the limit.

@@ -332,12 +332,11 @@ def await_predictions(
     failed: dict[int, str] = {}
     total = len(by_prediction)
     webhooks = public_webhook_url() is not None
-    lookup = make_batched_lookup(engine, list(by_prediction)) if webhooks else None
+    ids = list(by_prediction)
+    lookup = make_batched_lookup(engine, ids) if webhooks else None
     # Without webhooks, listing recent predictions answers for a page of them per request.
-    sweep = None if webhooks else replicate.list_sweep(list(by_prediction))
-    waiting = replicate.wait_many(
-        list(by_prediction), lookup=lookup, expect_webhooks=webhooks, sweep=sweep
-    )
+    sweep = None if webhooks else replicate.list_sweep(ids)
+    waiting = replicate.wait_many(ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep)
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         error = snapshot_error(snapshot)

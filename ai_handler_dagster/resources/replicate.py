@@ -489,10 +489,9 @@ class ListSweep:
 
     def __call__(self, prediction_id: str) -> PredictionSnapshot | None:
         """The state of ``prediction_id`` as of the latest refresh (refreshing first if due)."""
-        known = self._states.get(prediction_id)
-        if known is not None and known.is_terminal:
-            return known
-        if time.monotonic() - self._refreshed_at >= self._interval:
+        if not self._terminal(prediction_id) and (
+            time.monotonic() - self._refreshed_at >= self._interval
+        ):
             self.refresh()
         return self._states.get(prediction_id)
 

@@ -128,13 +128,9 @@ def dagster_instance(stack: Stack) -> Iterator[DagsterInstance]:
         instance.dispose()
 
 
-def s3_client(stack: Stack) -> Any:
-    return stack.s3_client()
-
-
 def s3_keys(stack: Stack, prefix: str) -> list[str]:
     """Every key of the outputs bucket under ``prefix``, listed through the S3 API."""
-    client = s3_client(stack)
+    client = stack.s3_client()
     keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         keys.extend(item["Key"] for item in page.get("Contents", []))
@@ -142,7 +138,7 @@ def s3_keys(stack: Stack, prefix: str) -> list[str]:
 
 
 def s3_body(stack: Stack, key: str) -> bytes:
-    return s3_client(stack).get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return stack.s3_client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
 def sha256(data: bytes) -> str:
