@@ -123,7 +123,7 @@ def test_workers_claiming_a_prepared_pool_at_once_all_get_an_answer(
 ) -> None:
     """Eight run workers claim the prepared pool at the same moment, and none of them fails."""
     with _instance(tmp_path, "a", "postgres", pg_url, 3) as instance:
-        prepare_pools(instance, [POOL])
+        assert prepare_pools(instance, [POOL]) == [POOL]  # created here, not by a worker
         claimed = threading.Barrier(8, timeout=60)
         outcomes = race(8, lambda i: _claim(instance, f"step_{i}", hold=claimed))
         errors = [o for o in outcomes if isinstance(o, BaseException)]
