@@ -53,7 +53,8 @@ class BenchConfig:
     #: Settings of the optimized design (ignored with ``naive``).
     max_batch: int = 128
     max_in_flight: int = 384
-    max_concurrent_runs: int = 4
+    #: Runs in progress at once (None: the shipped ``dagster.yaml``'s).
+    max_concurrent_runs: int | None = None
     webhooks: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -267,6 +268,24 @@ def _median_phases(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(s[k] for s in samples if k in s), 2) for k in samples[0]}
 
 
+#: Options of ``ai-handler bench`` that change an instance setting of the shipped ``dagster.yaml``.
+INSTANCE_OPTIONS = {
+    "--max-runs": "concurrency.runs.max_concurrent_runs",
+    "--naive": "run_launcher.config.warm_start",
+}
+
+
+def instance_overrides(config: BenchConfig) -> dict[str, Any]:
+    """The instance settings this benchmark changes (none by default: production's)."""
+    overrides: dict[str, Any] = {}
+    if config.max_concurrent_runs is not None:
+        overrides[INSTANCE_OPTIONS["--max-runs"]] = config.max_concurrent_runs
+    if config.naive:
+        # The naive design starts each run the way Dagster does by default: a fresh interpreter.
+        overrides[INSTANCE_OPTIONS["--naive"]] = False
+    return overrides
+
+
 def _stack_config(
     config: BenchConfig, state_dir: Path, app_url: str, dagster_url: str | None
 ) -> StackConfig:
@@ -295,10 +314,8 @@ def _stack_config(
         app_db_url=app_url,
         latency_s=config.latency,
         concurrency=config.concurrency,
-        max_concurrent_runs=config.max_concurrent_runs,
+        instance_overrides=instance_overrides(config),
         webhooks=config.webhooks,
-        # The naive design starts each run the way Dagster does by default: a fresh interpreter.
-        warm_runs=not config.naive,
         extra_env=env,
     )
 
@@ -337,6 +354,8 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
     emulator = EmulatorControl(stack.emulator_url)
     say = (lambda text: sys.stderr.write(text + "\n")) if progress else (lambda text: None)
     mode = "naive" if config.naive else "batched"
+    overrides = stack.overrides()
+    say(f"[{mode}] overrides of production's settings: {json.dumps(overrides)}")
     say(f"[{mode}] stack up; warming up (the first run also waits for the daemon)")
 
     # Idle overhead: one generation into an idle system, repeated; the first one is a warm-up.
@@ -389,6 +408,7 @@ def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) ->
         "ledger_violations": len(violations),
         "statuses": by_status,
         "cpu_s_by_process": sampler.cpu_by_kind(),
+        "overrides": overrides,
     }
 
 
@@ -463,12 +483,26 @@ def register(sub: Any) -> None:
     p.add_argument("--latency", type=float, default=2.0, help="model seconds L (default 2)")
     p.add_argument("--concurrency", type=int, default=32, help="provider slots C (default 32)")
     p.add_argument("--storage", choices=("postgres", "sqlite"), default="postgres")
-    p.add_argument("--naive", action="store_true", help="one generation per run, multiprocess")
+    p.add_argument(
+        "--naive",
+        action="store_true",
+        help="one generation per run, multiprocess; sets the instance setting "
+        f"{INSTANCE_OPTIONS['--naive']} to false",
+    )
     p.add_argument("--compare", action="store_true", help="run both designs; print the ratio")
     p.add_argument("--naive-count", type=int, default=40, help="generations for the naive run")
     p.add_argument("--max-batch", type=int, default=128, help="generations per run (batched)")
     p.add_argument("--max-in-flight", type=int, default=384, help="queued+running at once")
-    p.add_argument("--max-runs", type=int, default=4, help="runs in progress at once")
+    inst = p.add_argument_group(
+        "instance settings", "options that override a setting of the shipped dagster.yaml"
+    )
+    inst.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        help=f"{INSTANCE_OPTIONS['--max-runs']}: runs in progress at once "
+        "(default: dagster.yaml's)",
+    )
     p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhook receiver)")
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")

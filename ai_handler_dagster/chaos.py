@@ -45,7 +45,8 @@ import sqlalchemy as sa
 
 from ai_handler_dagster import chaos_audit
 from ai_handler_dagster.devstack.emulator import EmulatorControl
-from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
+from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 MODEL = "demo/pixel-sketch"
@@ -101,7 +102,6 @@ class ChaosConfig:
     timeout_s: float = 1800.0
     pg_admin_url: str = DEFAULT_PG_URL
     max_batch: int = 8
-    max_concurrent_runs: int = 4
     keep: bool = False
 
     @property
@@ -514,7 +514,6 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
         latency_s=config.latency,
         concurrency=config.concurrency,
         emulator_args=emulator_args,
-        max_concurrent_runs=config.max_concurrent_runs,
         extra_env={
             "AI_HANDLER_SENSOR_INTERVAL_S": "1",
             # Stuck predictions must end: the await step cancels them and refunds.
@@ -660,6 +659,8 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
         sa.make_url(app_url).update_query_dict({"application_name": APPLICATION_NAME})
     )
     _grant(engine, plan.grants, config.seed)
+    overrides = stack.overrides()
+    say(f"overrides of production's settings: {json.dumps(overrides)}")
     say("stack up; waiting for the daemon's first sensor tick")
     _wait_for_sensor(stack, timeout_s=180)
     say(
@@ -709,12 +710,12 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
         result = chaos_audit.audit(
             engine,
             predictions=predictions,
-            s3_objects=chaos_audit.list_s3_objects(s3, BUCKET),
+            s3_objects=chaos_audit.list_s3_objects(s3, DEFAULT_BUCKET),
             fetch_output=fetch,
         )
     finally:
         http.close()
-    return _report(config, plan, driver.log, stats, result, duration)
+    return {**_report(config, plan, driver.log, stats, result, duration), "overrides": overrides}
 
 
 def _settle(
@@ -856,8 +857,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"  {'users (on small balances)':44}{report['users']:>5} ({report['poor_users']})",
         f"  {'duration (s)':44}{report['duration_s']:>8}",
         "",
-        "faults injected",
+        "settings that differ from production's",
     ]
+    for scope, values in report.get("overrides", {}).items():
+        for key, value in values.items():
+            lines.append(f"  {scope + ': ' + key:44}{json.dumps(value):>8}")
+    lines += ["", "faults injected"]
     for kind, label in FAULT_LABELS.items():
         lines.append(f"  {label:44}{report['faults'].get(kind, 0):>8}")
     if report["s3_outage_s"]:

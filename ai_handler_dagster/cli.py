@@ -202,6 +202,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_demo(json_output=args.json, timeout_s=args.timeout)
 
 
+# --- instance ---------------------------------------------------------------------------------
+
+
+def cmd_instance_write(args: argparse.Namespace) -> int:
+    """Write production's Dagster instance folder: the shipped settings, PostgreSQL storage."""
+    from ai_handler_dagster import instance
+
+    home = Path(args.dir)
+    target = home / "dagster.yaml"
+    if target.exists() and not args.force:
+        raise UsageError(f"{target} exists; pass --force to write it again")
+    instance.write(home, instance.production_config())
+    print(f"wrote {target}: dagster.yaml's settings, storage from ${instance.PG_URL_VAR}")
+    print(f"run Dagster with DAGSTER_HOME={home.resolve()} and {instance.PG_URL_VAR} set")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -271,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="also print the result as JSON")
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
     demo.set_defaults(handler=cmd_demo)
+
+    inst = sub.add_parser("instance", help="Dagster instance folders").add_subparsers(
+        dest="instance_command", required=True, metavar="ACTION"
+    )
+    write = inst.add_parser(
+        "write",
+        help="write DIR/dagster.yaml for production: the repository's dagster.yaml plus "
+        "PostgreSQL storage from DAGSTER_PG_URL (then set DAGSTER_HOME=DIR)",
+    )
+    write.add_argument("dir", metavar="DIR")
+    write.add_argument("--force", action="store_true", help="replace an existing dagster.yaml")
+    write.set_defaults(handler=cmd_instance_write)
 
     for name in EXTENSION_MODULES:
         try:

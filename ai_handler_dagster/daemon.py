@@ -11,8 +11,9 @@ queue is read every ``AI_HANDLER_DEQUEUE_LOOP_S`` (default 0.5 s; ``dagster.yaml
 seconds). Everything else is ``dagster-daemon`` unchanged; plain ``dagster-daemon run`` works too,
 with the 5 s sensor loop and the configured dequeue interval.
 
-It also starts the run launcher's warm process (see ``ai_handler_dagster.launcher``) before the
-first run needs it.
+With ``AI_HANDLER_ENV=production`` it first refuses an instance without PostgreSQL storage
+(``instance.check_production_storage``). It also starts the run launcher's warm process (see
+``ai_handler_dagster.launcher``) before the first run needs it.
 
 The sensor period lives in a module constant of Dagster's sensor daemon
 (``MIN_INTERVAL_LOOP_TIME``), the dequeue period in the run coordinator's
@@ -65,7 +66,20 @@ def _warm_run_launcher() -> None:
         sys.stderr.write(f"ai_handler_dagster.daemon: run launcher not warmed up: {exc}\n")
 
 
+def _check_instance() -> None:
+    """In production, refuse an instance without PostgreSQL storage (see ``instance.py``)."""
+    from ai_handler_dagster import instance, settings
+
+    if settings.environment() is settings.Environment.PRODUCTION:
+        try:
+            instance.check_production_storage(os.environ.get("DAGSTER_HOME"))
+        except settings.ConfigError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise SystemExit(2) from None
+
+
 def main() -> None:
+    _check_instance()
     _tighten_sensor_loop()
     _tighten_dequeue_loop()
     _warm_run_launcher()

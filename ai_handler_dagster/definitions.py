@@ -32,8 +32,6 @@ from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 
-DEFAULT_BUCKET = "ai-handler-outputs"
-
 
 def _optional_env(name: str) -> EnvVar | None:
     """``EnvVar(name)`` when the variable is set (read again at run time), else None."""
@@ -48,7 +46,7 @@ def build_resources() -> dict[str, object]:
         endpoint_url=_optional_env("AI_HANDLER_S3_ENDPOINT_URL"),
         region_name=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
     )
-    bucket = os.environ.get("AI_HANDLER_S3_BUCKET", DEFAULT_BUCKET)
+    bucket = settings.s3_bucket()
     replicate_kwargs: dict[str, Any] = {
         "api_token": EnvVar("REPLICATE_API_TOKEN"),
         "deadline_s": settings.prediction_deadline_s(),

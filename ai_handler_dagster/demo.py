@@ -23,8 +23,9 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
+from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.pricing import load_pricing
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEMO_CREDITS = 500
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -114,7 +115,7 @@ def run_demo(
         stack.apply_env()
         if not quiet:
             out.write(f"  Replicate emulator  {stack.emulator_url}\n")
-            out.write(f"  local S3            {stack.s3_url} (bucket {BUCKET})\n")
+            out.write(f"  local S3            {stack.s3_url} (bucket {DEFAULT_BUCKET})\n")
             out.write(f"  Dagster instance    {stack.dagster_home}\n")
             out.write(f"  logs                {stack.logs_dir}\n")
         engine = make_engine(stack.app_db_url)
@@ -173,7 +174,7 @@ def run_demo(
         checksum_errors = 0
         for row in rows:
             for obj in row.outputs or []:
-                body = s3.get_object(Bucket=BUCKET, Key=obj["key"])["Body"].read()
+                body = s3.get_object(Bucket=DEFAULT_BUCKET, Key=obj["key"])["Body"].read()
                 s3_objects += 1
                 if hashlib.sha256(body).hexdigest() != obj["sha256"] or len(body) != obj["size"]:
                     checksum_errors += 1

@@ -129,3 +129,12 @@ def prediction_deadline_s() -> float:
     """Seconds a prediction may run before it is canceled and its generation refunded
     (``AI_HANDLER_PREDICTION_DEADLINE_S``, default 1800)."""
     return float(_int_setting("AI_HANDLER_PREDICTION_DEADLINE_S", 1800))
+
+
+#: The bucket outputs go to unless ``AI_HANDLER_S3_BUCKET`` names another.
+DEFAULT_BUCKET = "ai-handler-outputs"
+
+
+def s3_bucket() -> str:
+    """Bucket for outputs and the values passed between ops (``AI_HANDLER_S3_BUCKET``)."""
+    return os.environ.get("AI_HANDLER_S3_BUCKET", "").strip() or DEFAULT_BUCKET

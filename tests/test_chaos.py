@@ -43,6 +43,7 @@ import sqlalchemy as sa
 from ai_handler_dagster import chaos, chaos_audit
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.devstack.s3 import LocalS3, local_s3_client, start_local_s3
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 MODEL = "demo/pixel-sketch"
 PNG_A = b"\x89PNG\r\n\x1a\n" + b"a" * 40
@@ -509,7 +510,7 @@ def test_sigusr1_takes_the_endpoint_process_offline_and_back_with_its_objects(
             time.sleep(0.05)
         port = int(port_file.read_text())
         client = local_s3_client(f"http://127.0.0.1:{port}")
-        client.put_object(Bucket="ai-handler-outputs", Key="k", Body=b"v")
+        client.put_object(Bucket=DEFAULT_BUCKET, Key="k", Body=b"v")
         proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
         while _port_open(port):
@@ -518,7 +519,7 @@ def test_sigusr1_takes_the_endpoint_process_offline_and_back_with_its_objects(
         while not _port_open(port):
             assert time.monotonic() < deadline, "the endpoint did not come back"
             time.sleep(0.05)
-        assert client.get_object(Bucket="ai-handler-outputs", Key="k")["Body"].read() == b"v"
+        assert client.get_object(Bucket=DEFAULT_BUCKET, Key="k")["Body"].read() == b"v"
         assert proc.poll() is None
     finally:
         proc.terminate()

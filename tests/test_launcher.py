@@ -17,7 +17,7 @@ from dagster._core.launcher import WorkerStatus
 from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 
-from ai_handler_dagster.devstack.stack import instance_yaml
+from ai_handler_dagster import instance
 from ai_handler_dagster.launcher import (
     WORKER_PID_TAG,
     LocalRunLauncher,
@@ -37,10 +37,8 @@ def tiny_job() -> None:
 
 def _instance_with(tmp_path: Path, warm: bool) -> DagsterInstance:
     home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        instance_yaml(storage="sqlite", dagster_pg_url=None, max_concurrent_runs=2, warm_runs=warm)
-    )
+    config = instance.local_config(overrides={"run_launcher.config.warm_start": warm})
+    instance.write(home, config)
     return DagsterInstance.from_config(str(home))
 
 

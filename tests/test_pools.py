@@ -18,22 +18,27 @@ from dagster import DagsterInstance
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._core.test_utils import create_run_for_test
 
+from ai_handler_dagster import instance
 from ai_handler_dagster.definitions import defs
-from ai_handler_dagster.devstack.stack import instance_yaml
 from ai_handler_dagster.launcher import LocalRunLauncher, prepare_pools
 from tests.db.support import race
 
 POOL = "replicate"
 
 
+def _write(home: Path, url: str | None, limit: int) -> None:
+    """The shipped instance settings with the pool's ``default_limit`` at ``limit``."""
+    config = instance.local_config(
+        postgres_url=url, overrides={"concurrency.pools.default_limit": limit}
+    )
+    instance.write(home, config)
+
+
 def _instance(
     tmp_path: Path, name: str, storage: str, url: str | None, limit: int
 ) -> DagsterInstance:
     home = tmp_path / name
-    home.mkdir()
-    (home / "dagster.yaml").write_text(
-        instance_yaml(storage=storage, dagster_pg_url=url, max_concurrent_runs=limit)  # type: ignore[arg-type]
-    )
+    _write(home, url if storage == "postgres" else None, limit)
     return DagsterInstance.from_config(str(home))
 
 
@@ -54,9 +59,7 @@ def _pair(
     if kind == "postgres":
         return before, _instance(tmp_path, "b", kind, url, second)
     # SQLite keeps its storage in the instance folder: edit that folder's file and load it again.
-    (tmp_path / "a" / "dagster.yaml").write_text(
-        instance_yaml(storage="sqlite", dagster_pg_url=None, max_concurrent_runs=second)
-    )
+    _write(tmp_path / "a", None, second)
     return before, DagsterInstance.from_config(str(tmp_path / "a"))
 
 

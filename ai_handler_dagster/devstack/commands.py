@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig, wait_for_port
+from ai_handler_dagster.devstack.stack import Stack, StackConfig, wait_for_port
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEV_USER = "demo"
 
@@ -46,7 +47,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "\nai_handler_dagster is up.\n"
             f"  Dagster UI          http://127.0.0.1:{args.port}\n"
             f"  Replicate emulator  {stack.emulator_url}\n"
-            f"  local S3            {stack.s3_url} (bucket {BUCKET})\n"
+            f"  local S3            {stack.s3_url} (bucket {DEFAULT_BUCKET})\n"
             f"  app database        {stack.app_db_url}\n"
             f"  user {DEV_USER!r} has {credits.available} credits available\n\n"
             "Submit a generation from another terminal in this folder:\n"

@@ -46,7 +46,8 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
-DEFAULT_BUCKET = "ai-handler-outputs"
+from ai_handler_dagster.settings import DEFAULT_BUCKET
+
 #: Fake credentials: moto accepts anything, but boto3 refuses to sign without some.
 ACCESS_KEY_ID = "test"
 SECRET_ACCESS_KEY = "test"

@@ -23,13 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import sqlalchemy as sa
-
-from ai_handler_dagster import settings
+from ai_handler_dagster import instance, settings
 
 #: Token the emulator accepts (not a secret: the emulator only listens on loopback).
 EMULATOR_TOKEN = "r8_emulator_token"
-BUCKET = "ai-handler-outputs"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,92 +52,6 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f}s")
 
 
-#: SQLAlchemy driver names that mean psycopg 3 (a bare ``postgresql://`` does on SQLAlchemy 2.1).
-_PSYCOPG3_DRIVERS = ("postgresql", "postgres", "postgresql+psycopg")
-
-
-def dagster_postgres_url(url: str) -> str:
-    """``url`` with the psycopg2 driver named, as dagster-postgres needs it.
-
-    dagster-postgres hands the URL to SQLAlchemy as is and writes every event with
-    ``NOTIFY run_events, :notify_id``. On psycopg 3 (what SQLAlchemy 2.1 picks for a bare
-    ``postgresql://``) that parameter is bound on the server, which PostgreSQL refuses in
-    ``NOTIFY`` ("syntax error at or near $1"): no event is stored and no run can start.
-    psycopg2 binds on the client side, so the statement works.
-    """
-    parsed = sa.make_url(url)
-    if parsed.drivername in _PSYCOPG3_DRIVERS:
-        parsed = parsed.set(drivername="postgresql+psycopg2")
-    return parsed.render_as_string(hide_password=False)
-
-
-def instance_yaml(
-    *,
-    storage: Literal["sqlite", "postgres"],
-    dagster_pg_url: str | None,
-    max_concurrent_runs: int,
-    monitoring_poll_s: int = 3,
-    warm_runs: bool = True,
-) -> str:
-    """The embedded instance's ``dagster.yaml``: the production settings with local storage."""
-    if storage == "postgres":
-        if not dagster_pg_url:
-            raise settings.ConfigError("postgres storage needs a Dagster PostgreSQL URL")
-        url = dagster_postgres_url(dagster_pg_url)
-        storage_block = f'storage:\n  postgres:\n    postgres_url: "{url}"\n'
-    else:
-        storage_block = "# storage: SQLite files in this folder (Dagster's default)\n"
-    return f"""# Written by ai-handler for the embedded stack; regenerated on every start.
-{storage_block}
-run_queue:
-  # Dequeue every second (Dagster's default is 5 s; python -m ai_handler_dagster.daemon reads the
-  # queue every 0.5 s) with worker threads, so a queued run starts at once when a slot is free.
-  dequeue_interval_seconds: 1
-  dequeue_use_threads: true
-  dequeue_num_workers: 4
-concurrency:
-  runs:
-    max_concurrent_runs: {max_concurrent_runs}
-  pools:
-    default_limit: {max_concurrent_runs}
-    granularity: op
-run_launcher:
-  module: ai_handler_dagster.launcher
-  class: LocalRunLauncher
-  config:
-    # Fork runs from a warm process (false: one fresh interpreter per run, Dagster's default).
-    warm_start: {"true" if warm_runs else "false"}
-run_monitoring:
-  enabled: true
-  start_timeout_seconds: 120
-  max_runtime_seconds: 1800
-  poll_interval_seconds: {monitoring_poll_s}
-  free_slots_after_run_end_seconds: 10
-run_retries:
-  enabled: true
-  max_retries: 1
-  retry_on_asset_or_op_failure: false
-sensors:
-  use_threads: true
-  num_workers: 4
-schedules:
-  use_threads: true
-  num_workers: 2
-telemetry:
-  enabled: false
-nux:
-  enabled: false
-"""
-
-
-WORKSPACE_YAML = """load_from:
-  - python_module:
-      module_name: ai_handler_dagster.definitions
-      attribute: defs
-      location_name: ai_handler
-"""
-
-
 @dataclass
 class StackConfig:
     """What to start. Defaults: the embedded setup (SQLite everywhere, daemon, no UI)."""
@@ -153,15 +64,15 @@ class StackConfig:
     concurrency: int = 16
     failure_rate: float = 0.0
     emulator_args: list[str] = field(default_factory=list)
-    max_concurrent_runs: int = 4
+    #: Changes to the shipped ``dagster.yaml``, by dotted key (``instance.local_config``); the
+    #: default, none, runs the settings production runs.
+    instance_overrides: dict[str, Any] = field(default_factory=dict)
     daemon: bool = True
     webserver_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_to_files: bool = True
     #: Run the webhook receiver and have creates ask for completion webhooks (else poll only).
     webhooks: bool = True
-    #: Fork runs from the launcher's warm process (false: Dagster's one interpreter per run).
-    warm_runs: bool = True
 
 
 class Stack:
@@ -219,6 +130,24 @@ class Stack:
             self._lock.close()  # releases the flock
             self._lock = None
 
+    def instance_config(self) -> dict[str, Any]:
+        """The stack's Dagster instance: the shipped settings with its overrides and storage."""
+        if self.config.storage == "postgres" and not self.config.dagster_pg_url:
+            raise settings.ConfigError("postgres storage needs a Dagster PostgreSQL URL")
+        return instance.local_config(
+            postgres_url=self.config.dagster_pg_url if self.config.storage == "postgres" else None,
+            overrides=self.config.instance_overrides,
+        )
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """What this stack runs differently from production's settings: the instance settings
+        that differ from the shipped ``dagster.yaml`` (storage aside), and the project's own
+        settings it sets (``AI_HANDLER_*`` variables beyond the stack's endpoints)."""
+        return {
+            "instance": instance.differences(self.instance_config()),
+            "app": {k: v for k, v in sorted(self.config.extra_env.items()) if k.startswith("AI_")},
+        }
+
     # ----------------------------------------------------------------- environment
 
     def env(self) -> dict[str, str]:
@@ -233,7 +162,7 @@ class Stack:
                 "REPLICATE_API_TOKEN": EMULATOR_TOKEN,
                 "REPLICATE_BASE_URL": self.emulator_url,
                 "AI_HANDLER_S3_ENDPOINT_URL": self.s3_url,
-                "AI_HANDLER_S3_BUCKET": BUCKET,
+                "AI_HANDLER_S3_BUCKET": settings.DEFAULT_BUCKET,
                 # The local S3 endpoint accepts any keys; real ones never reach it.
                 "AWS_ACCESS_KEY_ID": "local",
                 "AWS_SECRET_ACCESS_KEY": "local",
@@ -273,15 +202,7 @@ class Stack:
         self._lock_state_dir()
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        (self.dagster_home / "dagster.yaml").write_text(
-            instance_yaml(
-                storage=self.config.storage,
-                dagster_pg_url=self.config.dagster_pg_url,
-                max_concurrent_runs=self.config.max_concurrent_runs,
-                warm_runs=self.config.warm_runs,
-            )
-        )
-        (self.config.state_dir / "workspace.yaml").write_text(WORKSPACE_YAML)
+        instance.write(self.dagster_home, self.instance_config())
         from ai_handler_dagster.db import upgrade
 
         upgrade(self.app_db_url)
@@ -380,7 +301,7 @@ class Stack:
         deadline = time.monotonic() + 30
         while True:
             try:
-                client.head_bucket(Bucket=BUCKET)
+                client.head_bucket(Bucket=settings.DEFAULT_BUCKET)
                 return
             except Exception:
                 if time.monotonic() > deadline:
@@ -411,7 +332,7 @@ class Stack:
                 "ai_handler_dagster.daemon",
                 "run",
                 "-w",
-                str(self.config.state_dir / "workspace.yaml"),
+                str(instance.WORKSPACE_FILE),
             ],
         )
 
@@ -428,7 +349,7 @@ class Stack:
                 self._dagster_bin("dagster"),
                 "dev",
                 "-w",
-                str(self.config.state_dir / "workspace.yaml"),
+                str(instance.WORKSPACE_FILE),
                 "-h",
                 "127.0.0.1",
                 "-p",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ai_handler_dagster.devstack.s3 import DEFAULT_BUCKET, local_s3_client, start_local_s3
+from ai_handler_dagster.devstack.s3 import local_s3_client, start_local_s3
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 
 def _port_open(port: int) -> bool:

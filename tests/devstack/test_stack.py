@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ai_handler_dagster.devstack.stack import Stack, StackConfig, instance_yaml
+from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.settings import ConfigError
 
 
@@ -32,14 +32,3 @@ def test_one_stack_per_state_folder(tmp_path: Path) -> None:
     third = Stack(StackConfig(state_dir=tmp_path))
     third._prepare()
     third.stop()
-
-
-def test_postgres_instance_names_its_driver() -> None:
-    text = instance_yaml(
-        storage="postgres",
-        dagster_pg_url="postgresql://postgres@127.0.0.1:5432/dagster",
-        max_concurrent_runs=4,
-    )
-    assert "postgresql+psycopg2://postgres@127.0.0.1:5432/dagster" in text
-    assert "max_concurrent_runs: 4" in text
-    assert "dequeue_interval_seconds: 1" in text

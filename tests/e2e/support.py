@@ -20,12 +20,13 @@ import sqlalchemy as sa
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger
+from ai_handler_dagster import instance, ledger
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import TERMINAL_STATUSES, Generation, Hold, LedgerEntry
 from ai_handler_dagster.devstack.emulator.control import EmulatorControl
-from ai_handler_dagster.devstack.stack import BUCKET, Stack, StackConfig
+from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.orchestration.recovery import BATCH_TAG
+from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 T = TypeVar("T")
 
@@ -111,7 +112,7 @@ def stack_config(state_dir: Path, **overrides: Any) -> StackConfig:
         "state_dir": state_dir,
         "latency_s": 0.3,
         "concurrency": 8,
-        "max_concurrent_runs": 4,
+        "instance_overrides": dict(instance.TEST_OVERRIDES),
     }
     settings.update(overrides)
     extra_env = {**FAST_ENV, **settings.pop("extra_env", {})}
@@ -132,13 +133,15 @@ def s3_keys(stack: Stack, prefix: str) -> list[str]:
     """Every key of the outputs bucket under ``prefix``, listed through the S3 API."""
     client = stack.s3_client()
     keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=DEFAULT_BUCKET, Prefix=prefix
+    ):
         keys.extend(item["Key"] for item in page.get("Contents", []))
     return sorted(keys)
 
 
 def s3_body(stack: Stack, key: str) -> bytes:
-    return stack.s3_client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return stack.s3_client().get_object(Bucket=DEFAULT_BUCKET, Key=key)["Body"].read()
 
 
 def sha256(data: bytes) -> str:
