@@ -48,7 +48,11 @@ def build_resources() -> dict[str, object]:
     )
     bucket = settings.s3_bucket()
     replicate_kwargs: dict[str, Any] = {
-        "api_token": EnvVar("REPLICATE_API_TOKEN"),
+        # Production needs the token to load; embedded (plain ``dagster dev`` without the stack)
+        # loads without it, and only a call to the provider then fails, as unauthorized.
+        "api_token": _optional_env("REPLICATE_API_TOKEN")
+        if embedded
+        else EnvVar("REPLICATE_API_TOKEN"),
         "deadline_s": settings.prediction_deadline_s(),
         # The provider cancels by itself a little after our own deadline, should we be gone.
         "cancel_after_s": settings.prediction_deadline_s() + 600,

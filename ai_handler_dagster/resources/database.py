@@ -3,17 +3,25 @@
 Both are thin: the database resource hands out the process-wide SQLAlchemy engine for its URL
 (engines are cached per URL, so every op and sensor in a process shares one pool), and the pricing
 resource loads the price table once per process.
+
+In the embedded setup the SQLite app database is created (or brought to the newest schema) the
+first time a process opens it, so plain ``dagster dev`` in a fresh clone ticks its sensors
+without an ``ai-handler db upgrade`` first. Production databases are only ever migrated by
+``ai-handler db upgrade``.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from functools import lru_cache
 
 import sqlalchemy as sa
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ai_handler_dagster.db.engine import make_engine
+from ai_handler_dagster import settings
+from ai_handler_dagster.db.engine import is_sqlite, make_engine
 from ai_handler_dagster.pricing import PriceBook, load_pricing
 
 
@@ -29,7 +37,29 @@ class DatabaseResource(ConfigurableResource):
     )
 
     def engine(self) -> sa.Engine:
-        return make_engine(self.url)
+        engine = make_engine(self.url)
+        if is_sqlite(engine) and settings.environment() is settings.Environment.EMBEDDED:
+            _ensure_schema(engine)
+        return engine
+
+
+_schema_ready: set[tuple[int, str]] = set()
+_schema_lock = threading.Lock()
+
+
+def _ensure_schema(engine: sa.Engine) -> None:
+    """Migrate an embedded SQLite database once per process if it is behind (or empty)."""
+    url = engine.url.render_as_string(hide_password=False)
+    key = (os.getpid(), url)
+    if key in _schema_ready:
+        return
+    from ai_handler_dagster import db
+
+    with _schema_lock:
+        if key not in _schema_ready:
+            if db.current_revision(url) != db.head_revision():
+                db.upgrade(url)
+            _schema_ready.add(key)
 
 
 @lru_cache(maxsize=8)

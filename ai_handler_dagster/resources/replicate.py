@@ -575,10 +575,12 @@ class ReplicateResource(dg.ConfigurableResource):
     pool per (base URL, token).
     """
 
-    api_token: str = Field(
+    api_token: str | None = Field(
+        default=None,
         repr=False,
         description=(
-            "Replicate API token. Set it with EnvVar('REPLICATE_API_TOKEN'); it is never logged."
+            "Replicate API token. Set it with EnvVar('REPLICATE_API_TOKEN'); it is never logged. "
+            "Unset, every call to the provider fails as unauthorized."
         ),
     )
     base_url: str = Field(
@@ -666,7 +668,7 @@ class ReplicateResource(dg.ConfigurableResource):
         )
 
     def _classify(self, exc: BaseException) -> GenerationError:
-        return _redacted(classify(exc), self.api_token)
+        return _redacted(classify(exc), self.api_token or "")
 
     def _backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
         """Sleep before retry number ``attempt`` (1-based): Retry-After, else jittered doubling."""
