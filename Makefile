@@ -3,16 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv installs the locked set; its version is the one pinned in pyproject.toml's dev extra.
+UV_PIN := $(shell grep -o '"uv==[^"]*"' pyproject.toml | tr -d '"')
+UV := $(BIN)/uv
+UV_ARGS := --quiet --python $(BIN)/python
 
-.PHONY: install dev demo test lint bench chaos clean
+.PHONY: install lock dev demo test lint bench chaos clean
 
-$(STAMP): pyproject.toml
+# Exactly the packages of requirements.lock (hash-checked), then the project itself, editable.
+$(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	test -x $(UV) || $(BIN)/python -m pip install --quiet '$(UV_PIN)'
+	$(UV) pip sync $(UV_ARGS) --require-hashes requirements.lock
+	$(UV) pip install $(UV_ARGS) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Resolve pyproject.toml's dependencies again (newest allowed releases) into requirements.lock.
+lock: $(STAMP)
+	$(UV) pip compile --quiet pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --no-emit-index-url -o requirements.lock
 
 dev: $(STAMP)
 	$(BIN)/ai-handler dev
