@@ -212,6 +212,9 @@ def stored_request_problem(row: Generation) -> str | None:
             payload = row.input
         except ValueError as exc:  # json.JSONDecodeError: SQLite keeps whatever text was written
             return f"input is not valid JSON: {exc}"
+        except RecursionError:
+            # Both databases store JSON nested thousands of levels deep; decoding it overflows.
+            return f"input is nested too deeply to decode (at most {MAX_INPUT_DEPTH} levels)"
         validate_input(payload)
     except ValueError as exc:  # InvalidRequest is one
         return str(exc)

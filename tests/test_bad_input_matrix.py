@@ -476,6 +476,14 @@ CASES: list[Case] = [
         dialect="sqlite",
     ),
     Case(
+        # Regression: decoding it raised RecursionError in reserve_credits, which only caught
+        # ValueError, so the op failed and the failure hook refunded every neighbour run_failed.
+        "row-input-nested-5000-deep",
+        "row",
+        Fails("invalid_request", "input is nested too deeply to decode", held=False),
+        input_text='{"a": ' + "[" * 5000 + "]" * 5000 + "}",
+    ),
+    Case(
         "row-user-id-too-long-sqlite",
         "row",
         Fails("invalid_request", "user_id is longer than 255 characters", held=False),

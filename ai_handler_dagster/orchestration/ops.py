@@ -187,10 +187,20 @@ def reserve_credits(
     held: list[int] = []
     report = BatchReport()
     for generation_id in config.generation_ids:
-        with session_scope(engine) as session:
-            row = gens.start_attempt(session, generation_id, run_id=context.run_id, prices=prices)
-            status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
-            code = row.error_code
+        try:
+            with session_scope(engine) as session:
+                row = gens.start_attempt(
+                    session, generation_id, run_id=context.run_id, prices=prices
+                )
+                status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
+                code = row.error_code
+        except sa.exc.SQLAlchemyError:
+            raise  # the database itself: the op's retry policy takes over
+        except Exception as exc:
+            # Whatever a row holds, it fails alone: a neighbour's batch must not fail with it.
+            error = GenerationError(INTERNAL_ERROR, f"could not start this generation: {exc!r}")
+            _fail(engine, generation_id, error)
+            status, user, model, amount, code = "failed", None, None, 0, error.code
         report.rows.append(
             {
                 "generation": generation_id,
