@@ -23,6 +23,9 @@ code                      retryable  meaning
 ``output_rejected``       no         output download refused: host not allowed, private address,
                                      too large, or content mismatch
 ``output_expired``        no         the provider already deleted the output (``data_removed``)
+``empty_output``          no         the prediction succeeded with nothing to store (``null``,
+                                     ``""``, ``[]``, ``[""]``) for a model that must return
+                                     something; nothing is charged
 ``run_failed``            no         the Dagster run failed, crashed or was canceled before this
                                      generation finished
 ``internal_error``        no         a bug or an unexpected state in this project
@@ -46,6 +49,7 @@ INSUFFICIENT_CREDITS: Final = "insufficient_credits"
 UNPRICED_MODEL: Final = "unpriced_model"
 OUTPUT_REJECTED: Final = "output_rejected"
 OUTPUT_EXPIRED: Final = "output_expired"
+EMPTY_OUTPUT: Final = "empty_output"
 RUN_FAILED: Final = "run_failed"
 INTERNAL_ERROR: Final = "internal_error"
 
@@ -65,6 +69,7 @@ ALL_CODES: Final[frozenset[str]] = frozenset(
         UNPRICED_MODEL,
         OUTPUT_REJECTED,
         OUTPUT_EXPIRED,
+        EMPTY_OUTPUT,
         RUN_FAILED,
         INTERNAL_ERROR,
     }

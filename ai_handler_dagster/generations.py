@@ -41,6 +41,7 @@ from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
 __all__ = [
     "MAX_INPUT_BYTES",
     "CannotAfford",
+    "EmptyOutput",
     "InvalidRequest",
     "InvalidTransition",
     "UnknownGeneration",
@@ -94,6 +95,11 @@ class UnknownGeneration(LookupError):
 
 class InvalidTransition(Exception):
     """The generation is not in a state that allows this transition (the message says which)."""
+
+
+class EmptyOutput(Exception):
+    """A generation would succeed with nothing stored for a model that must return something:
+    no charge without a delivered output."""
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -552,7 +558,8 @@ def succeed(
     duration, charges the hold). ``outputs`` is a list of ``{key, uri, size, sha256,
     content_type}`` (extra keys are kept). Idempotent: a succeeded row is returned as is. A
     generation that already failed raises ``InvalidTransition``; a hold that was already released
-    or expired raises ``ledger.HoldAlreadyEnded``, and nothing is written.
+    or expired raises ``ledger.HoldAlreadyEnded``; no outputs, for a model whose price does not
+    say ``allow_empty_output``, raises ``EmptyOutput``; in each case nothing is written.
     """
     row = _lock(session, generation_id)
     if row.status == "succeeded":
@@ -564,9 +571,19 @@ def succeed(
         )
     stored = _check_outputs(outputs)
     try:
-        charge = min(prices.price_for(row.model).charge_for(predict_time), row.amount_held)
-    except UnpricedModel:
-        charge = row.amount_held
+        price = prices.price_for(row.model)
+    except (UnpricedModel, ValueError):
+        price = None
+    if not stored and not (price is not None and price.allow_empty_output):
+        raise EmptyOutput(
+            f"generation {generation_id}: the prediction succeeded with no output to store"
+        )
+    try:
+        charge = (
+            row.amount_held
+            if price is None
+            else min(price.charge_for(predict_time), row.amount_held)
+        )
     except ValueError:
         # The provider reported a time that is no time (negative, NaN, infinite): as if it had
         # reported none, the hold is charged. Raising here failed the whole batch's finalize.

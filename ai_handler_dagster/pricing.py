@@ -10,6 +10,9 @@ Two kinds of price:
   ``max_seconds = S``; the hold is ``ceil(R * S)`` and the charge ``ceil(R * seconds)``, capped at
   the hold. Arithmetic is decimal, so 1.1 s at 10 credits/s is 11 credits, not 12.
 
+A succeeded prediction with nothing to store is charged nothing and fails its generation
+(``empty_output``), unless its price says ``allow_empty_output = true``.
+
 A model is priced by ``owner/name``; a request for ``owner/name:version`` uses the price of that
 exact version if the table has one, else the ``owner/name`` price. A model without a price raises
 ``UnpricedModel``: nothing is ever run for free by accident.
@@ -103,6 +106,8 @@ class Price:
     credits: int | None = None
     credits_per_second: Decimal | None = None
     max_seconds: Decimal | None = None
+    #: The model may succeed with nothing to store (and is charged for it).
+    allow_empty_output: bool = False
 
     @property
     def metered(self) -> bool:
@@ -221,12 +226,15 @@ def _parse_price(key: str, entry: Any, source: str) -> Price:
         raise ConfigError(f"{where}: {exc}") from None
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a table of fields, got {entry!r}")
-    unknown = set(entry) - {"credits", "credits_per_second", "max_seconds"}
+    unknown = set(entry) - {"credits", "credits_per_second", "max_seconds", "allow_empty_output"}
     if unknown:
         raise ConfigError(
             f"{where}: unknown fields {sorted(unknown)}; use credits, or credits_per_second "
-            "with max_seconds"
+            "with max_seconds (and optionally allow_empty_output)"
         )
+    allow_empty = entry.get("allow_empty_output", False)
+    if not isinstance(allow_empty, bool):
+        raise ConfigError(f"{where}: allow_empty_output must be true or false, got {allow_empty!r}")
     if "credits" in entry:
         if "credits_per_second" in entry or "max_seconds" in entry:
             raise ConfigError(f"{where}: set either credits or credits_per_second, not both")
@@ -237,12 +245,14 @@ def _parse_price(key: str, entry: Any, source: str) -> Price:
             or not 1 <= credits <= MAX_CREDITS
         ):
             raise ConfigError(f"{where}: credits must be a whole number >= 1, got {credits!r}")
-        return Price(model=key, credits=credits)
+        return Price(model=key, credits=credits, allow_empty_output=allow_empty)
     if "credits_per_second" not in entry or "max_seconds" not in entry:
         raise ConfigError(f"{where}: set credits, or both credits_per_second and max_seconds")
     rate = _positive_decimal(entry["credits_per_second"], f"{where}: credits_per_second")
     limit = _positive_decimal(entry["max_seconds"], f"{where}: max_seconds")
-    price = Price(model=key, credits_per_second=rate, max_seconds=limit)
+    price = Price(
+        model=key, credits_per_second=rate, max_seconds=limit, allow_empty_output=allow_empty
+    )
     if price.hold_amount() > MAX_CREDITS:
         raise ConfigError(f"{where}: the hold ({price.hold_amount()} credits) is too large")
     return price

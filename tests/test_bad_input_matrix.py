@@ -601,6 +601,23 @@ CASES: list[Case] = [
         model=BAD_OUTPUT,
         input=misbehave("negative-predict-time"),
     ),
+    # Regression: a succeeded prediction with nothing to store was charged the full price with
+    # zero outputs. Now it fails (empty_output) and is refunded.
+    *(
+        Case(
+            f"output-{how}",
+            via,
+            Fails("empty_output", "the prediction succeeded with no output to store", True),
+            model=BAD_OUTPUT,
+            input=misbehave(how),
+        )
+        for how, via in (
+            ("empty-null", "api"),
+            ("empty-string", "row"),
+            ("empty-list", "api"),
+            ("empty-chunk", "row"),
+        )
+    ),
     Case(
         "output-plain-http-in-production",
         "api",

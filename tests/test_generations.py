@@ -302,7 +302,9 @@ def test_succeed_captures_the_metered_charge(engine: sa.Engine, prices: PriceBoo
     fund(engine)
     gid = submit(engine, prices, model=HAIKU).id
     assert start(engine, prices, gid).amount_held == 60
-    done = tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=3.2, prices=prices))
+    done = tx(
+        engine, lambda s: gens.succeed(s, gid, outputs=[OUTPUT], predict_time=3.2, prices=prices)
+    )
     assert done.amount_charged == 7  # ceil(3.2 * 2)
     assert balance(engine) == ledger.Balance(balance=93, held=0, available=93)
     capture = tx(
@@ -324,6 +326,23 @@ def test_succeed_refuses_bad_outputs_and_wrong_states(engine: sa.Engine, prices:
         tx(engine, lambda s: gens.succeed(s, gid, outputs=[bad], predict_time=None, prices=prices))
     assert row(engine, gid).status == "running"
     assert balance(engine).held == 5
+
+
+def test_succeed_refuses_to_charge_for_nothing(engine: sa.Engine, prices: PriceBook) -> None:
+    """Regression: a prediction that succeeded with no output (null, "", [], [""]) was
+    captured at the full price with zero outputs stored."""
+    fund(engine)
+    gid = submit(engine, prices).id
+    start(engine, prices, gid)
+    with pytest.raises(gens.EmptyOutput, match="no output to store"):
+        tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=1.0, prices=prices))
+    assert row(engine, gid).status == "running"
+    assert balance(engine) == ledger.Balance(balance=100, held=5, available=95)
+    # A model whose price allows an empty output is charged as usual.
+    allowing = parse_pricing(f'[models."{SKETCH}"]\ncredits = 5\nallow_empty_output = true\n')
+    done = tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=1.0, prices=allowing))
+    assert (done.status, done.amount_charged, done.outputs) == ("succeeded", 5, [])
+    assert_consistent(engine)
 
 
 # --- fail, refunds and requeue ----------------------------------------------------------------

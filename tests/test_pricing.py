@@ -129,6 +129,7 @@ def test_env_file_replaces_the_default_table(
             "max_seconds must be a number",
         ),
         ('[models."a/b"]\ncredits_per_second = 1e300\nmax_seconds = 1e300\n', "too large"),
+        ('[models."a/b"]\ncredits = 1\nallow_empty_output = "yes"\n', "must be true or false"),
     ],
 )
 def test_malformed_tables_raise_config_error(tmp_path: Path, text: str, message: str) -> None:
@@ -137,6 +138,15 @@ def test_malformed_tables_raise_config_error(tmp_path: Path, text: str, message:
     with pytest.raises(ConfigError, match=message) as info:
         load_pricing(path)
     assert "bad.toml" in str(info.value)
+
+
+def test_only_models_that_say_so_may_return_nothing() -> None:
+    book = parse_pricing(
+        '[models."a/b"]\ncredits = 1\n'
+        '[models."a/c"]\ncredits_per_second = 1\nmax_seconds = 2\nallow_empty_output = true\n'
+    )
+    assert book.price_for("a/b").allow_empty_output is False
+    assert book.price_for("a/c").allow_empty_output is True
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
+from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import (
@@ -467,6 +467,11 @@ def finalize(
                     prices=prices,
                 )
                 status, amount = row.status, row.amount_charged
+        except gens.EmptyOutput as exc:
+            # Nothing delivered, nothing charged: the generation fails and is refunded.
+            _fail(engine, generation_id, GenerationError(EMPTY_OUTPUT, str(exc)))
+            context.log.warning(f"generation {generation_id} failed: {exc}")
+            status, amount = "failed", 0
         except gens.InvalidTransition as exc:
             # Another path ended this generation first (refunded it): leave it as it is.
             context.log.warning(f"generation {generation_id} not finalized: {exc}")

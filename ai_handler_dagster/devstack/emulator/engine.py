@@ -593,9 +593,12 @@ class Engine:
                 self._finish(pred, "failed")
                 return
             self._append_log(pred, f"100%|{'#' * 9}| 3/3")
-            if result.files:
+            output: Any
+            if result.raw_output:
+                output = result.output
+            elif result.files:
                 pred.files = dict(enumerate(result.files))
-                output: list[str] = [
+                output = [
                     f.url or f"{self.base_url}/files/{pred.id}/{i}.{f.ext}"
                     for i, f in pred.files.items()
                 ]

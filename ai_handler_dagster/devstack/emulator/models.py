@@ -93,6 +93,10 @@ class ModelResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: Delete the outputs right after success (``data_removed``), as the ``remove_output`` fault.
     remove_outputs: bool = False
+    #: Test models only: answer exactly this ``output`` (``None`` included) instead of the files
+    #: or chunks, when ``raw_output`` is set.
+    raw_output: bool = False
+    output: Any = None
 
 
 class DemoModel:
@@ -411,7 +415,18 @@ class BadOutput(DemoModel):
         "expired",  # a good PNG, deleted right after success (data_removed)
         "gone",  # an emulator file URL that answers 404
         "negative-predict-time",  # a good PNG, with metrics.predict_time of -1 s
+        "empty-null",  # succeeds with output null
+        "empty-string",  # succeeds with output ""
+        "empty-list",  # succeeds with output []
+        "empty-chunk",  # succeeds with output [""] (a text stream with nothing in it)
     )
+    #: The output each empty-output misbehaviour answers with.
+    EMPTY_OUTPUTS: dict[str, Any] = {
+        "empty-null": None,
+        "empty-string": "",
+        "empty-list": [],
+        "empty-chunk": [""],
+    }
     inputs = (
         InputField("prompt", "string", "Any text", required=True, min_length=1, max_length=2000),
         InputField(
@@ -473,6 +488,9 @@ class BadOutput(DemoModel):
             file = OutputFile(b"", "png", "image/png", gone=True)
         elif choice == "negative-predict-time":
             result.metrics["predict_time"] = -1.0
+        elif choice in self.EMPTY_OUTPUTS:
+            result.raw_output, result.output = True, self.EMPTY_OUTPUTS[choice]
+            return result
         result.files = [file]
         return result
 
