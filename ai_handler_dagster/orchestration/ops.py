@@ -14,6 +14,7 @@ already holding credits keeps its hold, one with a prediction keeps polling it, 
 deterministic.
 """
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -367,6 +368,10 @@ def await_predictions(
             _fail(engine, generation_id, error)
             failed[generation_id] = error.code
             context.log.warning(f"generation {generation_id} failed: {error.code}: {error.message}")
+            if snapshot.unreadable is not None:
+                # It may still be running at the provider: stop paying for it if we can.
+                with contextlib.suppress(GenerationError):
+                    replicate.cancel(snapshot.id)
         if done == total or done % 10 == 0:
             context.log.info(f"{done}/{total} predictions finished ({len(failed)} failed)")
     metadata: dict[str, Any] = {

@@ -80,6 +80,10 @@ class PredictionSnapshot:
     past the caller's deadline and was canceled by us; its ``status`` is then ``canceled`` (even
     if the provider had not finished canceling yet) and :func:`snapshot_error` reports
     ``deadline_exceeded`` rather than ``prediction_canceled``.
+
+    ``unreadable`` is set only by ``wait_many`` too: the provider's answers about this one
+    prediction could not be used (unknown id, an answer that is not a prediction); the snapshot
+    is ``failed`` and :func:`snapshot_error` reports that error.
     """
 
     id: str
@@ -94,6 +98,24 @@ class PredictionSnapshot:
     created_at: str | None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     deadline_exceeded: bool = False
+    unreadable: GenerationError | None = field(default=None, compare=False)
+
+    @classmethod
+    def unreadable_as(cls, prediction_id: str, error: GenerationError) -> PredictionSnapshot:
+        """A ``failed`` stand-in for a prediction whose state cannot be read (see above)."""
+        return cls(
+            id=prediction_id,
+            status="failed",
+            model=None,
+            version=None,
+            output=None,
+            error=error.message,
+            metrics={},
+            data_removed=False,
+            urls={},
+            created_at=None,
+            unreadable=error,
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PredictionSnapshot:
@@ -145,6 +167,8 @@ def snapshot_error(snapshot: PredictionSnapshot) -> GenerationError | None:
     ``deadline_exceeded`` (our cancel at the deadline) wins over the plain canceled status; a
     succeeded prediction whose outputs the provider already deleted is ``output_expired``.
     """
+    if snapshot.unreadable is not None:
+        return snapshot.unreadable
     if snapshot.deadline_exceeded:
         return GenerationError(
             errors.DEADLINE_EXCEEDED,
@@ -838,7 +862,16 @@ class ReplicateResource(dg.ConfigurableResource):
             )
         except GenerationError as err:
             raise _prediction_not_found(err, prediction_id)  # noqa: B904 - cause is kept
-        return PredictionSnapshot.from_json(data)
+        try:
+            snapshot = PredictionSnapshot.from_json(data)
+        except Exception as exc:  # e.g. an error object nested too deeply to encode
+            raise _with_cause(self._classify(exc), exc) from exc
+        if snapshot.id != prediction_id:
+            raise GenerationError(
+                errors.INTERNAL_ERROR,
+                f"asked for prediction {prediction_id}, the provider answered {snapshot.id}",
+            )
+        return snapshot
 
     def cancel(self, prediction_id: str) -> PredictionSnapshot:
         """Cancel a prediction; canceling one that already finished is not an error.
@@ -909,9 +942,13 @@ class ReplicateResource(dg.ConfigurableResource):
         started is canceled and yielded with status ``canceled`` and ``deadline_exceeded=True``,
         unless the cancel shows it had already finished, in which case it is yielded as it is.
 
+        A terminal error about one prediction (an unknown id, an answer that is not a
+        prediction) ends only that one: it is yielded as ``failed`` with ``unreadable`` set, and
+        the others are still waited for.
+
         Raises:
-            GenerationError: a terminal API error (e.g. unauthorized, unknown prediction), or
-                a prediction that could not be canceled at its deadline.
+            GenerationError: an error about the whole account (unauthorized), or a prediction
+                that could not be canceled at its deadline.
         """
         ordered = list(dict.fromkeys(ids))
         if not ordered:
@@ -1002,9 +1039,14 @@ class ReplicateResource(dg.ConfigurableResource):
                     watch = watches[pid]
                     try:
                         snapshot = future.result()
-                    except GenerationError as err:
+                    except Exception as exc:
+                        err = _with_cause(self._classify(exc), exc)
                         if not err.retryable:
-                            raise
+                            if err.code == errors.UNAUTHORIZED:
+                                raise err from exc  # the account, not this prediction
+                            del watches[pid]
+                            yield PredictionSnapshot.unreadable_as(pid, err)
+                            continue
                         if err.code == errors.RATE_LIMITED and err.retry_after_s is not None:
                             paused_until = max(paused_until, time.monotonic() + err.retry_after_s)
                         if kind == "cancel":

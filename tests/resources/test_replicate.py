@@ -427,6 +427,40 @@ def test_wait_many_returns_all_and_marks_failures(
     assert max_poll_threads <= 4
 
 
+@pytest.mark.parametrize("garbled", [None, "html", "no-id", "deep"])
+def test_one_unreadable_prediction_fails_alone(
+    emulator: Any, make_replicate: MakeResource, garbled: str | None
+) -> None:
+    """Regression: one prediction the provider could not answer for (an unknown id, a 200 that
+    is a proxy's HTML page, JSON without id and status, an output nested deeply enough to raise
+    RecursionError) aborted the whole wait before yielding anything, so the op failed and the
+    failure hook refunded and canceled the batch, its succeeded and paid predictions too."""
+    resource = make_replicate()
+    good = [resource.create(IMAGE, {"prompt": f"good {i}", **SMALL}).id for i in range(3)]
+    if garbled is None:
+        bad = "unknown0prediction0id"
+    else:
+        bad = resource.create(IMAGE, {"prompt": "answered badly", **SMALL}).id
+        emulator.configure(garbled={bad: garbled})
+    done = {s.id: s for s in resource.wait_many([*good, bad], deadline_s=30)}
+    assert set(done) == {*good, bad}
+    assert all(done[p].status == "succeeded" and snapshot_error(done[p]) is None for p in good)
+    err = snapshot_error(done[bad])
+    assert done[bad].status == "failed" and err is not None
+    assert err.code == errors.INTERNAL_ERROR and not err.retryable
+
+
+def test_an_account_error_still_ends_the_whole_wait(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    resource = make_replicate()
+    ids = [resource.create(IMAGE, {"prompt": f"p{i}", **SMALL}).id for i in range(2)]
+    stranger = make_replicate(api_token="r8_not_the_token")
+    with pytest.raises(GenerationError) as info:
+        list(stranger.wait_many(ids, deadline_s=10))
+    assert info.value.code == errors.UNAUTHORIZED
+
+
 def test_wait_many_survives_http_500s(emulator: Any, make_replicate: MakeResource) -> None:
     resource = make_replicate()
     ids = [resource.create(IMAGE, {"prompt": f"p{i}", **SMALL}).id for i in range(5)]

@@ -66,6 +66,10 @@ def default_webhook_secret(token: str) -> str:
     return "whsec_" + base64.b64encode(digest).decode()
 
 
+#: The kinds of broken ``GET /v1/predictions/{id}`` answers ``EmulatorConfig.garbled`` can give.
+GARBLED_ANSWERS = ("html", "no-id", "deep")
+
+
 @dataclass(frozen=True)
 class EmulatorConfig:
     """How the emulator behaves. All fields except ``token`` and ``webhook_secret`` may change
@@ -95,6 +99,10 @@ class EmulatorConfig:
     official_models: tuple[str, ...] = ()
     """Models that behave like Replicate's official ones: predictions created by model path
     report ``version: "hidden"``."""
+    garbled: dict[str, str] = field(default_factory=dict)
+    """Prediction id -> how its ``GET`` is answered instead of the prediction, as a broken proxy
+    or API could: ``html`` (200 with an HTML page), ``no-id`` (200 JSON without ``id`` and
+    ``status``) or ``deep`` (200, the prediction with an output nested 5000 levels deep)."""
     webhook_max_attempts: int = 4
     webhook_retry_delay_s: float = 0.5
     """Delay before the first webhook retry; doubles on each further retry."""
@@ -123,6 +131,9 @@ class EmulatorConfig:
         base64.b64decode(secret.removeprefix("whsec_"), validate=True)
         object.__setattr__(self, "webhook_secret", secret)
         object.__setattr__(self, "official_models", tuple(self.official_models))
+        unknown = set(self.garbled.values()) - set(GARBLED_ANSWERS)
+        if unknown:
+            raise ValueError(f"garbled answers must be one of {GARBLED_ANSWERS}: {unknown}")
         if isinstance(self.faults, dict):
             object.__setattr__(self, "faults", Faults(**self.faults))
 

@@ -369,8 +369,21 @@ class App:
         return webhook, events
 
     def get_prediction(self, request: Request, id: str) -> Response:
-        """``GET /v1/predictions/{id}``."""
-        return Response.json(200, self.engine.snapshot(id))
+        """``GET /v1/predictions/{id}`` (or a broken answer, see ``EmulatorConfig.garbled``)."""
+        garbled = self.engine.config.garbled.get(id)
+        if garbled == "html":
+            page = b"<html><body><h1>502 Bad Gateway</h1>upstream unavailable</body></html>"
+            return Response(200, page, "text/html")
+        if garbled == "no-id":
+            return Response.json(200, {"detail": "ok"})
+        snapshot = self.engine.snapshot(id)
+        if garbled == "deep":
+            depth = 5000
+            text = json.dumps(snapshot, separators=(",", ":"))
+            # A repeated key: JSON decoders keep the last one, this output.
+            body = text[:-1] + ',"output":' + "[" * depth + "]" * depth + "}"
+            return Response(200, body.encode(), "application/json")
+        return Response.json(200, snapshot)
 
     def cancel(self, request: Request, id: str) -> Response:
         """``POST /v1/predictions/{id}/cancel``: idempotent, answers the prediction."""
