@@ -29,7 +29,11 @@ from ai_handler_dagster.orchestration.ops import (
     reserve_credits,
     store_outputs,
 )
-from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinished
+from ai_handler_dagster.orchestration.recovery import (
+    BATCH_TAG,
+    refund_unfinished,
+    will_be_retried,
+)
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
@@ -181,6 +185,8 @@ def reconcile(
         runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: str(batch_key)}))
         if any(not run.is_finished for run in runs):
             continue
+        if runs and will_be_retried(context.instance, runs[0]):
+            continue  # Dagster is about to re-execute it; the retry resumes these generations
         if not runs and queued_at is not None and now - queued_at < LOST_BATCH_AFTER:
             continue  # the sensor may still be launching it
         ended = runs[0].status.value if runs else "missing"

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
+from dagster._core.storage.tags import WILL_RETRY_TAG
+from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
 import ai_handler_dagster.generations as gens
 from ai_handler_dagster.db.engine import session_scope
@@ -24,6 +28,24 @@ log = logging.getLogger(__name__)
 BATCH_TAG = "ai_handler/batch"
 
 UNFINISHED = ("queued", "running")
+
+
+def will_be_retried(instance: Any, run: DagsterRun) -> bool:
+    """Whether Dagster will re-execute this run (``run_retries``), which resumes its generations,
+    so no refund path may settle them.
+
+    Dagster stores a run's failure first and tags it ``dagster/will_retry`` in a second write, by
+    whichever process reported the failure; a sensor or reconciliation can see the run in
+    between. A run without the tag is therefore decided the way Dagster's retry daemon decides
+    it (which also writes the tag), never taken as "not retried".
+    """
+    run = instance.get_run_by_id(run.run_id) or run
+    tag = run.tags.get(WILL_RETRY_TAG)
+    if tag is not None:
+        return tag == "true"
+    if run.status != DagsterRunStatus.FAILURE or not instance.run_retries_enabled:
+        return False
+    return bool(should_retry(run, instance))
 
 
 def unfinished_generations(

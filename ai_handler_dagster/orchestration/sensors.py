@@ -25,8 +25,6 @@ from dagster import (
     sensor,
 )
 from dagster._core.storage.dagster_run import DagsterRunStatus
-from dagster._core.storage.tags import WILL_RETRY_TAG
-from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
@@ -34,7 +32,11 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.errors import RUN_FAILED
 from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.recovery import BATCH_TAG, refund_unfinished
+from ai_handler_dagster.orchestration.recovery import (
+    BATCH_TAG,
+    refund_unfinished,
+    will_be_retried,
+)
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
@@ -195,23 +197,6 @@ def generation_request_sensor(
     return SensorResult(run_requests=requests)
 
 
-def _will_retry(context: RunStatusSensorContext) -> bool:
-    """Whether Dagster will re-execute this run (``run_retries``), which resumes its generations.
-
-    Dagster stores a run's failure first and tags it ``dagster/will_retry`` in a second write, by
-    whichever process reported the failure; a sensor can see the run in between. A run without
-    the tag is therefore decided the way Dagster's retry daemon decides it (which also writes the
-    tag), never taken as "not retried".
-    """
-    run = context.instance.get_run_by_id(context.dagster_run.run_id) or context.dagster_run
-    tag = run.tags.get(WILL_RETRY_TAG)
-    if tag is not None:
-        return tag == "true"
-    if run.status != DagsterRunStatus.FAILURE or not context.instance.run_retries_enabled:
-        return False
-    return should_retry(run, context.instance)
-
-
 def _refund_run(
     context: RunStatusSensorContext,
     database: DatabaseResource,
@@ -220,7 +205,7 @@ def _refund_run(
     status: str,
 ) -> None:
     run = context.dagster_run
-    if _will_retry(context):
+    if will_be_retried(context.instance, run):
         context.log.info(f"run {run.run_id} will be retried by Dagster; not refunding")
         return
     refunded = refund_unfinished(

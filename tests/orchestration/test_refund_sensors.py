@@ -7,6 +7,9 @@ read a run without the tag as "not retried" and refund its generations; the retr
 from the failed step, paid for work on refunded generations and failed in ``finalize`` (found
 by ``ai-handler chaos``).
 
+Reconciliation takes the same decision (regression: it settled such a batch as soon as all its
+runs had finished).
+
 Proves that the sensor, shown a failed run without the tag, decides as Dagster's retry daemon
 does: it leaves the generations of a run Dagster will retry alone, and refunds those of a run
 that will not be retried (retries disabled, or the retries used up), and that an explicit tag is
@@ -24,6 +27,7 @@ from dagster import (
     DagsterInstance,
     DagsterRun,
     DagsterRunStatus,
+    build_op_context,
     build_run_status_sensor_context,
     instance_for_test,
 )
@@ -34,6 +38,7 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
+from ai_handler_dagster.orchestration.jobs import reconcile
 from ai_handler_dagster.orchestration.recovery import BATCH_TAG
 from ai_handler_dagster.orchestration.sensors import refund_failed_runs
 from ai_handler_dagster.pricing import load_pricing
@@ -164,3 +169,26 @@ def test_an_explicit_retry_tag_is_obeyed(
     gid = _running_generation(app_db, run.run_id)
     _evaluate(retrying_instance, run, app_db)
     assert _status(app_db, gid) == expected
+
+
+def _reconcile(instance: DagsterInstance, app_db: str) -> dict[str, int]:
+    context = build_op_context(instance=instance)
+    unreachable = ReplicateResource(
+        api_token="r8_unused", base_url="http://127.0.0.1:9", request_attempts=1
+    )
+    return reconcile(context, database=DatabaseResource(url=app_db), replicate=unreachable)
+
+
+@pytest.mark.parametrize(("tag", "expected"), [(None, "running"), ("false", "failed")])
+def test_reconciliation_decides_retries_as_the_sensors_do(
+    app_db: str, retrying_instance: DagsterInstance, tag: str | None, expected: str
+) -> None:
+    """Regression: reconciliation settled a batch once all its runs had finished, without the
+    sensors' will-retry decision, so between run monitoring failing a crashed run and the retry
+    daemon creating its replacement it refunded generations (and canceled predictions) that the
+    retry would resume."""
+    run = _failed_run_without_tag(retrying_instance, {WILL_RETRY_TAG: tag} if tag else {})
+    gid = _running_generation(app_db, run.run_id)
+    result = _reconcile(retrying_instance, app_db)
+    assert _status(app_db, gid) == expected
+    assert result["settled_generations"] == (1 if expected == "failed" else 0)
