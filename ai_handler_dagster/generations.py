@@ -22,6 +22,7 @@ all fire for one generation and exactly one refund happens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -34,7 +35,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from ai_handler_dagster import ledger
-from ai_handler_dagster.db.models import TERMINAL_STATUSES, Generation, Hold, utcnow
+from ai_handler_dagster.db.models import (
+    TERMINAL_STATUSES,
+    CreateAttempt,
+    Generation,
+    Hold,
+    utcnow,
+)
 from ai_handler_dagster.errors import INSUFFICIENT_CREDITS, INVALID_REQUEST, UNPRICED_MODEL
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
 
@@ -44,13 +51,19 @@ __all__ = [
     "EmptyOutput",
     "InvalidRequest",
     "InvalidTransition",
+    "PredictionOwned",
     "UnknownGeneration",
     "as_dict",
+    "begin_create",
     "claim_pending",
+    "create_lost",
+    "creating_siblings",
     "fail",
     "get",
     "hold_key",
-    "mark_create_started",
+    "input_sha256",
+    "learned_model_names",
+    "owned_predictions",
     "record_prediction",
     "requeue",
     "start_attempt",
@@ -463,22 +476,35 @@ def start_attempt(
     return row
 
 
+class PredictionOwned(InvalidTransition):
+    """The prediction already belongs to another generation attempt (now or in the past)."""
+
+
 def record_prediction(
     session: Session,
     generation_id: int,
     prediction_id: str,
     model: str | None,
     version: str | None,
+    *,
+    attempt: int | None = None,
+    how: str = "created",
 ) -> Generation:
-    """Remember the provider's prediction (and the model/version it answered with).
+    """Make the prediction the current attempt's own (``how``: the create answer named it,
+    ``created``, or it was found after a lost answer, ``adopted``), with the model/version it
+    answered with.
 
-    Idempotent for the same prediction id. Raises ``InvalidTransition`` if the generation is not
-    running (it ended meanwhile: the caller should cancel the prediction), already has another
-    prediction, or if another generation already adopted this prediction.
+    Idempotent for the same prediction id. Raises ``PredictionOwned`` if another attempt (of any
+    generation, now or before a requeue) owns this prediction, and ``InvalidTransition`` if the
+    generation is not running ``attempt`` (it ended meanwhile, or was requeued) or already has
+    another prediction. Nothing is written then.
     """
     if not isinstance(prediction_id, str) or not prediction_id:
         raise ValueError(f"prediction_id must be a non-empty string, got {prediction_id!r}")
+    if how not in ("created", "adopted"):
+        raise ValueError(f"how must be 'created' or 'adopted', got {how!r}")
     row = _lock(session, generation_id)
+    _check_attempt(row, attempt)
     if row.prediction_id == prediction_id:
         row.prediction_model = row.prediction_model or model
         row.prediction_version = row.prediction_version or version
@@ -494,35 +520,154 @@ def record_prediction(
             f"generation {generation_id} is {row.status}, not running; prediction {prediction_id} "
             "was not recorded and should be canceled"
         )
+    now = utcnow()
     try:
         with session.begin_nested():
+            record = _attempt_row(session, row, now)
+            record.state, record.state_at = "owned", now
+            record.prediction_id, record.how = prediction_id, how
+            record.answered_model, record.answered_version = model, version
             row.prediction_id = prediction_id
             row.prediction_model = model
             row.prediction_version = version
             session.flush()
     except IntegrityError:
-        owner = session.scalars(
-            sa.select(Generation.id).where(Generation.prediction_id == prediction_id)
+        owner = session.execute(
+            sa.select(CreateAttempt.generation_id, CreateAttempt.attempt).where(
+                CreateAttempt.prediction_id == prediction_id
+            )
         ).first()
-        raise InvalidTransition(
-            f"prediction {prediction_id} already belongs to generation {owner}"
-        ) from None
+        if owner is None:
+            owner = session.execute(
+                sa.select(Generation.id, Generation.attempt).where(
+                    Generation.prediction_id == prediction_id
+                )
+            ).first()
+        where = f"generation {owner[0]} attempt {owner[1]}" if owner else "another attempt"
+        raise PredictionOwned(f"prediction {prediction_id} already belongs to {where}") from None
     return row
 
 
-def mark_create_started(session: Session, generation_id: int) -> datetime | None:
-    """Note that this attempt is about to ask the provider for a prediction.
+def input_sha256(value: Any) -> str:
+    """The sha256 of an input's canonical JSON (sorted keys, no spaces): how a create attempt
+    and a prediction in the provider's list are matched without comparing whole documents."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
-    Returns when an earlier try of the same attempt already did (None the first time): the caller
-    must then look for that prediction and adopt it before creating another, since the earlier
-    create may have succeeded with its response lost.
+
+def _attempt_row(session: Session, row: Generation, now: datetime) -> CreateAttempt:
+    """The ``create_attempts`` row of the generation's current attempt, created if missing."""
+    record = session.get(CreateAttempt, (row.id, row.attempt), populate_existing=True)
+    if record is None:
+        record = CreateAttempt(
+            generation_id=row.id,
+            attempt=row.attempt,
+            model=row.model,
+            input_sha256=input_sha256(row.input),
+            started_at=now,
+            state="creating",
+            state_at=now,
+        )
+        session.add(record)
+    return record
+
+
+def _check_attempt(row: Generation, attempt: int | None) -> None:
+    if attempt is not None and row.attempt != attempt:
+        raise InvalidTransition(
+            f"generation {row.id} is on attempt {row.attempt}, not {attempt}: a run of an "
+            "earlier attempt may not change it"
+        )
+
+
+def begin_create(
+    session: Session, generation_id: int, *, attempt: int, now: datetime | None = None
+) -> datetime | None:
+    """Note that this attempt is about to ask the provider for a prediction (state
+    ``creating``).
+
+    Returns when an earlier try of the same attempt first did (None the first time): the
+    caller must then look for that prediction and adopt it before creating another, since the
+    earlier create may have succeeded with its answer lost. ``InvalidTransition`` if the
+    generation is no longer running this attempt (nothing must be created for it).
     """
     row = _lock(session, generation_id)
-    earlier = row.create_started_at
-    if earlier is None:
-        row.create_started_at = utcnow()
-        session.flush()
-    return earlier
+    _check_attempt(row, attempt)
+    if row.status != "running":
+        raise InvalidTransition(f"generation {generation_id} is {row.status}, not running")
+    now = now or utcnow()
+    existed = session.get(CreateAttempt, (row.id, row.attempt)) is not None
+    record = _attempt_row(session, row, now)
+    if record.state != "owned":
+        record.state, record.state_at = "creating", now
+    session.flush()
+    return record.started_at if existed else None
+
+
+def create_lost(session: Session, generation_id: int, attempt: int) -> None:
+    """The attempt's create answer was lost: it now looks for its prediction (state ``lost``),
+    so siblings waiting for its answer stop waiting."""
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is None:
+        return
+    now = utcnow()
+    record.lost_at = record.lost_at or now
+    if record.state == "creating":
+        record.state, record.state_at = "lost", now
+    session.flush()
+
+
+def creating_siblings(
+    session: Session, generation_id: int, attempt: int, *, fresh_after: datetime
+) -> int:
+    """Other attempts of the same model and input whose create is in flight (state
+    ``creating`` since ``fresh_after``): a listed prediction may be theirs, answered a moment
+    from now, so an attempt that lost its answer must not adopt yet."""
+    mine = session.get(CreateAttempt, (generation_id, attempt))
+    if mine is None:
+        return 0
+    return int(
+        session.scalar(
+            sa.select(sa.func.count())
+            .select_from(CreateAttempt)
+            .where(
+                CreateAttempt.model == mine.model,
+                CreateAttempt.input_sha256 == mine.input_sha256,
+                CreateAttempt.state == "creating",
+                CreateAttempt.state_at >= fresh_after,
+                sa.not_(
+                    sa.and_(
+                        CreateAttempt.generation_id == generation_id,
+                        CreateAttempt.attempt == attempt,
+                    )
+                ),
+            )
+        )
+        or 0
+    )
+
+
+def learned_model_names(session: Session, model_ref: str) -> set[str]:
+    """Model names the provider answered creates of ``model_ref`` with (Replicate answers some
+    official models under another name than the one requested)."""
+    names = session.scalars(
+        sa.select(CreateAttempt.answered_model)
+        .where(CreateAttempt.model == model_ref, CreateAttempt.answered_model.is_not(None))
+        .distinct()
+    ).all()
+    return {name for name in names if name}
+
+
+def owned_predictions(session: Session, prediction_ids: Sequence[str]) -> set[str]:
+    """Which of ``prediction_ids`` an attempt (of any generation, any attempt, ever) owns."""
+    if not prediction_ids:
+        return set()
+    found = session.scalars(
+        sa.select(CreateAttempt.prediction_id).where(
+            CreateAttempt.prediction_id.in_(list(prediction_ids))
+        )
+    ).all()
+    return {pid for pid in found if pid}
 
 
 def _check_outputs(outputs: object) -> list[dict[str, Any]]:
@@ -603,21 +748,30 @@ def fail(
     code: str,
     message: str,
     status: str = "failed",
+    attempt: int | None = None,
     now: datetime | None = None,
 ) -> bool:
     """End the generation as ``failed`` (or ``canceled``) and refund its hold if still pending.
 
     Returns False, changing nothing, if the generation already ended: every refund path may call
     this for the same generation and exactly one refund happens (the row lock serializes them).
+    With ``attempt``, a generation that moved on to another attempt (requeued) raises
+    ``InvalidTransition``: a run of an earlier attempt must not end the new one.
     """
     if status not in ("failed", "canceled"):
         raise ValueError(f"status must be 'failed' or 'canceled', got {status!r}")
     row = _lock(session, generation_id)
+    _check_attempt(row, attempt)
     if row.is_terminal:
         return False
     if row.hold_id is not None:
         ledger.release_if_pending(session, row.hold_id, f"{code}: {message}", now=now)
-    _finish(row, status, code, message, now or utcnow())
+    now = now or utcnow()
+    _finish(row, status, code, message, now)
+    record = session.get(CreateAttempt, (row.id, row.attempt))
+    if record is not None and record.state in ("creating", "lost"):
+        # Ended without a prediction: a prediction it may have started is an orphan now.
+        record.state, record.state_at = "abandoned", now
     session.flush()
     return True
 
@@ -653,7 +807,6 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
         "error_message",
         "queued_at",
         "started_at",
-        "create_started_at",
         "finished_at",
     ):
         setattr(row, field, None)

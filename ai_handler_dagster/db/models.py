@@ -10,6 +10,8 @@ cannot break them silently:
   most one ``hold`` entry and at most one ending entry (``capture``, ``release`` or ``expire``).
 - ``generations``: a prediction id can belong to one generation only, so two generations can never
   adopt the same paid prediction.
+- ``create_attempts``: one row per generation attempt that asked the provider for a prediction,
+  kept for good; a prediction id is owned by one attempt only, ever (requeues included).
 
 Credits are integers. Timestamps are timezone-aware UTC in Python on both databases.
 """
@@ -236,8 +238,6 @@ class Generation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
     queued_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()
-    # When this attempt first asked the provider for a prediction (see migration 0002).
-    create_started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=sa.func.now()
@@ -247,6 +247,51 @@ class Generation(Base):
     def is_terminal(self) -> bool:
         """True once the current attempt has ended (succeeded, failed or canceled)."""
         return self.status in TERMINAL_STATUSES
+
+
+#: States of a create attempt: ``creating`` (a create request is in flight), ``lost`` (an answer
+#: was lost: the attempt looks for its prediction), ``owned`` (it has its prediction) and
+#: ``abandoned`` (it ended without one).
+CREATE_STATES = ("creating", "lost", "owned", "abandoned")
+
+
+class CreateAttempt(Base):
+    """A generation attempt's dealings with the provider's create (migration 0004).
+
+    ``model`` is the requested reference and ``input_sha256`` the hash of the input it sent
+    (``generations.input_sha256``): with ``started_at`` (its first create) they say which listed
+    predictions this attempt could have made. ``answered_model`` is the model name the provider
+    answered with, so a model that answers under another name (Replicate's official models) is
+    recognised next time. ``how`` says whether the answer named the prediction (``created``) or
+    it was found in the list after a lost answer (``adopted``).
+    """
+
+    __tablename__ = "create_attempts"
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", CREATE_STATES), name="state"),
+        sa.CheckConstraint(
+            "(state = 'owned') = (prediction_id IS NOT NULL)", name="owned_has_prediction"
+        ),
+        sa.CheckConstraint("how IS NULL OR how IN ('created', 'adopted')", name="how"),
+        sa.Index("ix_create_attempts_model_input_sha256", "model", "input_sha256"),
+    )
+
+    generation_id: Mapped[int] = mapped_column(
+        Id, sa.ForeignKey("generations.id"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    model: Mapped[str] = mapped_column(sa.String(255))
+    input_sha256: Mapped[str] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    state_at: Mapped[datetime] = mapped_column()
+    #: When an answer of this attempt was first lost (None: never). Only such attempts, and
+    #: those that never owned a prediction, can have left an orphan behind.
+    lost_at: Mapped[datetime | None] = mapped_column()
+    prediction_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    how: Mapped[str | None] = mapped_column(sa.String(16))
+    answered_model: Mapped[str | None] = mapped_column(sa.String(255))
+    answered_version: Mapped[str | None] = mapped_column(sa.String(255))
 
 
 # --------------------------------------------------------------------------------------------

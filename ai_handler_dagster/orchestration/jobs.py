@@ -16,11 +16,11 @@ from dagster import (
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from pydantic import Field
 
+from ai_handler_dagster import adoption, ledger, settings
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.errors import DEADLINE_EXCEEDED, RUN_FAILED
+from ai_handler_dagster.errors import DEADLINE_EXCEEDED, RUN_FAILED, GenerationError
 from ai_handler_dagster.orchestration.hooks import refund_on_failure
 from ai_handler_dagster.orchestration.ops import (
     await_predictions,
@@ -152,6 +152,9 @@ def reprocess_generations_job() -> None:
     requeue_ids()
 
 
+#: How far back each reconciliation looks for orphan predictions (it runs every 5 minutes).
+ORPHAN_LOOKBACK = timedelta(minutes=15)
+
 #: A queued generation whose batch has no run after this long is considered lost.
 LOST_BATCH_AFTER = timedelta(minutes=10)
 
@@ -202,7 +205,19 @@ def reconcile(
                 cancel_prediction=replicate.cancel,
             )
         )
-    result = {"expired_holds": len(expired), "settled_generations": settled}
+    # 3. Orphans: running predictions one of our attempts made that no attempt owns.
+    try:
+        orphans = adoption.cancel_orphans(
+            engine, replicate, since=now - ORPHAN_LOOKBACK, log=context.log.warning
+        )
+    except GenerationError as exc:  # the provider's list is unreadable now: next time
+        context.log.warning(f"orphan sweep skipped: {exc}")
+        orphans = []
+    result = {
+        "expired_holds": len(expired),
+        "settled_generations": settled,
+        "canceled_orphans": len(orphans),
+    }
     context.add_output_metadata(result)
     return result
 

@@ -39,10 +39,10 @@ from dagster import (
 from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
+from ai_handler_dagster import adoption, ledger
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import session_scope
-from ai_handler_dagster.db.models import Generation
+from ai_handler_dagster.db.models import Generation, utcnow
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
@@ -152,10 +152,18 @@ def _by_id(codes: dict[int, Any]) -> dict[str, Any]:
     return {str(gid): code for gid, code in codes.items()}
 
 
-def _fail(engine: sa.Engine, generation_id: int, error: GenerationError) -> bool:
-    """Fail one generation and release its hold, in one transaction. True if this call did it."""
+def _fail(
+    engine: sa.Engine, generation_id: int, error: GenerationError, *, attempt: int | None = None
+) -> bool:
+    """Fail one generation and release its hold, in one transaction. True if this call did it;
+    False if it had ended already or (with ``attempt``) moved on to another attempt."""
     with session_scope(engine) as session:
-        return gens.fail(session, generation_id, code=error.code, message=error.message)
+        try:
+            return gens.fail(
+                session, generation_id, code=error.code, message=error.message, attempt=attempt
+            )
+        except gens.InvalidTransition:
+            return False
 
 
 def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
@@ -243,61 +251,46 @@ def create_predictions(
 ) -> list[int]:
     """Start (or find again) one Replicate prediction per generation.
 
-    A generation that already has a prediction (op retry, resumed run) keeps it. One whose earlier
-    attempt may have created a prediction without recording it adopts that prediction instead of
-    paying for a second one.
+    A generation that already has a prediction (op retry, resumed run) keeps it; one that is no
+    longer running (it failed in an earlier try of this op) is left alone. One whose earlier
+    try may have created a prediction without recording it adopts that prediction instead of
+    paying for a second one (see ``adoption.py``). If any answer was lost, the step ends by
+    canceling orphans: predictions one of our attempts made that no attempt owns.
     """
     engine = database.engine()
     rows = _load(engine, generation_ids)
-
-    def claimed_ids() -> frozenset[str]:
-        with session_scope(engine) as session:
-            found = session.scalars(
-                sa.select(Generation.prediction_id).where(
-                    Generation.prediction_id.is_not(None),
-                    Generation.status.in_(("running", "queued")),
-                )
-            ).all()
-        return frozenset(p for p in found if p)
-
-    claimed = claimed_ids()
     # With a receiver configured, Replicate reports the end of each prediction by webhook and
     # the await step mostly reads the database instead of polling the API.
     webhook = public_webhook_url()
+    step_started = utcnow()
+    lost: list[int] = []
 
     def start(generation_id: int) -> tuple[int, str | None, str | None]:
         row = rows[generation_id]
         if row.prediction_id:
             return generation_id, row.prediction_id, None
-        with session_scope(engine) as session:
-            earlier = gens.mark_create_started(session, generation_id)
+        if row.status != "running":
+            return generation_id, None, row.error_code or row.status
+        attempt = adoption.Attempt(generation_id, row.attempt, row.model, row.input)
         try:
-            # After an earlier try of this attempt (op retry, retried run), look for the
-            # prediction it may have created before creating one.
-            snapshot = replicate.create(
-                row.model,
-                row.input,
-                webhook=webhook,
-                webhook_events_filter=["completed"] if webhook else None,
-                claimed=claimed,
-                adopt_since=earlier,
+            snapshot, was_lost = adoption.obtain(
+                engine, replicate, attempt, webhook=webhook, log=context.log.warning
             )
         except GenerationError as error:
-            _fail(engine, generation_id, error)
+            _fail(engine, generation_id, error, attempt=row.attempt)
             return generation_id, None, error.code
-        try:
-            with session_scope(engine) as session:
-                gens.record_prediction(
-                    session, generation_id, snapshot.id, snapshot.model, snapshot.version
-                )
         except gens.InvalidTransition as exc:
-            # The generation ended meanwhile (refunded by another path): stop paying for it.
-            context.log.warning(f"generation {generation_id}: {exc}; canceling {snapshot.id}")
-            replicate.cancel(snapshot.id)
+            # The generation ended meanwhile (refunded by another path): nothing to create.
+            context.log.warning(f"generation {generation_id}: {exc}")
             return generation_id, None, "ended"
+        if was_lost:
+            lost.append(generation_id)
         return generation_id, snapshot.id, None
 
     results = _in_parallel(list(rows), start)
+    if lost:
+        with contextlib.suppress(GenerationError):  # reconciliation sweeps again later
+            adoption.cancel_orphans(engine, replicate, since=step_started, log=context.log.warning)
     created = [gid for gid, pid, _ in results if pid]
     failed = {gid: code for gid, pid, code in results if not pid}
     context.add_output_metadata(

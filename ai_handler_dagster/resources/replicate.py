@@ -37,7 +37,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -58,7 +58,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 #: Upper bound of any single backoff sleep, whatever the attempt number or Retry-After says.
 _MAX_SLEEP_S = 60.0
 #: Pages of ``GET /v1/predictions`` (100 each) scanned when looking for a lost create.
-_ADOPT_MAX_PAGES = 5
+_ADOPT_MAX_PAGES = 10
 #: Longest message kept from a provider error (model errors can carry whole tracebacks).
 _MAX_MESSAGE_CHARS = 2000
 
@@ -441,7 +441,7 @@ def _normalize_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _parse_time(value: Any) -> float | None:
+def parse_time(value: Any) -> float | None:
     """Epoch seconds of an RFC 3339 timestamp (any number of fraction digits), or None."""
     if not isinstance(value, str) or not value:
         return None
@@ -562,7 +562,7 @@ class ListSweep:
         for item in page.get("results") or []:
             if not isinstance(item, dict):
                 continue
-            created = _parse_time(item.get("created_at"))
+            created = parse_time(item.get("created_at"))
             if created is not None:
                 oldest = created if oldest is None else min(oldest, created)
             prediction_id = item.get("id")
@@ -734,22 +734,21 @@ class ReplicateResource(dg.ConfigurableResource):
         *,
         webhook: str | None = None,
         webhook_events_filter: Iterable[str] | None = None,
-        claimed: frozenset[str] | set[str] = frozenset(),
-        adopt_since: datetime | float | None = None,
+        adopt: Callable[[], PredictionSnapshot | None] | None = None,
+        maybe_created: bool = False,
     ) -> PredictionSnapshot:
         """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
 
         Transient failures are retried up to ``create_attempts`` times with backoff (429 waits
         ``Retry-After``). When an attempt's answer was lost after the server may have accepted
-        it (timeout, dropped connection, 5xx), every later attempt first lists recent
-        predictions and adopts the one the lost attempt created: same model, equal input,
-        created since the first attempt (minus ``adopt_window_s``), and id not in ``claimed``
-        (predictions already owned by other generations). Among several candidates the oldest
-        is adopted. While that list cannot be read, nothing is created.
+        it (timeout, dropped connection, 5xx), every later attempt first calls ``adopt()``,
+        which looks for the prediction the lost attempt created (see
+        :meth:`lost_create_candidates`) and returns it, made this caller's own, or None. While
+        ``adopt`` raises, nothing is created. Without ``adopt`` a lost answer is never retried
+        blindly: the error is raised.
 
-        ``adopt_since`` (a datetime or epoch seconds) makes the very first attempt look before
-        creating: pass it when this generation may already have called ``create`` before (an
-        op retry, a re-executed run), with the time that earlier call started.
+        ``maybe_created`` makes the very first attempt call ``adopt()`` before creating: pass it
+        when this attempt may already have called ``create`` (an op retry, a resumed run).
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -763,19 +762,23 @@ class ReplicateResource(dg.ConfigurableResource):
         if webhook_events_filter is not None:
             params["webhook_events_filter"] = list(webhook_events_filter)
 
-        if isinstance(adopt_since, datetime):
-            adopt_since = adopt_since.timestamp()
-        since = (time.time() if adopt_since is None else adopt_since) - self.adopt_window_s
-        maybe_created = adopt_since is not None
         error: GenerationError | None = None
         for attempt in range(1, self.create_attempts + 1):
             if error is not None:
                 time.sleep(self._backoff(attempt - 1, error.retry_after_s))
+            if maybe_created:
+                if adopt is None:
+                    break
+                try:
+                    adopted = adopt()
+                except GenerationError as exc:  # the list could not be read: nothing is created
+                    error = exc
+                    if not exc.retryable:
+                        break
+                    continue
+                if adopted is not None:
+                    return adopted
             try:
-                if maybe_created:
-                    adopted = self._find_lost_create(model, version, payload, since, claimed)
-                    if adopted is not None:
-                        return adopted
                 if version is not None:
                     prediction = client.predictions.create(version=version, input=payload, **params)
                 else:
@@ -785,69 +788,90 @@ class ReplicateResource(dg.ConfigurableResource):
                 return PredictionSnapshot.from_json(prediction.dict())
             except Exception as exc:
                 error = _with_cause(self._classify(exc), exc)
-                # A failed lookup (a GenerationError) leaves the flag as it was.
                 maybe_created = maybe_created or _may_have_been_accepted(exc)
                 if not error.retryable:
                     break
-        assert error is not None
         if maybe_created:
-            # Last look, so that a prediction started by a lost attempt is never orphaned.
-            with contextlib.suppress(GenerationError):
-                adopted = self._find_lost_create(model, version, payload, since, claimed)
-                if adopted is not None:
-                    return adopted
+            if adopt is not None:
+                # Last look, so that a prediction started by a lost attempt is never orphaned.
+                with contextlib.suppress(GenerationError):
+                    adopted = adopt()
+                    if adopted is not None:
+                        return adopted
+            cause = error or GenerationError(
+                errors.PROVIDER_UNAVAILABLE, "the create's answer was lost", retryable=True
+            )
             error = _with_cause(
                 GenerationError(
-                    error.code,
-                    f"{error.message} (an earlier attempt may have started a prediction: retry "
-                    "with adopt_since to adopt it)",
-                    error.retryable,
-                    retry_after_s=error.retry_after_s,
+                    cause.code,
+                    f"{cause.message} (an earlier attempt may have started a prediction: it is "
+                    "looked for again before anything is created)",
+                    cause.retryable,
+                    retry_after_s=cause.retry_after_s,
                 ),
-                error,
+                cause,
             )
+        assert error is not None
         raise error
 
-    def _find_lost_create(
+    def lost_create_candidates(
         self,
-        model: str,
-        version: str | None,
+        model_ref: str,
         payload: Mapping[str, Any],
-        since: float,
-        claimed: frozenset[str] | set[str],
-    ) -> PredictionSnapshot | None:
-        """The oldest unclaimed recent prediction matching a create, if the server has one."""
+        *,
+        started_at: float,
+        model_names: Collection[str] | None,
+    ) -> list[PredictionSnapshot]:
+        """Listed predictions a create of ``model_ref`` with ``payload``, first tried at
+        ``started_at`` (epoch seconds), could have started; the nearest in time first.
+
+        A candidate was made through the API (``source: api``; predictions made on the
+        website are never ours), with an equal input, at or after ``started_at`` minus
+        ``adopt_window_s`` (clock skew between us and the provider). Its model must be the
+        requested version, or for an ``owner/name`` reference one of ``model_names`` (the names
+        creates of this reference were answered with: the provider answers some official
+        models under another name); ``None`` (no answer ever seen) matches on input and time
+        alone. Whether a candidate is already owned is the caller's to check.
+        """
+        model, version = parse_model_ref(model_ref)
+        since = started_at - self.adopt_window_s
         wanted_input = _normalize_json(payload)
-        candidates: list[tuple[float, dict[str, Any]]] = []
-        for page in _list_pages(self, _ADOPT_MAX_PAGES):
+        names = None if model_names is None else {model, *model_names}
+        found: list[tuple[float, PredictionSnapshot]] = []
+        for item in self.recent_predictions(since):
+            if item.get("source", "api") != "api":
+                continue
+            if version is not None:
+                if item.get("version") != version:
+                    continue
+            elif names is not None and item.get("model") not in names:
+                continue
+            if _normalize_json(item.get("input")) != wanted_input:
+                continue
+            created = parse_time(item.get("created_at"))
+            distance = abs(created - started_at) if created is not None else float("inf")
+            with contextlib.suppress(GenerationError):
+                found.append((distance, PredictionSnapshot.from_json(item)))
+        found.sort(key=lambda pair: pair[0])
+        return [snapshot for _, snapshot in found]
+
+    def recent_predictions(self, since: float, *, max_pages: int | None = None) -> list[dict]:
+        """Predictions of the account created at or after ``since`` (epoch seconds), newest
+        first, read from the list endpoint (at most ``max_pages`` pages of 100)."""
+        out: list[dict[str, Any]] = []
+        for page in _list_pages(self, max_pages or _ADOPT_MAX_PAGES):
             reached_older = False
             for item in page.get("results") or []:
                 if not isinstance(item, dict):
                     continue
-                created = _parse_time(item.get("created_at"))
+                created = parse_time(item.get("created_at"))
                 if created is not None and created < since:
                     reached_older = True  # newest first: the rest of the list is older
                     continue
-                if item.get("id") in claimed:
-                    continue
-                same_model = (
-                    item.get("version") == version
-                    if version is not None
-                    else item.get("model") == model
-                )
-                if same_model and _normalize_json(item.get("input")) == wanted_input:
-                    candidates.append((created if created is not None else float("inf"), item))
+                out.append(item)
             if reached_older:
                 break
-        if not candidates:
-            return None
-        candidates.sort(key=lambda pair: pair[0])
-        adopted = PredictionSnapshot.from_json(candidates[0][1])
-        dg.get_dagster_logger().warning(
-            f"Replicate create answer was lost; adopted prediction {adopted.id} "
-            f"({len(candidates)} candidate(s)) instead of creating another"
-        )
-        return adopted
+        return out
 
     # ---- get / cancel -----------------------------------------------------------------------
 

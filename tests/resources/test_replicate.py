@@ -147,10 +147,10 @@ def test_parse_model_ref() -> None:
 
 
 def test_parse_time_accepts_nanoseconds() -> None:
-    assert rr._parse_time("2025-01-01T00:00:00.123456789Z") == pytest.approx(1735689600.123456)
-    assert rr._parse_time("2025-01-01T00:00:00+00:00") == 1735689600.0
-    assert rr._parse_time("2025-01-01T00:00:00") is None  # no zone: cannot compare clocks
-    assert rr._parse_time(None) is None
+    assert rr.parse_time("2025-01-01T00:00:00.123456789Z") == pytest.approx(1735689600.123456)
+    assert rr.parse_time("2025-01-01T00:00:00+00:00") == 1735689600.0
+    assert rr.parse_time("2025-01-01T00:00:00") is None  # no zone: cannot compare clocks
+    assert rr.parse_time(None) is None
 
 
 def test_snapshot_properties_and_errors() -> None:
@@ -321,12 +321,12 @@ def test_429_on_create_is_retried_into_one_prediction(
 def test_500_on_create_never_creates_blindly(emulator: Any, make_replicate: MakeResource) -> None:
     """A 5xx may hide an accepted create: while the list cannot be read, nothing is created."""
     emulator.configure(faults=Faults(http_500_rate=1.0))
+    resource = make_replicate(create_attempts=3, request_attempts=2)
+    request = {"prompt": "outage", **SMALL}
     with pytest.raises(GenerationError) as info:
-        make_replicate(create_attempts=3, request_attempts=2).create(
-            IMAGE, {"prompt": "outage", **SMALL}
-        )
+        resource.create(IMAGE, request, adopt=_first_candidate(resource, request, time.time()))
     assert info.value.code == errors.PROVIDER_UNAVAILABLE and info.value.retryable
-    assert "adopt_since" in info.value.message
+    assert "may have started a prediction" in info.value.message
     assert _requests(emulator, "POST /v1/models") == 1
     assert _requests(emulator, "GET /v1/predictions") >= 2  # looked before each retry
     assert emulator.predictions() == []
@@ -345,15 +345,31 @@ def test_500_on_create_then_recovery_creates_once(
 
     lifter = threading.Thread(target=lift_after_first_500)
     lifter.start()
-    snapshot = make_replicate(retry_backoff_s=0.2).create(IMAGE, {"prompt": "blip", **SMALL})
+    resource = make_replicate(retry_backoff_s=0.2)
+    request = {"prompt": "blip", **SMALL}
+    snapshot = resource.create(
+        IMAGE, request, adopt=_first_candidate(resource, request, time.time())
+    )
     lifter.join()
     assert list(_emulated(emulator)) == [snapshot.id]
     assert emulator.stats()["creates"] == 1
 
 
-def test_adopt_since_finds_a_previous_calls_prediction(
-    emulator: Any, make_replicate: MakeResource
-) -> None:
+def _first_candidate(
+    resource: ReplicateResource, request: dict[str, Any], started_at: float
+) -> Callable[[], PredictionSnapshot | None]:
+    """An ``adopt`` callback taking the nearest candidate, owned by nobody (no database)."""
+
+    def adopt() -> PredictionSnapshot | None:
+        found = resource.lost_create_candidates(
+            IMAGE, request, started_at=started_at, model_names=None
+        )
+        return found[0] if found else None
+
+    return adopt
+
+
+def test_maybe_created_looks_before_creating(emulator: Any, make_replicate: MakeResource) -> None:
     """Regression: an op retry after a lost create must adopt, not create a second one."""
     resource = make_replicate()
     request = {"prompt": "retried op", "seed": 9, **SMALL}
@@ -365,7 +381,8 @@ def test_adopt_since_finds_a_previous_calls_prediction(
         bare.models.predictions.create(model=IMAGE, input=request)
     emulator.configure(faults=Faults())
     assert len(emulator.predictions()) == 1
-    adopted = resource.create(IMAGE, request, adopt_since=started)
+    adopt = _first_candidate(resource, request, started)
+    adopted = resource.create(IMAGE, request, adopt=adopt, maybe_created=True)
     assert list(_emulated(emulator)) == [adopted.id]
     assert emulator.stats()["creates"] == 1
 
@@ -375,7 +392,11 @@ def test_dropped_create_is_adopted_not_duplicated(
 ) -> None:
     """Regression: a create whose response is lost must not start a second paid prediction."""
     emulator.configure(faults=Faults(drop_create_rate=1.0))
-    snapshot = make_replicate().create(IMAGE, {"prompt": "dropped", "seed": 3, **SMALL})
+    resource = make_replicate()
+    request = {"prompt": "dropped", "seed": 3, **SMALL}
+    snapshot = resource.create(
+        IMAGE, request, adopt=_first_candidate(resource, request, time.time())
+    )
     stats = emulator.stats()
     assert stats["creates"] == 1 and stats["create_responses_dropped"] == 1
     emulated = _emulated(emulator)
@@ -383,18 +404,64 @@ def test_dropped_create_is_adopted_not_duplicated(
     assert emulated[snapshot.id]["_emulator"]["response_dropped"] is True
 
 
-def test_adoption_skips_predictions_claimed_by_others(
+def test_a_lost_answer_without_adopt_is_never_created_again(
     emulator: Any, make_replicate: MakeResource
 ) -> None:
-    """An identical prediction owned by another generation is never adopted."""
-    resource = make_replicate()
-    request = {"prompt": "same prompt", "seed": 4, **SMALL}
-    other = resource.create(IMAGE, request)
     emulator.configure(faults=Faults(drop_create_rate=1.0))
-    mine = resource.create(IMAGE, request, claimed=frozenset({other.id}))
-    assert mine.id != other.id
-    assert set(_emulated(emulator)) == {other.id, mine.id}
-    assert emulator.stats()["creates"] == 2
+    with pytest.raises(GenerationError, match="may have started a prediction"):
+        make_replicate().create(IMAGE, {"prompt": "lost", **SMALL})
+    assert emulator.stats()["creates"] == 1
+
+
+def test_candidates_are_api_made_same_input_named_models_nearest_first(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Only what a lost create of this request could have made: not a website prediction, not
+    another input, not another model name once names are known, not one from before the
+    attempt; the one created nearest the attempt's first create comes first."""
+    resource = make_replicate(adopt_window_s=0.5)
+    request = {"prompt": "the same", "seed": 1, **SMALL}
+    old = resource.create(IMAGE, request)
+    time.sleep(1.0)
+    started = time.time()
+    near = resource.create(IMAGE, request)
+    time.sleep(0.2)
+    far = resource.create(IMAGE, request)
+    web = emulator.web_prediction(IMAGE, request)
+    other_input = resource.create(IMAGE, {**request, "seed": 2})
+
+    def ids(names: set[str] | None) -> list[str]:
+        found = resource.lost_create_candidates(
+            IMAGE, request, started_at=started, model_names=names
+        )
+        return [c.id for c in found]
+
+    assert ids(None) == [near.id, far.id]
+    assert ids({IMAGE}) == [near.id, far.id]
+    assert ids({"someone/else"}) == [near.id, far.id]  # the requested name always counts
+    assert web["source"] == "web" and web["id"] not in ids(None)
+    assert old.id not in ids(None) and other_input.id not in ids(None)
+
+
+def test_an_aliased_official_model_is_matched_by_its_answered_name(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    emulator.configure(model_aliases={IMAGE: "demo/pixel-sketch-official"})
+    resource = make_replicate()
+    request = {"prompt": "official", **SMALL}
+    started = time.time()
+    made = resource.create(IMAGE, request)
+    assert made.model == "demo/pixel-sketch-official"
+
+    def found(names: set[str] | None) -> list[str]:
+        candidates = resource.lost_create_candidates(
+            IMAGE, request, started_at=started, model_names=names
+        )
+        return [c.id for c in candidates]
+
+    assert found(None) == [made.id]  # nothing learned yet: input and time alone
+    assert found({"demo/pixel-sketch-official"}) == [made.id]
+    assert found({"demo/something-else"}) == []
 
 
 def test_wait_many_returns_all_and_marks_failures(

@@ -99,6 +99,9 @@ class EmulatorConfig:
     official_models: tuple[str, ...] = ()
     """Models that behave like Replicate's official ones: predictions created by model path
     report ``version: "hidden"``."""
+    model_aliases: dict[str, str] = field(default_factory=dict)
+    """Model -> the name predictions created by its model path answer with, as Replicate does
+    for some official models (``{"demo/pixel-sketch": "demo/pixel-sketch-official"}``)."""
     garbled: dict[str, str] = field(default_factory=dict)
     """Prediction id -> how its ``GET`` is answered instead of the prediction, as a broken proxy
     or API could: ``html`` (200 with an HTML page), ``no-id`` (200 JSON without ``id`` and

@@ -38,6 +38,12 @@ class EmulatorControl:
             changes["faults"] = EmulatorConfig(faults=faults).to_json()["faults"]
         return self._call("POST", "/_emulator/config", json=changes)
 
+    def web_prediction(self, model: str, input: dict[str, Any]) -> dict[str, Any]:
+        """``POST /_emulator/web_predictions``: a prediction made on the website."""
+        return self._call(
+            "POST", "/_emulator/web_predictions", json={"model": model, "input": input}
+        )
+
     def expire_outputs(self, prediction_ids: list[str] | None = None) -> int:
         """``POST /_emulator/expire``: delete outputs now; returns how many were removed."""
         body = {} if prediction_ids is None else {"prediction_ids": prediction_ids}

@@ -137,6 +137,10 @@ class Prediction:
     paid: bool = False
     response_dropped: bool = False
     hide_version: bool = False
+    #: The model name the API shows (an official model's alias), if not ``model.ref``.
+    shown_model: str | None = None
+    #: ``api``, or ``web`` for a prediction made on the website (not by this account's code).
+    source: str = "api"
     canceled_by: str | None = None
     preview: list[str] | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -244,12 +248,15 @@ class Engine:
         webhook_events: frozenset[str] = WEBHOOK_EVENTS,
         deadline_s: float | None = None,
         by_model_path: bool = False,
+        source: str = "api",
     ) -> tuple[Prediction, dict[str, Any], bool]:
         """Validate and enqueue a prediction.
 
         Returns the prediction, its create-time JSON (``starting``) and whether the HTTP layer
         must drop the response (the ``drop_create`` fault). ``by_model_path``: created through
-        ``/v1/models/{owner}/{name}/predictions`` (official models then hide their version).
+        ``/v1/models/{owner}/{name}/predictions`` (official models then hide their version, and
+        a model with an alias answers under it). ``source="web"``: made on the website, never
+        dropped.
         """
         inputs, problems = model.validate(raw_input)
         if problems:
@@ -268,7 +275,7 @@ class Engine:
                 faults.add("slow")
             if self.draw("remove_output", faults_cfg.remove_output_rate):
                 faults.add("remove_output")
-            drop = self.draw("drop_create", faults_cfg.drop_create_rate)
+            drop = source == "api" and self.draw("drop_create", faults_cfg.drop_create_rate)
             random_seed = self._rngs["seed"].randrange(2**31)
             seed = inputs["seed"] if inputs.get("seed") is not None else random_seed
             created = now()
@@ -287,6 +294,8 @@ class Engine:
                 deadline_s=deadline_s,
                 response_dropped=drop,
                 hide_version=by_model_path and model.ref in self._config.official_models,
+                shown_model=self._config.model_aliases.get(model.ref) if by_model_path else None,
+                source=source,
             )
             self._predictions[pred.id] = pred
             self._order.append(pred)
@@ -491,7 +500,7 @@ class Engine:
         }
         return {
             "id": pred.id,
-            "model": pred.model.ref,
+            "model": pred.shown_model or pred.model.ref,
             # Replicate's official models answer "hidden" instead of a version id.
             "version": "hidden" if pred.hide_version else pred.model.version_id,
             "input": pred.input,
@@ -499,7 +508,7 @@ class Engine:
             "logs": pred.logs,
             "error": pred.error,
             "status": pred.status,
-            "source": "api",
+            "source": pred.source,
             "created_at": iso(pred.created_at),
             "started_at": iso(pred.started_at),
             "completed_at": iso(pred.completed_at),

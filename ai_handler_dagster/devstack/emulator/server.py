@@ -132,6 +132,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/_emulator/config", "control_config", kind="open"),
     _route("POST", "/_emulator/config", "control_configure", kind="open"),
     _route("POST", "/_emulator/expire", "control_expire", kind="open"),
+    _route("POST", "/_emulator/web_predictions", "control_web_prediction", kind="open"),
 )
 
 
@@ -515,6 +516,16 @@ class App:
             raise ApiError(400, "Bad request", str(exc)) from None
         return Response.json(200, config.to_json())
 
+    def control_web_prediction(self, request: Request) -> Response:
+        """``POST /_emulator/web_predictions`` ``{"model": ..., "input": {...}}``: a prediction
+        made on the website (``source: web``), as a person sharing the account would."""
+        body = self._body_object(request)
+        model = MODELS.get(str(body.get("model")))
+        if model is None:
+            raise not_found(f"unknown model {body.get('model')!r}")
+        _, snapshot, _ = self.engine.create(model, body.get("input", {}), source="web")
+        return Response.json(201, snapshot)
+
     def control_expire(self, request: Request) -> Response:
         """``POST /_emulator/expire`` ``{"prediction_ids": [...]}`` (omit for all)."""
         ids = self._body_object(request).get("prediction_ids")
@@ -630,6 +641,10 @@ class EmulatorHandle:
     def predictions(self) -> list[dict[str, Any]]:
         """Every prediction so far, oldest first (public JSON plus ``_emulator`` details)."""
         return self._engine.predictions()
+
+    def web_prediction(self, model: str, input: dict[str, Any]) -> dict[str, Any]:
+        """Make a prediction as if on the website (``source: web``); its JSON."""
+        return self._engine.create(MODELS[model], input, source="web")[1]
 
     def expire_outputs(self, prediction_ids: list[str] | None = None) -> int:
         """Delete outputs now, as if retention had passed."""
