@@ -669,11 +669,12 @@ class ReplicateResource(dg.ConfigurableResource):
         ),
     )
     adopt_window_s: float = Field(
-        default=60.0,
+        default=10.0,
         ge=0,
         description=(
-            "Clock slack when looking for a lost create: predictions created up to this many "
-            "seconds before the first attempt started are candidates for adoption."
+            "Clock allowance between us and the provider when looking for a lost create: "
+            "predictions created up to this many seconds before the attempt's first create "
+            "are candidates for adoption (the nearest in time is taken first)."
         ),
     )
     poll_workers: int = Field(
