@@ -38,7 +38,7 @@ def test_the_shipped_file_is_every_setting_but_storage(tmp_path: Path) -> None:
     assert settings["run_launcher"]["class"] == "LocalRunLauncher"
     assert settings["run_retries"] == {
         "enabled": True,
-        "max_retries": 1,
+        "max_retries": 3,
         "retry_on_asset_or_op_failure": False,
     }
     assert settings["run_monitoring"]["enabled"] is True
