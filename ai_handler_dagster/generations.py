@@ -47,6 +47,7 @@ from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
 
 __all__ = [
     "MAX_INPUT_BYTES",
+    "AttemptMismatch",
     "CannotAfford",
     "EmptyOutput",
     "InvalidRequest",
@@ -476,6 +477,11 @@ def start_attempt(
     return row
 
 
+class AttemptMismatch(InvalidTransition):
+    """The generation moved on to another attempt (requeued): a run of an earlier attempt may
+    not change it."""
+
+
 class PredictionOwned(InvalidTransition):
     """The prediction already belongs to another generation attempt (now or in the past)."""
 
@@ -574,7 +580,7 @@ def _attempt_row(session: Session, row: Generation, now: datetime) -> CreateAtte
 
 def _check_attempt(row: Generation, attempt: int | None) -> None:
     if attempt is not None and row.attempt != attempt:
-        raise InvalidTransition(
+        raise AttemptMismatch(
             f"generation {row.id} is on attempt {row.attempt}, not {attempt}: a run of an "
             "earlier attempt may not change it"
         )
@@ -694,9 +700,15 @@ def succeed(
     outputs: list[dict[str, Any]],
     predict_time: float | None,
     prices: PriceBook,
+    attempt: int | None = None,
+    prediction_id: str | None = None,
     now: datetime | None = None,
 ) -> Generation:
     """Capture the charge, store the outputs and mark the generation ``succeeded``.
+
+    With ``attempt`` and ``prediction_id``, the generation must still be running that attempt
+    with that prediction (``AttemptMismatch`` / ``InvalidTransition`` otherwise): a run of an
+    earlier attempt can never capture a newer attempt's hold with its own output.
 
     The charge is the model's price for ``predict_time`` (metered) or its fixed price, never more
     than what was held (a price raised mid-run, or removed, or a ``predict_time`` that is not a
@@ -707,6 +719,11 @@ def succeed(
     say ``allow_empty_output``, raises ``EmptyOutput``; in each case nothing is written.
     """
     row = _lock(session, generation_id)
+    _check_attempt(row, attempt)
+    if prediction_id is not None and row.prediction_id != prediction_id:
+        raise InvalidTransition(
+            f"generation {generation_id} has prediction {row.prediction_id}, not {prediction_id}"
+        )
     if row.status == "succeeded":
         return row
     if row.status != "running" or row.hold_id is None:
@@ -736,6 +753,9 @@ def succeed(
     ledger.capture(session, row.hold_id, charge, now=now)
     _finish(row, "succeeded", None, None, now or utcnow())
     row.outputs = stored
+    record = session.get(CreateAttempt, (row.id, row.attempt))
+    if record is not None:
+        record.outputs = stored
     row.amount_charged = charge
     session.flush()
     return row

@@ -1078,7 +1078,7 @@ def _check_fails(world: World, case: Case) -> None:
     assert neighbour.batch_key == row.batch_key
     assert neighbour.status == "succeeded", neighbour.error_message
     ext = "txt" if case.production else "png"
-    assert world.keys(neighbour_id) == [f"{world.prefix}/generations/{neighbour_id}/0.{ext}"]
+    assert world.keys(neighbour_id) == [f"{world.prefix}/generations/{neighbour_id}/a1/0.{ext}"]
 
 
 def _check_succeeds(world: World, case: Case) -> None:
@@ -1091,7 +1091,7 @@ def _check_succeeds(world: World, case: Case) -> None:
     assert row.status == "succeeded", row.error_message
     assert row.amount_charged == case.expect.charged
     assert _balance(world.engine, case.owner) == (GRANT - case.expect.charged, 0)
-    assert world.keys(gid) == [f"{world.prefix}/generations/{gid}/0.png"]
+    assert world.keys(gid) == [f"{world.prefix}/generations/{gid}/a1/0.png"]
     assert (neighbour.status, neighbour.batch_key) == ("succeeded", row.batch_key)
 
 

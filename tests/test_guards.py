@@ -155,7 +155,7 @@ def test_secrets_never_reach_events_logs_config_or_storage(tmp_path: Path) -> No
     assert [name for text in events for name in leaked(text)] == []
     joined = "\n".join(events)
     # The scan sees what it must: output metadata (an S3 URI) and the ops' log messages.
-    assert f"generations/{good}/0.png" in joined
+    assert f"generations/{good}/a1/0.png" in joined
     assert "output_rejected" in joined and "invalid_input" in joined
 
     compute_logs = [
@@ -321,7 +321,7 @@ def test_outputs_are_private_and_their_links_expire(
             Bucket=local_s3.bucket, Prefix=f"{prefix}/generations/"
         ).get("Contents", [])
     )
-    assert keys == [f"{prefix}/generations/{gid}/0.png" for gid in sorted(ids)]
+    assert keys == [f"{prefix}/generations/{gid}/a1/0.png" for gid in sorted(ids)]
 
     # Private: the owner alone has a grant; nothing public, no bucket policy; anonymous refused.
     owner = client.get_bucket_acl(Bucket=local_s3.bucket)["Owner"]["ID"]

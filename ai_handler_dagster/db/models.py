@@ -292,6 +292,9 @@ class CreateAttempt(Base):
     how: Mapped[str | None] = mapped_column(sa.String(16))
     answered_model: Mapped[str | None] = mapped_column(sa.String(255))
     answered_version: Mapped[str | None] = mapped_column(sa.String(255))
+    #: What this attempt delivered (``generations.outputs`` of its success), kept when a
+    #: regenerate starts a new attempt: the user paid for these objects.
+    outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON())
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ deterministic.
 """
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ from dagster import (
     MetadataValue,
     OpExecutionContext,
     Out,
+    ResourceParam,
     RetryPolicy,
     op,
 )
@@ -50,6 +52,8 @@ from ai_handler_dagster.resources.replicate import (
     ReplicateResource,
     snapshot_error,
 )
+from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
+from ai_handler_dagster.storage.objects import AttemptFiles
 from ai_handler_dagster.webhooks.config import public_webhook_url
 from ai_handler_dagster.webhooks.lookup import make_batched_lookup
 
@@ -106,10 +110,20 @@ class BatchConfig(Config):
 
 
 @dataclass(frozen=True)
+class Held:
+    """A generation attempt this run holds credits for. Every later step acts on this attempt
+    only: a generation requeued meanwhile (a new attempt) is refused by its transitions."""
+
+    generation_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
 class AwaitedPrediction:
     """A generation whose prediction succeeded, with what the next steps need."""
 
     generation_id: int
+    attempt: int
     prediction_id: str
     output: Any
     predict_time: float | None
@@ -177,7 +191,8 @@ def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
 
 
 @op(
-    retry_policy=TRANSIENT_RETRY, out=Out(list[int], description="Generations now holding credits.")
+    retry_policy=TRANSIENT_RETRY,
+    out=Out(list[Held], description="Generation attempts now holding credits."),
 )
 @ends_when_terminated
 def reserve_credits(
@@ -185,7 +200,7 @@ def reserve_credits(
     config: BatchConfig,
     database: DatabaseResource,
     pricing: PricingResource,
-) -> list[int]:
+) -> list[Held]:
     """Hold each generation's price (the maximum, for metered models) on its user's account.
 
     A user who cannot afford it gets that generation failed with ``insufficient_credits`` and no
@@ -193,7 +208,7 @@ def reserve_credits(
     """
     engine = database.engine()
     prices = pricing.book()
-    held: list[int] = []
+    held: list[Held] = []
     report = BatchReport()
     for generation_id in config.generation_ids:
         try:
@@ -202,14 +217,14 @@ def reserve_credits(
                     session, generation_id, run_id=context.run_id, prices=prices
                 )
                 status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
-                code = row.error_code
+                code, attempt = row.error_code, row.attempt
         except sa.exc.SQLAlchemyError:
             raise  # the database itself: the op's retry policy takes over
         except Exception as exc:
             # Whatever a row holds, it fails alone: a neighbour's batch must not fail with it.
             error = GenerationError(INTERNAL_ERROR, f"could not start this generation: {exc!r}")
             _fail(engine, generation_id, error)
-            status, user, model, amount, code = "failed", None, None, 0, error.code
+            status, user, model, amount, code, attempt = "failed", None, None, 0, error.code, 0
         report.rows.append(
             {
                 "generation": generation_id,
@@ -220,7 +235,7 @@ def reserve_credits(
             }
         )
         if status == "running":
-            held.append(generation_id)
+            held.append(Held(generation_id, attempt))
         else:
             report.failed[generation_id] = code or status
             context.log.warning(f"generation {generation_id} not started: {code or status}")
@@ -239,16 +254,16 @@ def reserve_credits(
 @op(
     retry_policy=TRANSIENT_RETRY,
     pool="replicate",
-    ins={"generation_ids": In(list[int])},
-    out=Out(list[int], description="Generations with a prediction on Replicate."),
+    ins={"held": In(list[Held])},
+    out=Out(list[Held], description="Generation attempts with a prediction on Replicate."),
 )
 @ends_when_terminated
 def create_predictions(
     context: OpExecutionContext,
-    generation_ids: list[int],
+    held: list[Held],
     database: DatabaseResource,
     replicate: ReplicateResource,
-) -> list[int]:
+) -> list[Held]:
     """Start (or find again) one Replicate prediction per generation.
 
     A generation that already has a prediction (op retry, resumed run) keeps it; one that is no
@@ -258,7 +273,8 @@ def create_predictions(
     canceling orphans: predictions one of our attempts made that no attempt owns.
     """
     engine = database.engine()
-    rows = _load(engine, generation_ids)
+    attempts = {h.generation_id: h.attempt for h in held}
+    rows = _load(engine, attempts)
     # With a receiver configured, Replicate reports the end of each prediction by webhook and
     # the await step mostly reads the database instead of polling the API.
     webhook = public_webhook_url()
@@ -267,6 +283,8 @@ def create_predictions(
 
     def start(generation_id: int) -> tuple[int, str | None, str | None]:
         row = rows[generation_id]
+        if row.attempt != attempts[generation_id]:
+            return generation_id, None, "requeued"  # a newer attempt is not this run's
         if row.prediction_id:
             return generation_id, row.prediction_id, None
         if row.status != "running":
@@ -291,7 +309,7 @@ def create_predictions(
     if lost:
         with contextlib.suppress(GenerationError):  # reconciliation sweeps again later
             adoption.cancel_orphans(engine, replicate, since=step_started, log=context.log.warning)
-    created = [gid for gid, pid, _ in results if pid]
+    created = [Held(gid, attempts[gid]) for gid, pid, _ in results if pid]
     failed = {gid: code for gid, pid, code in results if not pid}
     context.add_output_metadata(
         {
@@ -312,13 +330,13 @@ def create_predictions(
 
 @op(
     retry_policy=TRANSIENT_RETRY,
-    ins={"generation_ids": In(list[int])},
+    ins={"held": In(list[Held])},
     out=Out(list[AwaitedPrediction], description="Succeeded predictions with their outputs."),
 )
 @ends_when_terminated
 def await_predictions(
     context: OpExecutionContext,
-    generation_ids: list[int],
+    held: list[Held],
     database: DatabaseResource,
     replicate: ReplicateResource,
 ) -> list[AwaitedPrediction]:
@@ -330,8 +348,13 @@ def await_predictions(
     cover only what the list did not show.
     """
     engine = database.engine()
-    rows = _load(engine, generation_ids)
-    by_prediction = {row.prediction_id: gid for gid, row in rows.items() if row.prediction_id}
+    attempts = {h.generation_id: h.attempt for h in held}
+    rows = _load(engine, attempts)
+    by_prediction = {
+        row.prediction_id: gid
+        for gid, row in rows.items()
+        if row.prediction_id and row.attempt == attempts[gid]
+    }
     succeeded: list[AwaitedPrediction] = []
     failed: dict[int, str] = {}
     total = len(by_prediction)
@@ -348,6 +371,7 @@ def await_predictions(
             succeeded.append(
                 AwaitedPrediction(
                     generation_id=generation_id,
+                    attempt=attempts[generation_id],
                     prediction_id=snapshot.id,
                     output=snapshot.output,
                     predict_time=snapshot.predict_time,
@@ -358,7 +382,7 @@ def await_predictions(
             error = error or GenerationError(
                 INTERNAL_ERROR, f"prediction {snapshot.id} ended as {snapshot.status}"
             )
-            _fail(engine, generation_id, error)
+            _fail(engine, generation_id, error, attempt=attempts[generation_id])
             failed[generation_id] = error.code
             context.log.warning(f"generation {generation_id} failed: {error.code}: {error.message}")
             if snapshot.unreadable is not None:
@@ -402,23 +426,25 @@ def store_outputs(
     awaited: list[AwaitedPrediction],
     database: DatabaseResource,
     output_policy: OutputPolicyResource,
-) -> dict[int, list[Any]]:
+) -> dict[int, AttemptFiles]:
     """Download each prediction's outputs safely into temporary files; the IO manager uploads
-    them to S3 under deterministic keys. A refused or expired output fails its generation only."""
+    them to S3 under the attempt's deterministic keys. A refused or expired output fails its
+    generation only."""
     engine = database.engine()
     policy = output_policy.policy()
     staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
 
-    def stage(item: AwaitedPrediction) -> tuple[int, list[Any] | None]:
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+    def stage(item: AwaitedPrediction) -> tuple[int, AttemptFiles | None]:
+        for try_number in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
-                return item.generation_id, output_policy.stage(item.output, policy, staging)
+                files = output_policy.stage(item.output, policy, staging)
+                return item.generation_id, AttemptFiles(item.attempt, files)
             except GenerationError as error:
-                if error.retryable and attempt < DOWNLOAD_ATTEMPTS:
+                if error.retryable and try_number < DOWNLOAD_ATTEMPTS:
                     # A passing network error or 5xx from the file host: try again shortly.
-                    time.sleep(0.5 * 2 ** (attempt - 1))
+                    time.sleep(0.5 * 2 ** (try_number - 1))
                     continue
-                _fail(engine, item.generation_id, error)
+                _fail(engine, item.generation_id, error, attempt=item.attempt)
                 context.log.warning(
                     f"generation {item.generation_id} output not stored: "
                     f"{error.code}: {error.message}"
@@ -426,8 +452,13 @@ def store_outputs(
                 return item.generation_id, None
         raise AssertionError("unreachable")
 
-    staged = {gid: files for gid, files in _in_parallel(awaited, stage) if files is not None}
-    return staged
+    try:
+        results = _in_parallel(awaited, stage)
+    except BaseException:
+        # Nothing reaches the IO manager, which would delete the staged files: do it here.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {gid: files for gid, files in results if files is not None}
 
 
 @op(
@@ -445,40 +476,54 @@ def finalize(
     awaited: list[AwaitedPrediction],
     database: DatabaseResource,
     pricing: PricingResource,
+    # The IO manager that stored the objects, used here to delete those of a failed attempt.
+    outputs_io_manager: ResourceParam[GenerationOutputsIOManager],
 ) -> list[int]:
     """Capture each generation's charge (the rest of a metered hold returns to the user) and mark
-    it succeeded with its S3 objects, in one transaction per generation."""
+    it succeeded with its S3 objects, in one transaction per generation. The objects of an
+    attempt that does not succeed here are deleted: nothing undelivered stays readable."""
     engine = database.engine()
     prices = pricing.book()
-    predict_times = {a.generation_id: a.predict_time for a in awaited}
+    by_generation = {a.generation_id: a for a in awaited}
     done: list[int] = []
     charged = 0
     rows: list[dict[str, Any]] = []
     for generation_id, objects in sorted(stored.items()):
+        item = by_generation[generation_id]
         try:
             with session_scope(engine) as session:
                 row = gens.succeed(
                     session,
                     generation_id,
                     outputs=[obj.to_json() for obj in objects],
-                    predict_time=predict_times.get(generation_id),
+                    predict_time=item.predict_time,
                     prices=prices,
+                    attempt=item.attempt,
+                    prediction_id=item.prediction_id,
                 )
                 status, amount = row.status, row.amount_charged
         except gens.EmptyOutput as exc:
             # Nothing delivered, nothing charged: the generation fails and is refunded.
-            _fail(engine, generation_id, GenerationError(EMPTY_OUTPUT, str(exc)))
+            error = GenerationError(EMPTY_OUTPUT, str(exc))
+            _fail(engine, generation_id, error, attempt=item.attempt)
             context.log.warning(f"generation {generation_id} failed: {exc}")
             status, amount = "failed", 0
+        except gens.AttemptMismatch as exc:
+            # Requeued meanwhile: the newer attempt is not this run's to settle or clean up.
+            context.log.warning(f"generation {generation_id} not finalized: {exc}")
+            status, amount = "requeued", 0
         except gens.InvalidTransition as exc:
-            # Another path ended this generation first (refunded it): leave it as it is.
+            # Another path ended this attempt first (refunded it): leave the money as it is.
             context.log.warning(f"generation {generation_id} not finalized: {exc}")
             status, amount = "ended elsewhere", 0
         except ledger.HoldAlreadyEnded as exc:
             # Another path refunded this generation first (e.g. its hold expired): it stays
             # refunded and is marked failed; nothing is charged.
-            _fail(engine, generation_id, GenerationError(INTERNAL_ERROR, f"hold ended: {exc}"))
+            error = GenerationError(INTERNAL_ERROR, f"hold ended: {exc}")
+            _fail(engine, generation_id, error, attempt=item.attempt)
             status, amount = "failed", 0
+        if status in ("failed", "ended elsewhere") and objects:
+            outputs_io_manager.store().delete_attempt(generation_id, item.attempt)
         if status == "succeeded":
             done.append(generation_id)
             charged += amount or 0

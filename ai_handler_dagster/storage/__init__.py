@@ -16,10 +16,11 @@ from ai_handler_dagster.storage.download import (
     stage_outputs,
 )
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from ai_handler_dagster.storage.objects import StagedFile, StoredObject
+from ai_handler_dagster.storage.objects import AttemptFiles, StagedFile, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore, manifest_key, output_key
 
 __all__ = [
+    "AttemptFiles",
     "DownloadPolicy",
     "DownloadedFile",
     "GenerationOutputsIOManager",

@@ -1,7 +1,7 @@
 """The IO manager that persists generation outputs to S3 and hands downstream steps their URIs.
 
-The op that stores outputs returns ``dict[int, list[StagedFile]]`` (generation id -> files the
-download step staged in local temp files). ``handle_output`` uploads every file to its
+The op that stores outputs returns ``dict[int, AttemptFiles]`` (generation id -> the attempt and
+the files the download step staged in local temp files). ``handle_output`` uploads every file to its
 deterministic key, verifies it, deletes the temp file and writes a JSON manifest for that step
 output. ``load_input`` reads only the manifest, so the downstream op may run in another process,
 container or machine: nothing assumes a shared disk.
@@ -18,33 +18,36 @@ from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputCo
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
-from ai_handler_dagster.storage.objects import StagedFile, StoredObject
+from ai_handler_dagster.storage.objects import AttemptFiles, StagedFile, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore, manifest_key
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 # Metadata is for people: list at most this many URIs in the Dagster UI.
 _MAX_LISTED_URIS = 50
 
 
-def _validate(obj: Any) -> dict[int, list[StagedFile]]:
+def _validate(obj: Any) -> dict[int, AttemptFiles]:
     if not isinstance(obj, Mapping):
         raise TypeError(
-            f"GenerationOutputsIOManager stores dict[int, list[StagedFile]], got {type(obj)!r}"
+            f"GenerationOutputsIOManager stores dict[int, AttemptFiles], got {type(obj)!r}"
         )
-    out: dict[int, list[StagedFile]] = {}
-    for generation_id, files in obj.items():
+    out: dict[int, AttemptFiles] = {}
+    for generation_id, staged in obj.items():
         if isinstance(generation_id, bool) or not isinstance(generation_id, int):
             raise TypeError(f"generation ids must be ints, got {generation_id!r}")
-        if not isinstance(files, list | tuple) or not all(isinstance(f, StagedFile) for f in files):
-            raise TypeError(f"outputs of generation {generation_id} must be a list of StagedFile")
-        out[generation_id] = list(files)
+        if not isinstance(staged, AttemptFiles) or not all(
+            isinstance(f, StagedFile) for f in staged.files
+        ):
+            raise TypeError(f"outputs of generation {generation_id} must be AttemptFiles")
+        out[generation_id] = staged
     return out
 
 
 class GenerationOutputsIOManager(ConfigurableIOManager):
     """Stores staged generation outputs in S3 and loads them back as ``StoredObject`` lists.
 
-    Objects go to ``[<prefix>/]generations/<generation id>/<index>.<ext>``; the manifest of each
+    Objects go to ``[<prefix>/]generations/<generation id>/a<attempt>/<index>.<ext>``; the
+    manifest of each
     step output to ``[<prefix>/]_manifests/<run id>/<step key>/<output name>.json``.
     """
 
@@ -104,14 +107,19 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
             context.mapping_key,
         )
 
-    def handle_output(self, context: OutputContext, obj: dict[int, list[StagedFile]]) -> None:
+    def handle_output(self, context: OutputContext, obj: dict[int, AttemptFiles]) -> None:
         """Upload every staged file, delete the temp files, write the manifest and metadata."""
         batch = _validate(obj)
         store = self.store()
         jobs = [
-            (generation_id, index, staged, store.key_for(generation_id, index, staged.ext))
-            for generation_id, files in sorted(batch.items())
-            for index, staged in enumerate(files)
+            (
+                generation_id,
+                index,
+                staged,
+                store.key_for(generation_id, outputs.attempt, index, staged.ext),
+            )
+            for generation_id, outputs in sorted(batch.items())
+            for index, staged in enumerate(outputs.files)
         ]
         stored: dict[tuple[int, int], StoredObject] = {}
         try:
@@ -136,10 +144,13 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
             for _gid, _index, staged, _key in jobs:
                 with contextlib.suppress(OSError):
                     staged.path.unlink(missing_ok=True)
+            for folder in {staged.path.parent for _gid, _index, staged, _key in jobs}:
+                with contextlib.suppress(OSError):  # left alone unless empty
+                    folder.rmdir()
 
         result = {
-            generation_id: [stored[(generation_id, i)] for i in range(len(files))]
-            for generation_id, files in sorted(batch.items())
+            generation_id: [stored[(generation_id, i)] for i in range(len(outputs.files))]
+            for generation_id, outputs in sorted(batch.items())
         }
         store.put_json(
             self._manifest_key(context),
@@ -149,7 +160,11 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
                 "step_key": context.step_key,
                 "output_name": context.name,
                 "generations": {
-                    str(gid): [o.to_json() for o in objs] for gid, objs in result.items()
+                    str(gid): {
+                        "attempt": batch[gid].attempt,
+                        "objects": [o.to_json() for o in objs],
+                    }
+                    for gid, objs in result.items()
                 },
             },
         )
@@ -184,6 +199,6 @@ class GenerationOutputsIOManager(ConfigurableIOManager):
         if document.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unknown manifest format {document.get('format')!r}")
         return {
-            int(gid): [StoredObject.from_json(item) for item in items]
-            for gid, items in document["generations"].items()
+            int(gid): [StoredObject.from_json(item) for item in entry["objects"]]
+            for gid, entry in document["generations"].items()
         }

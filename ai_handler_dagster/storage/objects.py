@@ -23,6 +23,14 @@ class StagedFile:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttemptFiles:
+    """The staged outputs of one generation attempt (stored under that attempt's own keys)."""
+
+    attempt: int
+    files: list[StagedFile]
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredObject:
     """One output object in S3, with the size and checksum verified when it was written."""
 

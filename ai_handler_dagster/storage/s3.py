@@ -1,8 +1,11 @@
 """S3 writes for generation outputs: deterministic keys, verified uploads, presigned links.
 
-Keys are ``[<prefix>/]generations/<generation id>/<index>.<ext>``: a retried or re-executed step
-writes the same keys again, so a generation never ends up with duplicate objects. Objects are
-private (no ACL is ever set); people reach them through presigned links.
+Keys are ``[<prefix>/]generations/<generation id>/a<attempt>/<index>.<ext>``: a retried or
+re-executed step of an attempt writes the same keys again, so an attempt never ends up with
+duplicate objects, and a later attempt (a regenerate) never overwrites what an earlier one
+delivered. Objects are private (no ACL is ever set); people reach them through presigned links.
+(Objects written before attempts had their own folder stay at ``generations/<id>/<index>.<ext>``,
+where their generation's record points; nothing is moved.)
 """
 
 from __future__ import annotations
@@ -26,15 +29,26 @@ def _join(prefix: str, *parts: str) -> str:
     return "/".join([clean, *parts]) if clean else "/".join(parts)
 
 
-def output_key(generation_id: int, index: int, ext: str, prefix: str = "") -> str:
-    """The key of output number ``index`` of a generation: ``generations/<id>/<index>.<ext>``."""
-    if isinstance(generation_id, bool) or not isinstance(generation_id, int) or generation_id < 0:
-        raise ValueError(f"generation id must be a non-negative int, got {generation_id!r}")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"output index must be a non-negative int, got {index!r}")
+def _count(value: int, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def attempt_prefix(generation_id: int, attempt: int, prefix: str = "") -> str:
+    """The folder of one attempt's outputs: ``generations/<id>/a<attempt>/``."""
+    _count(generation_id, "generation id", 0)
+    _count(attempt, "attempt", 1)
+    return _join(prefix, "generations", str(generation_id), f"a{attempt}") + "/"
+
+
+def output_key(generation_id: int, attempt: int, index: int, ext: str, prefix: str = "") -> str:
+    """The key of output number ``index`` of an attempt:
+    ``generations/<id>/a<attempt>/<index>.<ext>``."""
+    _count(index, "output index", 0)
     if not _EXT.match(ext):
         raise ValueError(f"extension must be 1-10 lowercase letters or digits, got {ext!r}")
-    return _join(prefix, "generations", str(generation_id), f"{index}.{ext}")
+    return attempt_prefix(generation_id, attempt, prefix) + f"{index}.{ext}"
 
 
 def manifest_key(
@@ -81,9 +95,9 @@ class S3OutputStore:
         self.bucket = bucket
         self.prefix = prefix
 
-    def key_for(self, generation_id: int, index: int, ext: str) -> str:
+    def key_for(self, generation_id: int, attempt: int, index: int, ext: str) -> str:
         """Deterministic key of one output under this store's prefix."""
-        return output_key(generation_id, index, ext, self.prefix)
+        return output_key(generation_id, attempt, index, ext, self.prefix)
 
     def uri(self, key: str) -> str:
         """``s3://bucket/key``."""
@@ -137,12 +151,25 @@ class S3OutputStore:
             content_type=staged.content_type,
         )
 
-    def store_generation(self, generation_id: int, files: list[StagedFile]) -> list[StoredObject]:
-        """Upload the staged outputs of one generation to their deterministic keys, in order."""
+    def store_generation(
+        self, generation_id: int, attempt: int, files: list[StagedFile]
+    ) -> list[StoredObject]:
+        """Upload the staged outputs of one attempt to their deterministic keys, in order."""
         return [
-            self.put_file(staged, self.key_for(generation_id, index, staged.ext))
+            self.put_file(staged, self.key_for(generation_id, attempt, index, staged.ext))
             for index, staged in enumerate(files)
         ]
+
+    def delete_attempt(self, generation_id: int, attempt: int) -> int:
+        """Delete every object of one attempt (it ended without success: nothing delivered may
+        stay readable); returns how many there were."""
+        keys = self.list_keys(attempt_prefix(generation_id, attempt, self.prefix))
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+            )
+        return len(keys)
 
     def presign(self, key: str, expires_s: int = 3600) -> str:
         """A time-limited GET link to a private object."""

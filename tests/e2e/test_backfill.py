@@ -197,7 +197,7 @@ def test_a_backfill_of_today_requeues_failed_generations_and_they_succeed(env: W
     rows = app.rows(ids)
     for gid, prompt in zip(ids, prompts, strict=True):
         row = rows[gid]
-        assert s3_keys(stack, f"generations/{gid}/") == [f"generations/{gid}/0.png"]
+        assert s3_keys(stack, f"generations/{gid}/") == [f"generations/{gid}/a2/0.png"]
         [obj] = row.outputs or []
         assert sha256(s3_body(stack, obj["key"])) == obj["sha256"]
         # Two attempts, two paid predictions, two holds: the failed one released, the new one

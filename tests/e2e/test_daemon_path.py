@@ -45,7 +45,7 @@ GRANT = 500
 PIXEL_PRICE = 5  # pricing.toml: demo/pixel-sketch is 5 credits per generation
 HAIKU_MAX = 60  # demo/haiku-text: 2 credits per second for at most 30 s
 
-#: (model, input, file names expected under generations/{id}/)
+#: (model, input, file names expected under generations/{id}/a1/)
 REQUESTS = [
     ("demo/pixel-sketch", {"prompt": "a lighthouse at dusk", "seed": 1}, ["0.png"]),
     ("demo/pixel-sketch", {"prompt": "two moons", "num_outputs": 2, "seed": 7}, ["0.png", "1.png"]),
@@ -126,7 +126,7 @@ def test_inserted_rows_succeed_with_their_outputs_in_s3(submitted: Submitted) ->
 
     for gid, names in submitted.expected_files.items():
         row = rows[gid]
-        keys = [f"generations/{gid}/{name}" for name in names]
+        keys = [f"generations/{gid}/a1/{name}" for name in names]
         # Exactly these objects exist, listed through the S3 API, and the row records them.
         assert s3_keys(stack, f"generations/{gid}/") == keys
         assert [obj["key"] for obj in row.outputs or []] == keys

@@ -36,7 +36,7 @@ from ai_handler_dagster.db.models import CreateAttempt, Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.ops import create_predictions
+from ai_handler_dagster.orchestration.ops import Held, create_predictions
 from ai_handler_dagster.orchestration.sensors import batch_key_for
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource
@@ -192,7 +192,7 @@ def test_a_retried_create_step_creates_nothing_for_failed_generations(
     replicate = ReplicateResource(api_token=emulator.token, base_url=emulator.base_url)
     context = build_op_context()
     result = create_predictions(
-        context, [gid], database=DatabaseResource(url=app_db), replicate=replicate
+        context, [Held(gid, 1)], database=DatabaseResource(url=app_db), replicate=replicate
     )
     assert result == []
     assert emulator.stats()["creates"] == 0

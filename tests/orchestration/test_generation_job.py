@@ -73,11 +73,11 @@ def test_a_batch_settles_each_generation_on_its_own(
     assert rows[ids[1]].amount_charged == 0
     # Exact keys; the bytes in S3 match the recorded checksums.
     s3 = local_s3.client()
-    assert [o["key"] for o in rows[ids[0]].outputs or []] == [f"generations/{ids[0]}/0.png"]
-    assert [o["key"] for o in rows[ids[2]].outputs or []] == [f"generations/{ids[2]}/0.txt"]
+    assert [o["key"] for o in rows[ids[0]].outputs or []] == [f"generations/{ids[0]}/a1/0.png"]
+    assert [o["key"] for o in rows[ids[2]].outputs or []] == [f"generations/{ids[2]}/a1/0.txt"]
     assert [o["key"] for o in rows[ids[3]].outputs or []] == [
-        f"generations/{ids[3]}/0.png",
-        f"generations/{ids[3]}/1.png",
+        f"generations/{ids[3]}/a1/0.png",
+        f"generations/{ids[3]}/a1/1.png",
     ]
     for gid in (ids[0], ids[2], ids[3]):
         for obj in rows[gid].outputs or []:

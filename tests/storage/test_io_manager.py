@@ -33,7 +33,7 @@ from dagster_aws.s3 import S3Resource
 from ai_handler_dagster.devstack.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, LocalS3
 from ai_handler_dagster.storage.download import DownloadPolicy, stage_outputs
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from ai_handler_dagster.storage.objects import StagedFile, StoredObject
+from ai_handler_dagster.storage.objects import AttemptFiles, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore
 from tests.storage.fileserver import FileServer, png_bytes
 
@@ -58,15 +58,15 @@ class StageConfig(Config):
 
 
 @op(out=Out(io_manager_key="outputs_io_manager"))
-def stage_batch(config: StageConfig) -> dict[int, list[StagedFile]]:
-    """Stage every generation's outputs locally, as the real store step does."""
+def stage_batch(config: StageConfig) -> dict[int, AttemptFiles]:
+    """Stage every generation's outputs locally, as the real store step does (attempt 1)."""
     policy = DownloadPolicy.embedded(config.emulator_url)
     batch = {
-        int(gid): stage_outputs(output, policy, config.tmp_dir)
+        int(gid): AttemptFiles(1, stage_outputs(output, policy, config.tmp_dir))
         for gid, output in json.loads(config.outputs_json).items()
     }
     if config.corrupt:
-        first = next(iter(batch.values()))[0]
+        first = next(iter(batch.values())).files[0]
         first.path.write_bytes(b"corrupted after download")
     return batch
 
@@ -118,12 +118,15 @@ def batch(file_server: FileServer) -> dict[str, Any]:
 
 
 def _run_config(file_server: FileServer, batch: dict[str, Any], tmp: Path, **kw: Any) -> RunConfig:
+    """Stages into a folder of its own under ``tmp``, as the store step does (``mkdtemp``)."""
+    staging = tmp / f"staging-{len(list(tmp.iterdir()))}"
+    staging.mkdir()
     return RunConfig(
         ops={
             "stage_batch": StageConfig(
                 outputs_json=json.dumps(batch),
                 emulator_url=file_server.base_url,
-                tmp_dir=str(tmp),
+                tmp_dir=str(staging),
                 **kw,
             )
         }
@@ -132,9 +135,9 @@ def _run_config(file_server: FileServer, batch: dict[str, Any], tmp: Path, **kw:
 
 def _expected(bucket: str) -> dict[str, list[dict[str, Any]]]:
     bodies = {
-        "generations/1/0.png": (png_bytes(color="red"), "image/png"),
-        "generations/1/1.png": (png_bytes(color="blue"), "image/png"),
-        "generations/2/0.txt": (b"A short story.", "text/plain; charset=utf-8"),
+        "generations/1/a1/0.png": (png_bytes(color="red"), "image/png"),
+        "generations/1/a1/1.png": (png_bytes(color="blue"), "image/png"),
+        "generations/2/a1/0.txt": (b"A short story.", "text/plain; charset=utf-8"),
     }
     out: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
     for key, (body, content_type) in bodies.items():
@@ -170,9 +173,9 @@ def test_round_trip_writes_exact_keys_and_hands_over_stored_objects(
     store = S3OutputStore(s3_client, bucket)
     assert store.list_keys() == [
         f"{PREFIX}/_manifests/{result.run_id}/stage_batch/result.json",
-        f"{PREFIX}/generations/1/0.png",
-        f"{PREFIX}/generations/1/1.png",
-        f"{PREFIX}/generations/2/0.txt",
+        f"{PREFIX}/generations/1/a1/0.png",
+        f"{PREFIX}/generations/1/a1/1.png",
+        f"{PREFIX}/generations/2/a1/0.txt",
     ]
     for objs in _expected(bucket).values():
         for obj in objs:
@@ -180,7 +183,7 @@ def test_round_trip_writes_exact_keys_and_hands_over_stored_objects(
             assert head["ContentLength"] == obj["size"]
             assert head["Metadata"]["sha256"] == obj["sha256"]
             assert head["ContentType"] == obj["content_type"]
-    # The temp files were a hand-off inside the step and are gone.
+    # The temp files, and their folder, were a hand-off inside the step and are gone.
     assert list(tmp_path.iterdir()) == []
 
     metadata = _handled_output_metadata(result)
@@ -191,7 +194,7 @@ def test_round_trip_writes_exact_keys_and_hands_over_stored_objects(
     )
     assert metadata["uris"] == [o["uri"] for objs in _expected(bucket).values() for o in objs]
     preview = metadata["preview"]
-    assert preview.startswith(f"![{PREFIX}/generations/1/0.png](http")
+    assert preview.startswith(f"![{PREFIX}/generations/1/a1/0.png](http")
     link = preview[preview.index("(") + 1 : -1]
     with urllib.request.urlopen(link, timeout=5) as response:
         assert response.read() == png_bytes(color="red")
@@ -206,9 +209,9 @@ def test_rerun_overwrites_the_same_keys(
     assert first.success and second.success
     keys = S3OutputStore(s3_client, s3_env).list_keys()
     assert [k for k in keys if "/generations/" in k] == [
-        f"{PREFIX}/generations/1/0.png",
-        f"{PREFIX}/generations/1/1.png",
-        f"{PREFIX}/generations/2/0.txt",
+        f"{PREFIX}/generations/1/a1/0.png",
+        f"{PREFIX}/generations/1/a1/1.png",
+        f"{PREFIX}/generations/2/a1/0.txt",
     ]
     assert sorted(k for k in keys if "_manifests" in k) == sorted(
         f"{PREFIX}/_manifests/{r.run_id}/stage_batch/result.json" for r in (first, second)
@@ -227,7 +230,7 @@ def test_corrupted_staged_file_fails_without_writing_a_manifest(
     assert failure.step_key == "stage_batch"
     assert "changed on disk" in str(failure.event_specific_data.error)  # type: ignore[union-attr]
     keys = S3OutputStore(s3_client, s3_env).list_keys()
-    assert "out/generations/1/0.png" not in keys
+    assert "out/generations/1/a1/0.png" not in keys
     assert not any("_manifests" in k for k in keys)
     assert list(tmp_path.iterdir()) == []  # temp files are removed even on failure
 

@@ -36,10 +36,17 @@ def stage(tmp: Path, name: str, body: bytes, content_type: str, ext: str) -> Sta
 
 
 def test_output_keys_are_deterministic() -> None:
-    assert output_key(42, 0, "png") == "generations/42/0.png"
-    assert output_key(42, 3, "txt", prefix="outputs") == "outputs/generations/42/3.txt"
-    assert output_key(7, 1, "wav", prefix="/env/prod/") == "env/prod/generations/7/1.wav"
-    for bad in [(-1, 0, "png"), (1, -1, "png"), (1, 0, "p/ng"), (1, 0, ""), (True, 0, "png")]:
+    assert output_key(42, 1, 0, "png") == "generations/42/a1/0.png"
+    assert output_key(42, 2, 3, "txt", prefix="outputs") == "outputs/generations/42/a2/3.txt"
+    assert output_key(7, 1, 1, "wav", prefix="/env/prod/") == "env/prod/generations/7/a1/1.wav"
+    for bad in [
+        (-1, 1, 0, "png"),
+        (1, 0, 0, "png"),
+        (1, 1, -1, "png"),
+        (1, 1, 0, "p/ng"),
+        (1, 1, 0, ""),
+        (True, 1, 0, "png"),
+    ]:
         with pytest.raises(ValueError):
             output_key(*bad)  # type: ignore[arg-type]
 
@@ -57,8 +64,8 @@ def test_put_file_writes_exact_key_bytes_type_and_checksum(
     body = png_bytes((32, 32))
     staged = stage(tmp_path, "a.png", body, "image/png", "png")
     store = S3OutputStore(s3_client, bucket, prefix="outputs")
-    stored = store.store_generation(42, [staged])
-    key = "outputs/generations/42/0.png"
+    stored = store.store_generation(42, 1, [staged])
+    key = "outputs/generations/42/a1/0.png"
     assert stored == [
         StoredObject(
             bucket=bucket,
@@ -91,16 +98,16 @@ def test_rerun_overwrites_the_same_keys(s3_client: Any, bucket: str, tmp_path: P
         stage(tmp_path, "1.png", png_bytes(color="red"), "image/png", "png"),
         stage(tmp_path, "1.txt", b"caption one", "text/plain; charset=utf-8", "txt"),
     ]
-    store.store_generation(9, first)
+    store.store_generation(9, 1, first)
     again = [
         stage(tmp_path, "2.png", png_bytes(color="blue"), "image/png", "png"),
         stage(tmp_path, "2.txt", b"caption two", "text/plain; charset=utf-8", "txt"),
     ]
-    stored = store.store_generation(9, again)
-    assert store.list_keys() == ["generations/9/0.png", "generations/9/1.txt"]
+    stored = store.store_generation(9, 1, again)
+    assert store.list_keys() == ["generations/9/a1/0.png", "generations/9/a1/1.txt"]
     versions = s3_client.list_object_versions(Bucket=bucket).get("Versions", [])
     assert len(versions) == 2  # no versioning, no stray copies
-    body = s3_client.get_object(Bucket=bucket, Key="generations/9/1.txt")["Body"].read()
+    body = s3_client.get_object(Bucket=bucket, Key="generations/9/a1/1.txt")["Body"].read()
     assert body == b"caption two"
     assert stored[0].sha256 == again[0].sha256
 
@@ -112,7 +119,7 @@ def test_staged_file_changed_on_disk_is_refused(
     staged.path.write_bytes(b"tampered")
     store = S3OutputStore(s3_client, bucket)
     with pytest.raises(GenerationError) as info:
-        store.store_generation(1, [staged])
+        store.store_generation(1, 1, [staged])
     assert info.value.code == INTERNAL_ERROR
     assert store.list_keys() == []
 
@@ -122,7 +129,7 @@ def test_objects_are_private_and_presigned_links_work(
 ) -> None:
     body = png_bytes()
     store = S3OutputStore(s3_client, bucket)
-    [stored] = store.store_generation(5, [stage(tmp_path, "x.png", body, "image/png", "png")])
+    [stored] = store.store_generation(5, 1, [stage(tmp_path, "x.png", body, "image/png", "png")])
     grants = s3_client.get_object_acl(Bucket=bucket, Key=stored.key)["Grants"]
     assert [g["Permission"] for g in grants] == ["FULL_CONTROL"]
     assert all("URI" not in g["Grantee"] for g in grants)  # no AllUsers / AuthenticatedUsers

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("how", sa.String(16), nullable=True),
         sa.Column("answered_model", sa.String(255), nullable=True),
         sa.Column("answered_version", sa.String(255), nullable=True),
+        sa.Column("outputs", sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint("generation_id", "attempt", name="pk_create_attempts"),
         sa.ForeignKeyConstraint(
             ["generation_id"],
