@@ -148,6 +148,7 @@ def obtain(
     attempt: Attempt,
     *,
     webhook: str | None,
+    cancel_after_s: float | None = None,
     log: Log,
 ) -> tuple[PredictionSnapshot, bool]:
     """The attempt's one prediction, recorded as its own, and whether an answer was lost.
@@ -167,6 +168,7 @@ def obtain(
         webhook_events_filter=["completed"] if webhook else None,
         adopt=adopter,
         maybe_created=earlier is not None,
+        cancel_after_s=cancel_after_s,
     )
     lost = adopter.adopted is not None or earlier is not None
     if adopter.adopted is not None and adopter.adopted.id == snapshot.id:

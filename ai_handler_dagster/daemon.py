@@ -67,15 +67,24 @@ def _warm_run_launcher() -> None:
 
 
 def _check_instance() -> None:
-    """In production, refuse an instance without PostgreSQL storage (see ``instance.py``)."""
-    from ai_handler_dagster import instance, settings
+    """Refuse an instance whose runs cannot outlive a prediction's deadline (``lifetimes.py``),
+    and in production one without PostgreSQL storage (``instance.py``)."""
+    from pathlib import Path
 
-    if settings.environment() is settings.Environment.PRODUCTION:
-        try:
-            instance.check_production_storage(os.environ.get("DAGSTER_HOME"))
-        except settings.ConfigError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            raise SystemExit(2) from None
+    import yaml
+
+    from ai_handler_dagster import instance, lifetimes, settings
+
+    home = os.environ.get("DAGSTER_HOME")
+    try:
+        if settings.environment() is settings.Environment.PRODUCTION:
+            instance.check_production_storage(home)
+        config_file = Path(home) / "dagster.yaml" if home else None
+        if config_file is not None and config_file.exists():
+            lifetimes.check_instance(yaml.safe_load(config_file.read_text()) or {})
+    except settings.ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def main() -> None:

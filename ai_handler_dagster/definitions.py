@@ -14,7 +14,7 @@ from typing import Any
 from dagster import Definitions, EnvVar
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
-from ai_handler_dagster import settings
+from ai_handler_dagster import lifetimes, settings
 from ai_handler_dagster.orchestration.jobs import (
     generation_job,
     reconcile_job,
@@ -54,8 +54,9 @@ def build_resources() -> dict[str, object]:
         if embedded
         else EnvVar("REPLICATE_API_TOKEN"),
         "deadline_s": settings.prediction_deadline_s(),
-        # The provider cancels by itself a little after our own deadline, should we be gone.
-        "cancel_after_s": settings.prediction_deadline_s() + 600,
+        # The provider cancels by itself a little after our own deadline, should we be gone
+        # (creates send their model's own value, see lifetimes.py).
+        "cancel_after_s": lifetimes.cancel_after_s(None),
     }
     if base_url is not None:
         replicate_kwargs["base_url"] = base_url

@@ -27,7 +27,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -420,9 +420,12 @@ def start_attempt(
     *,
     run_id: str,
     prices: PriceBook,
+    hold_ttl: timedelta = ledger.DEFAULT_HOLD_TTL,
     now: datetime | None = None,
 ) -> Generation:
     """Hold the price of the current attempt and mark the generation ``running``.
+
+    The hold lives ``hold_ttl`` (the run computes it, see ``lifetimes.hold_lifetime``).
 
     Callers must go on only if the returned row is ``running``:
 
@@ -461,6 +464,7 @@ def start_attempt(
             amount,
             hold_key(row.id, row.attempt),
             generation_id=row.id,
+            ttl=hold_ttl,
             now=now,
         )
     except (ledger.InsufficientCredits, ledger.UnknownAccount) as exc:

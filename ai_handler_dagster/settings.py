@@ -62,7 +62,7 @@ def database_url() -> str:
     return f"sqlite:///{state_dir() / 'app.db'}"
 
 
-def _int_setting(name: str, default: int, *, minimum: int = 1) -> int:
+def _int_setting(name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -72,6 +72,8 @@ def _int_setting(name: str, default: int, *, minimum: int = 1) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
         raise ConfigError(f"{name}={value} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value} must be at most {maximum}")
     return value
 
 
@@ -126,9 +128,19 @@ def executor() -> str:
 
 
 def prediction_deadline_s() -> float:
-    """Seconds a prediction may run before it is canceled and its generation refunded
-    (``AI_HANDLER_PREDICTION_DEADLINE_S``, default 1800)."""
-    return float(_int_setting("AI_HANDLER_PREDICTION_DEADLINE_S", 1800))
+    """Seconds a prediction may take, from its attempt's first create, before it is canceled
+    and its generation refunded (``AI_HANDLER_PREDICTION_DEADLINE_S``, default 1800, 10 s to
+    6 h; see ``lifetimes.py`` for what it bounds)."""
+    return float(
+        _int_setting("AI_HANDLER_PREDICTION_DEADLINE_S", 1800, minimum=10, maximum=6 * 3600)
+    )
+
+
+def queue_allowance_s() -> float:
+    """Seconds a held generation may wait for its run's first create: the run queue and the
+    ``replicate`` pool (``AI_HANDLER_QUEUE_ALLOWANCE_S``, default 900); part of a hold's
+    lifetime (``lifetimes.py``)."""
+    return float(_int_setting("AI_HANDLER_QUEUE_ALLOWANCE_S", 900, minimum=0, maximum=24 * 3600))
 
 
 #: The bucket outputs go to unless ``AI_HANDLER_S3_BUCKET`` names another.

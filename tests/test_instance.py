@@ -92,6 +92,15 @@ def test_the_daemon_refuses_production_on_sqlite(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "is missing" in missing.stderr
 
 
+def test_the_daemon_refuses_runs_shorter_than_a_deadline(tmp_path: Path) -> None:
+    """A run must outlive its prediction's deadline, or run monitoring kills it mid-wait."""
+    short = instance.local_config(overrides={"run_monitoring.max_runtime_seconds": 900})
+    instance.write(tmp_path, short)
+    done = _daemon({"DAGSTER_HOME": str(tmp_path), "AI_HANDLER_ENV": "embedded"})
+    assert done.returncode == 2
+    assert "max_runtime_seconds is 900" in done.stderr and "2400 s at least" in done.stderr
+
+
 def test_an_override_must_name_a_shipped_setting() -> None:
     with pytest.raises(ConfigError, match=r"run_monitoring\.poll_interval'"):
         instance.local_config(overrides={"run_monitoring.poll_interval": 3})

@@ -18,7 +18,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import wraps
@@ -41,11 +41,12 @@ from dagster import (
 from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
-from ai_handler_dagster import adoption, ledger
+from ai_handler_dagster import adoption, ledger, lifetimes
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
-from ai_handler_dagster.db.models import Generation, utcnow
+from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
+from ai_handler_dagster.pricing import Price, PriceBook, UnpricedModel
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import (
@@ -180,6 +181,26 @@ def _fail(
             return False
 
 
+def _price(prices: PriceBook, model: str) -> Price | None:
+    try:
+        return prices.price_for(model)
+    except (UnpricedModel, ValueError):
+        return None
+
+
+def _first_creates(engine: sa.Engine, attempts: Mapping[int, int]) -> dict[int, float]:
+    """Epoch seconds of each attempt's first create (generation id -> time)."""
+    if not attempts:
+        return {}
+    with session_scope(engine) as session:
+        rows = session.execute(
+            sa.select(
+                CreateAttempt.generation_id, CreateAttempt.attempt, CreateAttempt.started_at
+            ).where(CreateAttempt.generation_id.in_(list(attempts)))
+        ).all()
+    return {gid: started.timestamp() for gid, a, started in rows if attempts.get(gid) == a}
+
+
 def _load(engine: sa.Engine, ids: Iterable[int]) -> dict[int, Generation]:
     ids = list(ids)
     if not ids:
@@ -208,13 +229,17 @@ def reserve_credits(
     """
     engine = database.engine()
     prices = pricing.book()
+    instance = context.instance
+    hold_ttl = lifetimes.hold_lifetime(
+        instance.run_monitoring_max_runtime_seconds if instance.run_monitoring_enabled else None
+    )
     held: list[Held] = []
     report = BatchReport()
     for generation_id in config.generation_ids:
         try:
             with session_scope(engine) as session:
                 row = gens.start_attempt(
-                    session, generation_id, run_id=context.run_id, prices=prices
+                    session, generation_id, run_id=context.run_id, prices=prices, hold_ttl=hold_ttl
                 )
                 status, user, model, amount = row.status, row.user_id, row.model, row.amount_held
                 code, attempt = row.error_code, row.attempt
@@ -263,8 +288,10 @@ def create_predictions(
     held: list[Held],
     database: DatabaseResource,
     replicate: ReplicateResource,
+    pricing: PricingResource,
 ) -> list[Held]:
-    """Start (or find again) one Replicate prediction per generation.
+    """Start (or find again) one Replicate prediction per generation, each with the
+    ``Cancel-After`` of its model's price (``lifetimes.py``).
 
     A generation that already has a prediction (op retry, resumed run) keeps it; one that is no
     longer running (it failed in an earlier try of this op) is left alone. One whose earlier
@@ -273,6 +300,7 @@ def create_predictions(
     canceling orphans: predictions one of our attempts made that no attempt owns.
     """
     engine = database.engine()
+    prices = pricing.book()
     attempts = {h.generation_id: h.attempt for h in held}
     rows = _load(engine, attempts)
     # With a receiver configured, Replicate reports the end of each prediction by webhook and
@@ -292,7 +320,12 @@ def create_predictions(
         attempt = adoption.Attempt(generation_id, row.attempt, row.model, row.input)
         try:
             snapshot, was_lost = adoption.obtain(
-                engine, replicate, attempt, webhook=webhook, log=context.log.warning
+                engine,
+                replicate,
+                attempt,
+                webhook=webhook,
+                cancel_after_s=lifetimes.cancel_after_s(_price(prices, row.model)),
+                log=context.log.warning,
             )
         except GenerationError as error:
             _fail(engine, generation_id, error, attempt=row.attempt)
@@ -339,6 +372,7 @@ def await_predictions(
     held: list[Held],
     database: DatabaseResource,
     replicate: ReplicateResource,
+    pricing: PricingResource,
 ) -> list[AwaitedPrediction]:
     """Wait for every prediction of the batch, failing and refunding each one as soon as it fails.
 
@@ -346,8 +380,12 @@ def await_predictions(
     API is only polled slowly as a fallback. Without them, a sweep of the provider's list of recent
     predictions answers for a page of predictions per request; GETs (backing off per prediction)
     cover only what the list did not show.
+
+    Each prediction's deadline counts from its attempt's first create (``lifetimes.py``), so a
+    retry of this step does not give it more time.
     """
     engine = database.engine()
+    prices = pricing.book()
     attempts = {h.generation_id: h.attempt for h in held}
     rows = _load(engine, attempts)
     by_prediction = {
@@ -363,7 +401,15 @@ def await_predictions(
     lookup = make_batched_lookup(engine, ids) if webhooks else None
     # Without webhooks, listing recent predictions answers for a page of them per request.
     sweep = None if webhooks else replicate.list_sweep(ids)
-    waiting = replicate.wait_many(ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep)
+    first_creates = _first_creates(engine, attempts)
+    deadlines = {
+        pid: first_creates.get(gid, time.time())
+        + lifetimes.prediction_deadline_s(_price(prices, rows[gid].model))
+        for pid, gid in by_prediction.items()
+    }
+    waiting = replicate.wait_many(
+        ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep, deadlines=deadlines
+    )
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         error = snapshot_error(snapshot)

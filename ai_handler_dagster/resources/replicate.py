@@ -685,11 +685,14 @@ class ReplicateResource(dg.ConfigurableResource):
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    def _client(self) -> replicate.Client:
+    def _client(self, cancel_after_s: float | None = None) -> replicate.Client:
         if not self.api_token:
             raise GenerationError(errors.UNAUTHORIZED, "no Replicate API token is configured")
         return _shared_client(
-            self.base_url.rstrip("/"), self.api_token, self.timeout_s, self.cancel_after_s
+            self.base_url.rstrip("/"),
+            self.api_token,
+            self.timeout_s,
+            self.cancel_after_s if cancel_after_s is None else cancel_after_s,
         )
 
     def _classify(self, exc: BaseException) -> GenerationError:
@@ -737,6 +740,7 @@ class ReplicateResource(dg.ConfigurableResource):
         webhook_events_filter: Iterable[str] | None = None,
         adopt: Callable[[], PredictionSnapshot | None] | None = None,
         maybe_created: bool = False,
+        cancel_after_s: float | None = None,
     ) -> PredictionSnapshot:
         """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
 
@@ -751,11 +755,14 @@ class ReplicateResource(dg.ConfigurableResource):
         ``maybe_created`` makes the very first attempt call ``adopt()`` before creating: pass it
         when this attempt may already have called ``create`` (an op retry, a resumed run).
 
+        ``cancel_after_s`` replaces the resource's ``Cancel-After`` for this create (a model's
+        own deadline, see ``lifetimes.py``).
+
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
         """
         model, version = parse_model_ref(model_ref)
-        client = self._client()
+        client = self._client(cancel_after_s)
         payload = dict(input)
         params: dict[str, Any] = {}
         if webhook is not None:
@@ -945,6 +952,7 @@ class ReplicateResource(dg.ConfigurableResource):
         lookup: Callable[[str], PredictionSnapshot | None] | None = None,
         expect_webhooks: bool = False,
         sweep: ListSweep | None = None,
+        deadlines: Mapping[str, float] | None = None,
     ) -> Iterator[PredictionSnapshot]:
         """Yield each prediction of ``ids`` once, as soon as it is terminal (in finishing order).
 
@@ -963,9 +971,12 @@ class ReplicateResource(dg.ConfigurableResource):
         ``sweep`` (a :class:`ListSweep` over the same ids, for when no webhooks come) is asked
         next, every ``SWEEP_LOOKUP_S``; a prediction the sweep covers needs no GET at all.
 
-        A prediction still running ``deadline_s`` (default: the resource's) after this call
-        started is canceled and yielded with status ``canceled`` and ``deadline_exceeded=True``,
-        unless the cancel shows it had already finished, in which case it is yielded as it is.
+        ``deadlines`` (epoch seconds by prediction id) sets a prediction's own deadline, counted
+        from when its attempt first created it, so a retried wait does not start the clock
+        again. A prediction still running past its deadline (else ``deadline_s``, default: the
+        resource's, after this call started) is canceled and yielded with status ``canceled``
+        and ``deadline_exceeded=True``, unless the cancel shows it had already finished, in
+        which case it is yielded as it is.
 
         A terminal error about one prediction (an unknown id, an answer that is not a
         prediction) ends only that one: it is yielded as ``failed`` with ``unreadable`` set, and
@@ -983,10 +994,12 @@ class ReplicateResource(dg.ConfigurableResource):
         webhook_pending = lookup is not None and expect_webhooks
         # With webhooks expected the API is the safety net: the first GET waits a full fallback
         # interval, since the webhook normally lands first.
+        wall_start = time.time()
+        own = deadlines or {}
         watches = {
             pid: _Watch(
                 pid,
-                deadline_at=deadline_at,
+                deadline_at=start + (own[pid] - wall_start) if pid in own else deadline_at,
                 interval=self.poll_initial_s,
                 last_get_at=start if webhook_pending else float("-inf"),
             )

@@ -39,7 +39,7 @@ from ai_handler_dagster.orchestration.jobs import generation_job
 from ai_handler_dagster.orchestration.ops import Held, create_predictions
 from ai_handler_dagster.orchestration.sensors import batch_key_for
 from ai_handler_dagster.pricing import load_pricing
-from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
 from .conftest import grant, job_resources, submit
@@ -192,7 +192,11 @@ def test_a_retried_create_step_creates_nothing_for_failed_generations(
     replicate = ReplicateResource(api_token=emulator.token, base_url=emulator.base_url)
     context = build_op_context()
     result = create_predictions(
-        context, [Held(gid, 1)], database=DatabaseResource(url=app_db), replicate=replicate
+        context,
+        [Held(gid, 1)],
+        database=DatabaseResource(url=app_db),
+        replicate=replicate,
+        pricing=PricingResource(),
     )
     assert result == []
     assert emulator.stats()["creates"] == 0

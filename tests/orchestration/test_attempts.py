@@ -9,11 +9,12 @@ for; and an attempt refunded after its upload kept its objects readable in S3.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from dagster import DagsterInstance, build_op_context
+from dagster import DagsterInstance, build_op_context, instance_for_test
 from dagster_aws.s3 import S3Resource
 
 from ai_handler_dagster import generations as gens
@@ -166,3 +167,21 @@ def test_an_attempt_refunded_after_its_upload_leaves_nothing_readable(
     assert done == []
     assert store.list_keys(f"refund-test/generations/{gid}/") == []
     assert _row(app_db, gid).amount_charged == 0
+
+
+def test_a_hold_lives_as_long_as_the_formula_says(
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3
+) -> None:
+    """Regression (traced): holds lived a fixed 2 h, whatever the run's maximum and the queue:
+    a long run's hold could expire under it. A run holds for the queue allowance, its own
+    maximum runtime and the refund margin (lifetimes.py)."""
+    grant(app_db, "di", 100)
+    [gid] = submit(app_db, "di", [(SKETCH, {"prompt": "how long"})])
+    overrides = {"run_monitoring": {"enabled": True, "max_runtime_seconds": 2000}}
+    with instance_for_test(overrides=overrides) as instance:
+        _run(app_db, emulator, local_s3, instance)
+    with session_scope(make_engine(app_db)) as session:
+        hold = session.get(Hold, gens.get(session, gid).hold_id)
+        assert hold is not None
+        lifetime = hold.expires_at - hold.created_at
+    assert lifetime == timedelta(seconds=900 + 2000 + 600)

@@ -555,6 +555,35 @@ def test_stuck_prediction_is_canceled_at_deadline(
     assert on_server["status"] == "canceled" and on_server["_emulator"]["canceled_by"] == "api"
 
 
+def test_a_retried_wait_keeps_the_deadline_of_the_first_create(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Regression (traced): each retry of the await step restarted the deadline, so a stuck
+    prediction could run for as many deadlines as the step had tries."""
+    resource = make_replicate()
+    stuck = resource.create(IMAGE, {"prompt": "stuck since long ago [stuck]", **SMALL})
+    started = time.monotonic()
+    # Its attempt first created it an hour ago, with a 30-minute deadline: it is already late.
+    [late] = resource.wait_many(
+        [stuck.id], deadline_s=1800, deadlines={stuck.id: time.time() - 1800}
+    )
+    assert time.monotonic() - started < 5
+    assert late.status == "canceled" and late.deadline_exceeded
+
+
+def test_a_create_can_send_its_own_cancel_after(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """A metered model's prediction is stopped by the provider soon after what can be charged,
+    not at the resource's long default."""
+    resource = make_replicate(cancel_after_s=1860)
+    own = resource.create(IMAGE, {"prompt": "short", **SMALL}, cancel_after_s=390)
+    default = resource.create(IMAGE, {"prompt": "default", **SMALL})
+    emulated = _emulated(emulator)
+    assert emulated[own.id]["_emulator"]["deadline_s"] == 390
+    assert emulated[default.id]["_emulator"]["deadline_s"] == 1860
+
+
 def test_cancel_is_idempotent(emulator: Any, make_replicate: MakeResource) -> None:
     resource = make_replicate()
     snapshot = resource.create(IMAGE, {"prompt": "quick", **SMALL})
