@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -37,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,17 @@ from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 MODEL = "demo/pixel-sketch"
+#: The name the emulator answers creates of MODEL with, as Replicate does for some official
+#: models: adoption must learn it.
+MODEL_ALIAS = "demo/pixel-sketch-official"
+#: The emulator's test model; its empty-output misbehaviours succeed with nothing to store.
+EMPTY_MODEL = "test/bad-output"
+EMPTY_KINDS = ("empty-null", "empty-string", "empty-list", "empty-chunk")
+#: Shares of the rich users' load: repeats of an earlier request's exact input, requests that
+#: succeed with an empty output, and regenerates of succeeded generations (extra actions).
+IDENTICAL_SHARE = 0.08
+EMPTY_SHARE = 0.03
+REGENERATE_SHARE = 0.03
 TERMINAL = ("succeeded", "failed", "canceled")
 
 #: ``application_name`` of the soak's own app-database connections (the application inserting
@@ -119,6 +132,7 @@ class Request:
     at_s: float
     user: str
     input: dict[str, Any]
+    model: str = MODEL
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,9 @@ class Plan:
     grants: dict[str, int]
     requests: list[Request]
     faults: list[Fault]
+    #: (seconds into the soak, index into ``requests``): regenerate that request's generation
+    #: (a requeue with ``include_succeeded``, as a backfill does) if it has succeeded by then.
+    regenerates: list[tuple[float, int]] = field(default_factory=list)
 
 
 def make_plan(config: ChaosConfig, price: int) -> Plan:
@@ -164,7 +181,7 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
         owners.append(rich[len(owners) % len(rich)] if rich else poor[0])
     rng.shuffle(owners)
     bursts = {user: rng.sample(wave_times, 2) for user in poor}
-    requests = []
+    requests: list[Request] = []
     for index, user in enumerate(owners):
         at = rng.choice(bursts[user]) if user in bursts else rng.choice(wave_times)
         payload = {
@@ -174,9 +191,29 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
             "height": 64,
             "num_outputs": 2 if rng.random() < 0.2 else 1,
         }
-        requests.append(Request(at, user, payload))
+        model = MODEL
+        roll = rng.random()
+        if user not in bursts and requests and roll < IDENTICAL_SHARE:
+            # The exact input of an earlier request (of anyone): only one of them may adopt a
+            # prediction made for it.
+            twin = rng.choice([r for r in requests if r.model == MODEL])
+            payload = dict(twin.input)
+            at = max(at, twin.at_s)
+        elif user not in bursts and roll < IDENTICAL_SHARE + EMPTY_SHARE:
+            model = EMPTY_MODEL
+            payload = {"prompt": payload["prompt"], "misbehave": rng.choice(EMPTY_KINDS)}
+        requests.append(Request(at, user, payload, model))
     requests.sort(key=lambda r: r.at_s)
-    asked = Counter(r.user for r in requests)
+    # Regenerates: an operator (or a backfill) re-runs a succeeded generation, charged again;
+    # late enough for it to have succeeded.
+    candidates = [i for i, r in enumerate(requests) if r.user not in bursts and r.model == MODEL]
+    regenerates = sorted(
+        (round(requests[i].at_s + 20 + rng.uniform(0, 10), 3), i)
+        for i in rng.sample(
+            candidates, k=min(len(candidates), round(config.count * REGENERATE_SHARE))
+        )
+    )
+    asked = Counter(r.user for r in requests) + Counter(requests[i].user for _, i in regenerates)
     grants = {}
     for user in everyone:
         if user in poor:
@@ -197,7 +234,7 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
         Fault(round(span * (i + rng.uniform(0.2, 0.8)) / len(kinds), 3), kind)
         for i, kind in enumerate(kinds)
     ]
-    return Plan(grants=grants, requests=requests, faults=faults)
+    return Plan(grants=grants, requests=requests, faults=faults, regenerates=regenerates)
 
 
 # --- injecting process faults --------------------------------------------------------------
@@ -447,56 +484,82 @@ def _grant(engine: sa.Engine, grants: dict[str, int], seed: int) -> None:
 
 
 class Submitter(threading.Thread):
-    """Inserts the plan's requests at their times with plain SQL, as an application would."""
+    """Inserts the plan's requests at their times with plain SQL, as an application would, and
+    regenerates succeeded generations at theirs, as an operator's backfill would."""
 
     def __init__(self, plan: Plan, engine: sa.Engine, started: float) -> None:
         super().__init__(name="chaos-submit", daemon=True)
         self.plan = plan
         self.engine = engine
         self.started = started
+        #: Generation ids, in the order of ``plan.requests``.
         self.ids: list[int] = []
+        self.regenerated: list[int] = []
         self.error: BaseException | None = None
         self.stop_event = threading.Event()
 
     def run(self) -> None:
+        actions = sorted(
+            [(r.at_s, 0, i) for i, r in enumerate(self.plan.requests)]
+            + [(at, 1, i) for at, i in self.plan.regenerates]
+        )
+        try:
+            position = 0
+            while position < len(actions):
+                due = actions[position][0] - (time.monotonic() - self.started)
+                if self.stop_event.wait(max(0.0, due)):
+                    return
+                now = time.monotonic() - self.started
+                batch = []
+                while position < len(actions) and actions[position][0] <= now:
+                    batch.append(actions[position])
+                    position += 1
+                inserts = [self.plan.requests[i] for _, kind, i in batch if kind == 0]
+                if inserts:
+                    self.ids.extend(self._retrying(functools.partial(self._insert, inserts)))
+                for _, kind, index in batch:
+                    if kind == 1:
+                        self._retrying(functools.partial(self._regenerate, index))
+        except BaseException as exc:
+            self.error = exc
+
+    def _insert(self, batch: list[Request]) -> list[int]:
         insert = sa.text(
             "INSERT INTO generations (user_id, model, input, status) "
             "VALUES (:user, :model, :input, 'pending') RETURNING id"
         )
-        pending = list(self.plan.requests)
-        try:
-            while pending:
-                due = pending[0].at_s - (time.monotonic() - self.started)
-                if self.stop_event.wait(max(0.0, due)):
-                    return
-                now = time.monotonic() - self.started
-                batch = [r for r in pending if r.at_s <= now]
-                pending = pending[len(batch) :]
-                for attempt in range(1, 6):
-                    try:
-                        with self.engine.begin() as conn:
-                            ids = [
-                                int(
-                                    conn.execute(
-                                        insert,
-                                        {
-                                            "user": r.user,
-                                            "model": MODEL,
-                                            "input": json.dumps(r.input),
-                                        },
-                                    ).scalar_one()
-                                )
-                                for r in batch
-                            ]
-                        self.ids.extend(ids)
-                        break
-                    except sa.exc.OperationalError:
-                        # The soak terminates database connections on purpose: retry the insert.
-                        if attempt == 5:
-                            raise
-                        time.sleep(0.2 * attempt)
-        except BaseException as exc:
-            self.error = exc
+        with self.engine.begin() as conn:
+            return [
+                int(
+                    conn.execute(
+                        insert, {"user": r.user, "model": r.model, "input": json.dumps(r.input)}
+                    ).scalar_one()
+                )
+                for r in batch
+            ]
+
+    def _regenerate(self, index: int) -> None:
+        from ai_handler_dagster import generations as gens
+        from ai_handler_dagster.db.engine import session_scope
+
+        if index >= len(self.ids):
+            return
+        gid = self.ids[index]
+        with session_scope(self.engine) as session:
+            if gens.get(session, gid).status == "succeeded":
+                gens.requeue(session, gid, include_succeeded=True)
+                self.regenerated.append(gid)
+
+    def _retrying(self, action: Callable[[], Any]) -> Any:
+        for attempt in range(1, 6):
+            try:
+                return action()
+            except sa.exc.OperationalError:
+                # The soak terminates database connections on purpose: try again.
+                if attempt == 5:
+                    raise
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
 
 # --- the soak ------------------------------------------------------------------------------
@@ -506,6 +569,9 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
     # The emulator starts without faults (the stack's own start-up calls, such as fetching the
     # webhook secret, are not part of the soak); _soak turns them on once the stack is up.
     emulator_args = ["--latency-jitter", "0.3", "--retry-after", "1", "--seed", str(config.seed)]
+    state.mkdir(parents=True, exist_ok=True)
+    prices = state / "prices.toml"
+    prices.write_text(_price_table())
     return StackConfig(
         state_dir=state,
         storage="postgres",
@@ -524,8 +590,20 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
             "AI_HANDLER_MAX_IN_FLIGHT": "96",
             "AI_HANDLER_MAX_IN_FLIGHT_PER_USER": "48",
             "AI_HANDLER_DB_POOL_MAX": "8",
+            # The shipped prices and the test model whose outputs come back empty.
+            "AI_HANDLER_PRICING_FILE": str(prices),
         },
     )
+
+
+def _price_table() -> str:
+    """The soak's price table: the shipped one, and the empty-output test model at the image
+    model's price (so that the users' grants cover it alike)."""
+    from ai_handler_dagster.pricing import DEFAULT_PRICING_RESOURCE, load_pricing
+
+    shipped = resources.files("ai_handler_dagster").joinpath(DEFAULT_PRICING_RESOURCE)
+    price = load_pricing().price_for(MODEL).hold_amount()
+    return shipped.read_text(encoding="utf-8") + f'\n[models."{EMPTY_MODEL}"]\ncredits = {price}\n'
 
 
 def _statuses(engine: sa.Engine) -> dict[str, int]:
@@ -669,7 +747,11 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
     )
 
     with EmulatorControl(stack.emulator_url) as control:
-        control.configure(faults=dict(EMULATOR_FAULTS))
+        control.configure(
+            faults=dict(EMULATOR_FAULTS),
+            model_aliases={MODEL: MODEL_ALIAS},
+            official_models=[MODEL],
+        )
     started = time.monotonic()
     submitter = Submitter(plan, engine, started)
     driver = FaultDriver(
@@ -715,7 +797,16 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
         )
     finally:
         http.close()
-    return {**_report(config, plan, driver.log, stats, result, duration), "overrides": overrides}
+    mix = {
+        "identical_inputs": len(plan.requests)
+        - len({json.dumps(r.input, sort_keys=True) for r in plan.requests}),
+        "empty_outputs": sum(1 for r in plan.requests if r.model == EMPTY_MODEL),
+        "regenerates_planned": len(plan.regenerates),
+        "regenerated": len(submitter.regenerated),
+        "aliased_model": f"{MODEL} -> {MODEL_ALIAS}",
+    }
+    report = _report(config, plan, driver.log, stats, result, duration)
+    return {**report, "mix": mix, "overrides": overrides}
 
 
 def _settle(
@@ -856,6 +947,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"  {'generations':44}{report['count']:>8}",
         f"  {'users (on small balances)':44}{report['users']:>5} ({report['poor_users']})",
         f"  {'duration (s)':44}{report['duration_s']:>8}",
+    ]
+    mix = report.get("mix") or {}
+    if mix:
+        lines += [
+            f"  {'repeats of an earlier input':44}{mix['identical_inputs']:>8}",
+            f"  {'empty outputs asked for':44}{mix['empty_outputs']:>8}",
+            f"  {'regenerates (planned)':44}{mix['regenerated']:>5} ({mix['regenerates_planned']})",
+            f"  {'official model answered under':44}{mix['aliased_model']}",
+        ]
+    lines += [
         "",
         "settings that differ from production's",
     ]

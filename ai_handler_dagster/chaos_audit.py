@@ -37,9 +37,13 @@ CHECKS: dict[str, str] = {
     "holds": "at most one hold per attempt, opened once and ended exactly once",
     "refunds": "refunds = the holds of failed and canceled attempts",
     "charges": "succeeded generations captured exactly what they charged",
+    "charged_outputs": "every capture is of an attempt that stored outputs",
+    "shared_predictions": "no two generations or attempts share a prediction",
     "paid_predictions": "paid predictions of a request <= its attempts",
+    "unowned_running": "no paid prediction is left running unowned",
     "orphan_predictions": "paid predictions matching no request were canceled",
-    "outputs": "succeeded generations have their S3 objects with the emulator's sha256",
+    "outputs": "succeeded attempts have their S3 objects with the emulator's sha256",
+    "leftover_objects": "no S3 object of an attempt that did not succeed",
     "stuck_canceled": "stuck predictions were canceled",
 }
 
@@ -164,8 +168,13 @@ def audit(
         accounts = _rows(conn, "SELECT id, user_id, balance, held FROM accounts ORDER BY id")
         holds = _rows(
             conn,
-            "SELECT id, account_id, generation_id, amount, status, captured_amount "
-            "FROM holds ORDER BY id",
+            "SELECT id, account_id, generation_id, idempotency_key, amount, status, "
+            "captured_amount FROM holds ORDER BY id",
+        )
+        attempts = _rows(
+            conn,
+            "SELECT generation_id, attempt, prediction_id, outputs FROM create_attempts "
+            "ORDER BY generation_id, attempt",
         )
         entries = _rows(
             conn,
@@ -193,13 +202,26 @@ def audit(
         if entry["hold_id"] is not None:
             entries_by_hold[entry["hold_id"]].append(entry)
 
+    delivered = {
+        (a["generation_id"], a["attempt"]): _json(a["outputs"]) or []
+        for a in attempts
+        if a["outputs"] is not None
+    }
     _check_terminal(report, gens)
     _check_money(report, accounts, holds, entries, holds_by_id)
     _check_holds(report, gens, holds, entries_by_hold)
-    _check_settlements(report, gens, holds, holds_by_id, entries_by_hold, accounts)
-    _check_predictions(report, gens, predictions)
-    _check_outputs(report, gens, predictions, s3_objects, fetch_output)
+    _check_settlements(report, gens, holds, holds_by_id, entries_by_hold, accounts, delivered)
+    _check_predictions(report, gens, attempts, predictions)
+    _check_outputs(report, gens, attempts, predictions, s3_objects, fetch_output)
     return report
+
+
+def _hold_attempt(hold: Mapping[str, Any]) -> int | None:
+    """The attempt a generation's hold was taken for (its key reads ``gen:<id>:a<n>:hold``)."""
+    parts = str(hold["idempotency_key"]).split(":")
+    if len(parts) == 4 and parts[0] == "gen" and parts[2].startswith("a"):
+        return int(parts[2][1:]) if parts[2][1:].isdigit() else None
+    return None
 
 
 def _check_terminal(report: AuditReport, gens: Mapping[int, dict[str, Any]]) -> None:
@@ -350,6 +372,7 @@ def _check_settlements(
     holds_by_id: Mapping[int, Mapping[str, Any]],
     entries_by_hold: Mapping[int, list[Mapping[str, Any]]],
     accounts: list[Mapping[str, Any]],
+    delivered: Mapping[tuple[int, int], list[Any]],
 ) -> None:
     refunded = {
         h["id"]
@@ -357,15 +380,32 @@ def _check_settlements(
         if any(e["kind"] in REFUND_KINDS for e in entries_by_hold.get(h["id"], []))
     }
     report.refunded = len(refunded)
-    # Which holds must have been refunded: every hold of a failed or canceled generation, and
-    # every hold of an earlier attempt (a new attempt starts only after the old one settled).
+    # Which holds must have been refunded: the current attempt's of a failed or canceled
+    # generation, and an earlier attempt's unless that attempt delivered outputs (a regenerate
+    # of a succeeded generation keeps its charge).
     should_refund: set[int] = set()
+    earlier_captures: Counter[str] = Counter()
+    account_user = {a["id"]: a["user_id"] for a in accounts}
     for h in holds:
         g = gens.get(h["generation_id"]) if h["generation_id"] is not None else None
         if g is None:
             continue
-        if g["status"] in ("failed", "canceled") or g["hold_id"] != h["id"]:
+        if g["hold_id"] == h["id"]:
+            if g["status"] in ("failed", "canceled"):
+                should_refund.add(h["id"])
+            continue
+        attempt = _hold_attempt(h)
+        if attempt is None or not delivered.get((g["id"], attempt)):
             should_refund.add(h["id"])
+        elif h["status"] == "captured":
+            earlier_captures[account_user.get(h["account_id"], "?")] += h["captured_amount"]
+        if h["status"] == "captured" and not delivered.get((g["id"], attempt or 0)):
+            report.add(
+                "charged_outputs",
+                f"hold {h['id']}",
+                f"captured {h['captured_amount']} for generation {g['id']} attempt {attempt}, "
+                "which stored no outputs",
+            )
     for hold_id in sorted(should_refund - refunded):
         h = holds_by_id[hold_id]
         g = gens[h["generation_id"]]
@@ -383,7 +423,7 @@ def _check_settlements(
             f"{gens[h['generation_id']]['status'] if h['generation_id'] in gens else 'unknown'}",
         )
 
-    charged_by_user: Counter[str] = Counter()
+    charged_by_user: Counter[str] = Counter(earlier_captures)
     for gid, g in gens.items():
         subject = f"generation {gid}"
         if g["status"] != "succeeded":
@@ -391,6 +431,8 @@ def _check_settlements(
                 report.add("charges", subject, f"{g['status']} but charged {g['amount_charged']}")
             continue
         charged_by_user[g["user_id"]] += g["amount_charged"]
+        if not g["outputs"]:
+            report.add("charged_outputs", subject, "charged without any output stored")
         hold = holds_by_id.get(g["hold_id"]) if g["hold_id"] is not None else None
         if hold is None:
             report.add("charges", subject, "succeeded without a hold")
@@ -407,7 +449,6 @@ def _check_settlements(
                 f"{hold['captured_amount']} captured",
             )
     captured_by_user: Counter[str] = Counter()
-    account_user = {a["id"]: a["user_id"] for a in accounts}
     for h in holds:
         if h["status"] == "captured":
             captured_by_user[account_user.get(h["account_id"], "?")] += h["captured_amount"]
@@ -422,13 +463,39 @@ def _check_settlements(
 
 
 def _check_predictions(
-    report: AuditReport, gens: Mapping[int, dict[str, Any]], predictions: list[dict[str, Any]]
+    report: AuditReport,
+    gens: Mapping[int, dict[str, Any]],
+    attempts: list[Mapping[str, Any]],
+    predictions: list[dict[str, Any]],
 ) -> None:
-    owner = {g["prediction_id"]: gid for gid, g in gens.items() if g["prediction_id"]}
-    by_input: dict[tuple[str, str], list[int]] = defaultdict(list)
+    owner: dict[str, tuple[int, int]] = {}
+    for a in attempts:
+        pid, mine = a["prediction_id"], (a["generation_id"], a["attempt"])
+        if not pid:
+            continue
+        if pid in owner:
+            report.add(
+                "shared_predictions",
+                f"prediction {pid}",
+                f"owned by generation {owner[pid][0]} attempt {owner[pid][1]} and by "
+                f"generation {mine[0]} attempt {mine[1]}",
+            )
+        owner[pid] = mine
     for gid, g in gens.items():
-        by_input[(g["model"].split(":")[0], _normalized(g["input"]))].append(gid)
-    paid_for: dict[int, list[str]] = defaultdict(list)
+        pid = g["prediction_id"]
+        if pid and owner.get(pid) != (gid, g["attempt"]):
+            report.add(
+                "shared_predictions",
+                f"generation {gid}",
+                f"attempt {g['attempt']} holds prediction {pid}, recorded as "
+                f"{'owned by ' + str(owner[pid]) if pid in owner else 'nobody'}",
+            )
+    # Requests by input (identical inputs form one group): a prediction nobody owns is counted
+    # against the group it was made for, whose attempts bound how many may have been paid.
+    group_of: dict[str, list[int]] = defaultdict(list)
+    for gid, g in gens.items():
+        group_of[_normalized(g["input"])].append(gid)
+    paid_in_group: dict[str, list[str]] = defaultdict(list)
     report.predictions = len(predictions)
     for p in predictions:
         private = p.get("_emulator") or {}
@@ -441,21 +508,22 @@ def _check_predictions(
         if not private.get("paid"):
             continue
         report.paid_predictions += 1
-        owned_by = owner.get(p["id"])
-        if owned_by is not None:
-            paid_for[owned_by].append(f"{p['id']} (owned, {p['status']})")
+        key = _normalized(p.get("input"))
+        if p["id"] in owner:
+            paid_in_group[key].append(f"{p['id']} (owned, {p['status']})")
             continue
-        # Not owned: canceled, or counted against the request it was made for (matched by
-        # input). A create whose answer was lost, or whose owner crashed before recording it,
-        # is that attempt's prediction all the same; a second one for the attempt is not.
-        matches = by_input.get((p.get("model") or "", _normalized(p.get("input"))), [])
+        if p["status"] in ("starting", "processing"):
+            report.add(
+                "unowned_running",
+                f"prediction {p['id']}",
+                f"paid, owned by no attempt, and still {p['status']}",
+            )
         if p["status"] == "canceled":
             report.canceled_orphans += 1
             continue
-        if matches:
+        if key in group_of:
             report.unrecorded_predictions += 1
-            for match in matches:
-                paid_for[match].append(f"{p['id']} (owned by no generation, {p['status']})")
+            paid_in_group[key].append(f"{p['id']} (owned by no attempt, {p['status']})")
         else:
             report.add(
                 "orphan_predictions",
@@ -463,35 +531,44 @@ def _check_predictions(
                 f"paid, owned by no generation, matches no request's input, and {p['status']} "
                 "instead of canceled",
             )
-    for gid, paid in sorted(paid_for.items()):
-        attempts = gens[gid]["attempt"]
-        if len(paid) > attempts:
+    for key, paid in sorted(paid_in_group.items()):
+        members = group_of.get(key, [])
+        allowed = sum(gens[gid]["attempt"] for gid in members)
+        if members and len(paid) > allowed:
             report.add(
                 "paid_predictions",
-                f"generation {gid}",
-                f"{len(paid)} paid predictions for {attempts} attempt(s): {', '.join(paid)}",
+                f"generation{'s' if len(members) > 1 else ''} {', '.join(map(str, members))}",
+                f"{len(paid)} paid predictions for {allowed} attempt(s): {', '.join(paid)}",
             )
 
 
 def _check_outputs(
     report: AuditReport,
     gens: Mapping[int, dict[str, Any]],
+    attempts: list[Mapping[str, Any]],
     predictions: list[dict[str, Any]],
     s3_objects: Mapping[str, S3Object],
     fetch_output: Callable[[str], bytes | None],
 ) -> None:
     by_id = {p["id"]: p for p in predictions}
+    # What every attempt that succeeded delivered: the current one's record is on its
+    # generation, an earlier one's (before a regenerate) on its create attempt.
+    delivered: dict[tuple[int, int], tuple[list[Any], str | None]] = {}
+    for a in attempts:
+        outputs = _json(a["outputs"])
+        if outputs is not None:
+            delivered[(a["generation_id"], a["attempt"])] = (outputs, a["prediction_id"])
     for gid, g in gens.items():
-        if g["status"] != "succeeded":
-            continue
-        subject = f"generation {gid}"
-        outputs = g["outputs"] or []
+        if g["status"] == "succeeded":
+            delivered[(gid, g["attempt"])] = (g["outputs"] or [], g["prediction_id"])
+    for (gid, attempt), (outputs, prediction_id) in sorted(delivered.items()):
+        subject = f"generation {gid} attempt {attempt}"
         if not outputs:
             report.add("outputs", subject, "succeeded without any output recorded")
             continue
-        prediction = by_id.get(g["prediction_id"] or "")
+        prediction = by_id.get(prediction_id or "")
         if prediction is None:
-            report.add("outputs", subject, f"its prediction {g['prediction_id']} is unknown")
+            report.add("outputs", subject, f"its prediction {prediction_id} is unknown")
             emulator_urls: list[str] = []
         else:
             emulator_urls = _output_urls(prediction)
@@ -527,6 +604,29 @@ def _check_outputs(
                     f"{key}: sha256 {stored.sha256[:12]} differs from the emulator's output "
                     f"{sha256(original)[:12]}",
                 )
+    for key in sorted(s3_objects):
+        owner = _attempt_of_key(key)
+        if owner is not None and owner not in delivered:
+            report.add(
+                "leftover_objects",
+                key,
+                f"generation {owner[0]} attempt {owner[1]} did not succeed, its object stays",
+            )
+
+
+def _attempt_of_key(key: str) -> tuple[int, int] | None:
+    """(generation, attempt) of an output key ``[...]generations/<id>/a<attempt>/<file>``."""
+    parts = key.split("/")
+    for i in range(len(parts) - 3):
+        gid, attempt = parts[i + 1], parts[i + 2]
+        if (
+            parts[i] == "generations"
+            and gid.isdigit()
+            and attempt.startswith("a")
+            and attempt[1:].isdigit()
+        ):
+            return int(gid), int(attempt[1:])
+    return None
 
 
 def _output_urls(prediction: Mapping[str, Any]) -> list[str]:

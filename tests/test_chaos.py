@@ -164,8 +164,11 @@ class Books:
         prediction: str | None = None,
         code: str | None = None,
         charged: int = 0,
+        recorded: bool = True,
     ) -> int:
-        return int(
+        """A generation (attempt 1); its prediction is recorded as its attempt's own unless
+        ``recorded`` is false."""
+        gid = int(
             self.conn.execute(
                 sa.text(
                     "INSERT INTO generations (user_id, model, input, status, prediction_id, "
@@ -182,6 +185,20 @@ class Books:
                     "ch": charged,
                 },
             ).scalar_one()
+        )
+        if prediction is not None and recorded:
+            self.attempt(gid, prediction)
+        return gid
+
+    def attempt(self, generation: int, prediction: str, attempt: int = 1) -> None:
+        """An attempt's create record owning ``prediction``."""
+        self.conn.execute(
+            sa.text(
+                "INSERT INTO create_attempts (generation_id, attempt, model, input_sha256, "
+                "started_at, state, state_at, prediction_id, how) VALUES (:g, :a, :m, :sha, "
+                "now(), 'owned', now(), :p, 'created')"
+            ),
+            {"g": generation, "a": attempt, "m": MODEL, "sha": "0" * 64, "p": prediction},
         )
 
     def set_output(self, generation: int, data: bytes) -> None:
@@ -351,9 +368,33 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         books.link(l1, books.hold(leo, l1, 5, ends=("release",)), 5)
         predictions.append(_prediction("pl1", "a lion", "succeeded", files=1))
 
-        # A paid prediction nobody asked for, left to finish.
+        # A paid prediction nobody asked for, left to finish; another left running.
         predictions.append(_prediction("pz", "nobody asked", "succeeded", files=1))
         expected["orphan_predictions"] = "prediction pz"
+        predictions.append(_prediction("pq", "nobody asked either", "processing"))
+        expected["unowned_running"] = "prediction pq"
+
+        # mona: charged for a success that stored nothing.
+        mona = books.account("mona", 95)
+        books.grant(mona, 100)
+        m1 = books.generation("mona", "succeeded", "a moth", prediction="pm1", charged=5)
+        books.link(m1, books.hold(mona, m1, 5, ends=("capture",), captured=5), 5)
+        predictions.append(_prediction("pm1", "a moth", "succeeded"))
+        expected["charged_outputs"] = f"generation {m1}"
+
+        # nina: her second generation holds a prediction recorded as her first one's.
+        nina = books.account("nina", 100)
+        books.grant(nina, 100)
+        n1 = books.generation("nina", "failed", "a newt", prediction="pn1", recorded=False)
+        n2 = books.generation("nina", "failed", "a gnat", prediction="pn2", recorded=False)
+        books.attempt(n1, "pn2")
+        for gid in (n1, n2):
+            books.link(gid, books.hold(nina, gid, 5, ends=("release",)), 5)
+        expected["shared_predictions"] = f"generation {n2}"
+
+        # hank's failed attempt left an object behind.
+        client.put_object(Bucket="audit-test", Key=f"generations/{h1}/a1/0.png", Body=PNG_B)
+        expected["leftover_objects"] = f"generations/{h1}/a1/0.png"
 
         # kate: an S3 object whose bytes are not what the emulator produced, and one missing.
         kate = books.account("kate", 90)
@@ -381,6 +422,9 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         yield HandMade(engine, predictions, files, expected, clean)
     finally:
         engine.dispose()
+        # The local S3 keeps its objects for the whole process: leave the bucket empty.
+        for key in chaos_audit.list_s3_objects(client, "audit-test"):
+            client.delete_object(Bucket="audit-test", Key=key)
 
 
 def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: LocalS3) -> None:
@@ -407,7 +451,7 @@ def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: L
     for subject in hand_made.clean_subjects:
         assert not [v for v in report.violations if v.subject == subject], (subject, found)
     # What it saw on the way.
-    assert report.statuses["succeeded"] == 4
+    assert report.statuses["succeeded"] == 5
     assert report.failed_by_code["insufficient_credits"] == 1
     assert report.stuck_predictions == 2
     assert report.canceled_orphans == 1
@@ -451,12 +495,22 @@ def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() ->
     assert first == again
     assert first.requests != other.requests and first.faults != other.faults
     assert len(first.requests) == 60
-    assert len({json.dumps(r.input, sort_keys=True) for r in first.requests}) == 60
+    # The mix: repeats of an earlier input, empty outputs, regenerates of rich users' images.
+    distinct = {json.dumps(r.input, sort_keys=True) for r in first.requests}
+    assert 0 < 60 - len(distinct) < 15
+    empty = [r for r in first.requests if r.model == chaos.EMPTY_MODEL]
+    assert empty and all(r.input["misbehave"] in chaos.EMPTY_KINDS for r in empty)
+    assert first.regenerates
+    for at, index in first.regenerates:
+        target = first.requests[index]
+        assert target.model == chaos.MODEL and not target.user.startswith("poor-")
+        assert at > target.at_s
     kinds = sorted(f.kind for f in first.faults)
     assert kinds.count("kill_worker") == 5 and kinds.count("pg_terminate") == 2
     assert {"daemon_restart", "s3_outage"} <= set(kinds)
     for user, grant in first.grants.items():
-        asked = 5 * sum(1 for r in first.requests if r.user == user)
+        regenerated = sum(1 for _, i in first.regenerates if first.requests[i].user == user)
+        asked = 5 * (sum(1 for r in first.requests if r.user == user) + regenerated)
         if user.startswith("poor-"):
             assert grant < asked
             # Each poor user's requests arrive together, in two bursts.
