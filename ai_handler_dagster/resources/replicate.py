@@ -1041,7 +1041,7 @@ class ReplicateResource(dg.ConfigurableResource):
                         known = sweep(pid)
                     if known is not None and known.is_terminal:
                         del watches[pid]
-                        yield known
+                        yield _past_deadline(known, watch)
                         now = time.monotonic()
                         continue
                     if now >= watch.deadline_at:
@@ -1102,7 +1102,7 @@ class ReplicateResource(dg.ConfigurableResource):
                         continue
                     if kind == "cancel" or snapshot.is_terminal:
                         del watches[pid]
-                        yield snapshot
+                        yield _past_deadline(snapshot, watch)
                         continue
                     # Without a lookup, polling is the only way to learn the result; with one, the
                     # lookup keeps the adaptive pace and the GETs are throttled above.
@@ -1121,6 +1121,18 @@ class ReplicateResource(dg.ConfigurableResource):
         if snapshot.status in ("succeeded", "failed"):
             return snapshot  # it finished before our cancel landed: report what really happened
         return dataclasses.replace(snapshot, status="canceled", deadline_exceeded=True)
+
+
+def _past_deadline(snapshot: PredictionSnapshot, watch: _Watch) -> PredictionSnapshot:
+    """A prediction canceled once its deadline had passed was canceled for it, whoever did it:
+    the provider's own ``Cancel-After`` stops one whose waiting run was gone at the time."""
+    if (
+        snapshot.status in ("canceled", "aborted")
+        and not snapshot.deadline_exceeded
+        and time.monotonic() >= watch.deadline_at
+    ):
+        return dataclasses.replace(snapshot, deadline_exceeded=True)
+    return snapshot
 
 
 def _with_cause(err: GenerationError, cause: BaseException) -> GenerationError:

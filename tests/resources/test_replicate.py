@@ -571,6 +571,28 @@ def test_a_retried_wait_keeps_the_deadline_of_the_first_create(
     assert late.status == "canceled" and late.deadline_exceeded
 
 
+def test_a_prediction_the_provider_canceled_past_its_deadline_exceeded_it(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Regression (seen in the chaos soak, seed 2): the provider's own Cancel-After stopped a
+    stuck prediction while its run was down; the retried wait then reported it as
+    ``prediction_canceled`` (canceled by someone else) instead of ``deadline_exceeded``."""
+    resource = make_replicate(cancel_after_s=1)
+    stuck = resource.create(IMAGE, {"prompt": "left alone [stuck]", **SMALL})
+    time.sleep(1.5)  # the provider cancels it meanwhile; its webhook records that
+    recorded = resource.get(stuck.id)
+    assert recorded.status == "canceled"
+    [late] = resource.wait_many(
+        [stuck.id],
+        deadlines={stuck.id: time.time() - 1},
+        lookup={stuck.id: recorded}.get,
+        expect_webhooks=True,
+    )
+    assert late.status == "canceled" and late.deadline_exceeded
+    assert snapshot_error(late).code == errors.DEADLINE_EXCEEDED  # type: ignore[union-attr]
+    assert _emulated(emulator)[stuck.id]["_emulator"]["canceled_by"] != "api"
+
+
 def test_a_create_can_send_its_own_cancel_after(
     emulator: Any, make_replicate: MakeResource
 ) -> None:
