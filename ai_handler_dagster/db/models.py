@@ -215,6 +215,8 @@ class Generation(Base):
         sa.CheckConstraint("amount_charged >= 0", name="amount_charged_nonnegative"),
         # The sensor scans pending rows in id order.
         sa.Index("ix_generations_status_id", "status", "id"),
+        # Reprocessing backfills select a day of requests.
+        sa.Index("ix_generations_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

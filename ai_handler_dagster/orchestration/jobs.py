@@ -85,6 +85,23 @@ def _requeue(engine: sa.Engine, ids: list[int], *, include_succeeded: bool) -> l
     return requeued
 
 
+def day_of_requests(day: datetime, statuses: list[str]) -> sa.Select[tuple[int]]:
+    """Ids of the generations requested on ``day`` (UTC) with one of ``statuses``; the range on
+    ``created_at`` uses its index (``ix_generations_created_at``)."""
+    return (
+        sa.select(Generation.id)
+        .where(
+            # Open bounds one microsecond outside the day: on SQLite, timestamps an application
+            # wrote with CURRENT_TIMESTAMP have no fraction and compare as text, so
+            # "<day> 00:00:00" sorts below "<day> 00:00:00.000000".
+            Generation.created_at > day - ONE_MICROSECOND,
+            Generation.created_at <= day + timedelta(days=1) - ONE_MICROSECOND,
+            Generation.status.in_(statuses),
+        )
+        .order_by(Generation.id)
+    )
+
+
 @op
 def requeue_day(
     context: OpExecutionContext, config: ReprocessDayConfig, database: DatabaseResource
@@ -94,20 +111,7 @@ def requeue_day(
     engine = database.engine()
     statuses = ["failed", "canceled"] + (["succeeded"] if config.include_succeeded else [])
     with session_scope(engine) as session:
-        ids = list(
-            session.scalars(
-                sa.select(Generation.id)
-                .where(
-                    # Open bounds one microsecond outside the day: on SQLite, timestamps an
-                    # application wrote with CURRENT_TIMESTAMP have no fraction and compare as
-                    # text, so "<day> 00:00:00" sorts below "<day> 00:00:00.000000".
-                    Generation.created_at > day - ONE_MICROSECOND,
-                    Generation.created_at <= day + timedelta(days=1) - ONE_MICROSECOND,
-                    Generation.status.in_(statuses),
-                )
-                .order_by(Generation.id)
-            )
-        )
+        ids = list(session.scalars(day_of_requests(day, statuses)))
     requeued = _requeue(engine, ids, include_succeeded=config.include_succeeded)
     context.add_output_metadata({"day": context.partition_key, "requeued": len(requeued)})
     context.log.info(f"re-queued {len(requeued)} generations of {context.partition_key}")

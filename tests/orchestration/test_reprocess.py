@@ -110,3 +110,24 @@ def test_the_launchpad_job_requeues_given_ids(
     assert status_and_attempt(app_db)[done] == (
         ("pending", 2) if include_succeeded else ("succeeded", 1)
     )
+
+
+def test_a_day_of_requests_is_read_through_the_created_at_index(pg_url: str) -> None:
+    """Regression: the day's range filtered on an unindexed ``created_at``, a scan of every
+    generation ever requested for each partition of a backfill."""
+    from datetime import UTC, datetime
+
+    from ai_handler_dagster.db import upgrade
+    from ai_handler_dagster.orchestration.jobs import day_of_requests
+
+    upgrade(pg_url)
+    for hour in range(3):
+        insert_failed(pg_url, f"2026-03-0{hour + 1} 10:00:00")
+    query = day_of_requests(datetime(2026, 3, 2, tzinfo=UTC), ["failed", "canceled"])
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        # A three-row table is scanned anyway; forbid that to see which index the plan can use.
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        compiled = query.compile(engine, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(row[0] for row in conn.execute(sa.text(f"EXPLAIN {compiled}")))
+    assert "ix_generations_created_at" in plan, plan

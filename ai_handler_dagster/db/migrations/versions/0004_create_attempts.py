@@ -5,7 +5,8 @@ listing recent predictions. To adopt only a prediction that this attempt could h
 nobody else owns, every attempt's first create time, requested model, input hash, state and
 owned prediction are kept here for good (a requeue starts a new row instead of forgetting the
 old prediction), and a prediction id can be owned by one attempt only, ever. The attempt's
-create time moves here from ``generations.create_started_at``.
+create time moves here from ``generations.create_started_at``. Also an index on
+``generations.created_at``, which reprocessing backfills select by day.
 
 Revision ID: 0004
 Revises: 0003
@@ -71,6 +72,8 @@ def upgrade() -> None:
     _carry_over_started_creates()
     with op.batch_alter_table("generations") as batch:
         batch.drop_column("create_started_at")
+    # A reprocessing backfill selects one day of requests; without it, a scan of the table.
+    op.create_index("ix_generations_created_at", "generations", ["created_at"])
 
 
 def _input_sha256(value: Any) -> str:
@@ -130,6 +133,7 @@ def _carry_over_started_creates() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_generations_created_at", "generations")
     with op.batch_alter_table("generations") as batch:
         batch.add_column(sa.Column("create_started_at", sa.DateTime(timezone=True), nullable=True))
     op.drop_table("create_attempts")
