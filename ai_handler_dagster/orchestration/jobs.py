@@ -36,6 +36,7 @@ from ai_handler_dagster.orchestration.recovery import (
 )
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
+from ai_handler_dagster.webhooks import store as webhook_store
 
 ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -85,7 +86,7 @@ def _requeue(engine: sa.Engine, ids: list[int], *, include_succeeded: bool) -> l
     return requeued
 
 
-def day_of_requests(day: datetime, statuses: list[str]) -> sa.Select[tuple[int]]:
+def day_of_requests(day: datetime, statuses: list[str]) -> sa.Select[int]:
     """Ids of the generations requested on ``day`` (UTC) with one of ``statuses``; the range on
     ``created_at`` uses its index (``ix_generations_created_at``)."""
     return (
@@ -168,7 +169,8 @@ def reconcile(
     context: OpExecutionContext, database: DatabaseResource, replicate: ReplicateResource
 ) -> dict[str, int]:
     """Settle what every other path missed: expired holds, and unfinished generations whose run
-    has ended (or never existed). Predictions still running on Replicate are canceled."""
+    has ended (or never existed); cancel orphan predictions; prune webhook records older than
+    ``webhooks.store.RETENTION``. Predictions still running on Replicate are canceled."""
     engine = database.engine()
     now = datetime.now(UTC)
 
@@ -217,10 +219,13 @@ def reconcile(
     except GenerationError as exc:  # the provider's list is unreadable now: next time
         context.log.warning(f"orphan sweep skipped: {exc}")
         orphans = []
+    # 4. What webhooks reported, once nobody will read it again.
+    deliveries, states = webhook_store.prune(engine)
     result = {
         "expired_holds": len(expired),
         "settled_generations": settled,
         "canceled_orphans": len(orphans),
+        "pruned_webhook_records": deliveries + states,
     }
     context.add_output_metadata(result)
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_handler_dagster.webhooks.receiver import DEFAULT_TOLERANCE_S, WEBHOOK_PATH
+from ai_handler_dagster.webhooks.store import RETENTION
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,10 @@ def register(sub: Any) -> None:
     serve.set_defaults(handler=cmd_serve)
     prune = webhooks.add_parser("prune", help="delete old webhook deliveries and states")
     prune.add_argument(
-        "--older-than-hours", type=float, default=72.0, help="age to keep (default 72)"
+        "--older-than-hours",
+        type=float,
+        default=RETENTION.total_seconds() / 3600,
+        help=f"age to keep (default {RETENTION.total_seconds() / 3600:.0f}, as reconciliation)",
     )
     prune.add_argument("--url", default=None, help="database URL (default: the app database)")
     prune.set_defaults(handler=cmd_prune)

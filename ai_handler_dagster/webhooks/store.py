@@ -136,7 +136,12 @@ def record_delivery(
     return "accepted" if changed else "out_of_order"
 
 
-def prune(engine: sa.Engine, older_than: timedelta) -> tuple[int, int]:
+#: How long deliveries and states are kept: far beyond the signature tolerance (a replay older
+#: than it is refused anyway) and the longest prediction deadline (6 h). Reconciliation prunes.
+RETENTION = timedelta(hours=72)
+
+
+def prune(engine: sa.Engine, older_than: timedelta = RETENTION) -> tuple[int, int]:
     """Delete deliveries received and states last updated more than ``older_than`` ago.
 
     Returns ``(deliveries, states)`` deleted. Keep ``older_than`` well above the signature

@@ -186,3 +186,30 @@ def test_prune_deletes_only_old_rows(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         assert conn.scalars(sa.select(WebhookDelivery.webhook_id)).all() == ["new"]
         assert conn.scalars(sa.select(PredictionState.prediction_id)).all() == ["p_new"]
+
+
+def test_reconciliation_prunes_what_webhooks_reported(engine: sa.Engine) -> None:
+    """Regression: deliveries and states were pruned only by hand (``webhooks prune``), so the
+    tables grew with every prediction ever made; reconciliation, on its schedule, prunes them."""
+    from dagster import build_op_context, instance_for_test
+
+    from ai_handler_dagster.orchestration.jobs import reconcile
+    from ai_handler_dagster.resources.database import DatabaseResource
+    from ai_handler_dagster.resources.replicate import ReplicateResource
+    from ai_handler_dagster.webhooks.store import RETENTION
+
+    record_delivery(engine, "old", prediction("p_old"), now=utcnow() - RETENTION - timedelta(1))
+    record_delivery(engine, "new", prediction("p_new"))
+    unreachable = ReplicateResource(
+        api_token="r8_unused", base_url="http://127.0.0.1:9", request_attempts=1
+    )
+    with instance_for_test() as instance:
+        result = reconcile(
+            build_op_context(instance=instance),
+            database=DatabaseResource(url=engine.url.render_as_string(hide_password=False)),
+            replicate=unreachable,
+        )
+    assert result["pruned_webhook_records"] == 2
+    with engine.connect() as conn:
+        assert conn.scalars(sa.select(WebhookDelivery.webhook_id)).all() == ["new"]
+        assert conn.scalars(sa.select(PredictionState.prediction_id)).all() == ["p_new"]
