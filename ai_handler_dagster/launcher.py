@@ -9,9 +9,10 @@ when that process dies: a run whose worker was killed stays ``STARTED`` until th
 ``LocalRunLauncher`` keeps a warm parent instead: a ``multiprocessing`` fork server that imported
 Dagster and the project once (``preload_modules``). Each run is a child forked from it, which
 executes the run exactly as ``dagster api execute_run`` does (same events, same interrupt
-handling), so starting a run costs a fork. It records the worker's pid on the run (tag
-``ai_handler/worker_pid`` and Dagster's "Started process" engine event) and reports the worker dead
-as soon as the process is gone, so run monitoring fails the run within one poll and the refund
+handling), so starting a run costs a fork. The worker records its pid in the run's event log
+(Dagster's "Started process" engine event; the ``ai_handler/worker_pid`` tag only shows it), and
+the launcher reports the worker dead as soon as that process is gone (or the pid belongs to a
+process older than the run: reused), so run monitoring fails the run within one poll and the refund
 sensor (or a run retry) takes over. Terminating a run sends the worker SIGTERM, which Dagster
 turns into an interrupt of the step.
 
@@ -54,7 +55,9 @@ from dagster._core.storage.dagster_run import DagsterRun
 
 log = logging.getLogger(__name__)
 
-#: Run tag holding the pid of a run's worker process (forked runs only).
+#: Run tag showing the pid of a run's worker process (forked runs only), for people and
+#: filters. Never trusted for signals or health: anyone can set a tag from the Launchpad, and a
+#: retried run copies its parent's tags.
 WORKER_PID_TAG = "ai_handler/worker_pid"
 
 #: Modules the fork server imports once, so that runs start with them loaded.
@@ -83,6 +86,23 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc: trust the signal check
     return state not in ("Z", "X")
+
+
+def process_started_at(pid: int) -> float | None:
+    """Epoch seconds at which process ``pid`` started (from ``/proc``), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat", encoding="ascii") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+#: Clock slack when comparing a process's start with its run's creation (``/proc`` counts
+#: start times in clock ticks, and a run record's timestamp is written just before the launch).
+_PID_START_SLACK_S = 2.0
 
 
 def recorded_worker_pid(instance: Any, run_id: str) -> int | None:
@@ -370,16 +390,23 @@ class LocalRunLauncher(DefaultRunLauncher):
         run = self._instance.get_run_by_id(run_id)
         if run is None or run.is_finished:
             return False
-        pid_tag = run.tags.get(WORKER_PID_TAG)
-        if pid_tag is None:
+        pid = self._worker_pid(run)
+        if pid is None:
             return super().terminate(run_id)
+        if not self._is_this_runs_process(run, pid):
+            self._instance.report_engine_event(
+                f"Process {pid} is not this run's worker (it started before the run); "
+                "nothing was signalled.",
+                run,
+            )
+            return False
         self._instance.report_run_canceling(run)
         try:
             # Dagster's worker turns SIGTERM into an interrupt of the running step.
-            os.kill(int(pid_tag), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             self._instance.report_engine_event(
-                f"Run worker {pid_tag} was already gone when termination was requested.", run
+                f"Run worker {pid} was already gone when termination was requested.", run
             )
             return False
         return True
@@ -389,18 +416,29 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def _worker_pid(self, run: DagsterRun) -> int | None:
-        # Forked runs carry the pid as a tag; runs started through the code server only in
-        # their event log.
-        if WORKER_PID_TAG in run.tags:
-            return int(run.tags[WORKER_PID_TAG])
+        """The run's worker pid as the launcher knows it (a worker it forked) or as the worker
+        itself recorded it in the run's event log; never the ``ai_handler/worker_pid`` tag
+        alone, which anyone can set from the Launchpad and which a retried run copies."""
+        with self._lock:
+            worker = self._workers.get(run.run_id)
+        if worker is not None and worker.pid is not None:
+            return worker.pid
         return recorded_worker_pid(self._instance, run.run_id)
+
+    def _is_this_runs_process(self, run: DagsterRun, pid: int) -> bool:
+        """False for a process that started before the run existed: its pid was reused."""
+        record = self._instance.get_run_record_by_id(run.run_id)
+        started = process_started_at(pid)
+        if record is None or started is None:
+            return True  # nothing to compare with: trust the pid
+        return started >= record.create_timestamp.timestamp() - _PID_START_SLACK_S
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         pid = self._worker_pid(run)
         if pid is None:
             # Not recorded yet: the worker is starting. The maximum runtime still bounds it.
             return CheckRunHealthResult(WorkerStatus.RUNNING, "worker pid not recorded yet")
-        if process_alive(pid):
+        if process_alive(pid) and self._is_this_runs_process(run, pid):
             return CheckRunHealthResult(WorkerStatus.RUNNING)
         return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone")
 

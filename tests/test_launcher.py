@@ -6,13 +6,16 @@ restarts its warm process. The forked path itself runs in the end-to-end tests (
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from dagster import DagsterInstance, job, op
+from dagster import DagsterInstance, DagsterRunStatus, job, op
 from dagster._core.code_pointer import ModuleCodePointer
+from dagster._core.events import EngineEventData
 from dagster._core.launcher import WorkerStatus
 from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test, instance_for_test
@@ -106,23 +109,64 @@ def test_only_runs_on_this_interpreter_are_forked(tmp_path: Path) -> None:
         assert cold._can_fork(here) is False
 
 
-def test_worker_health_follows_the_recorded_pid() -> None:
+def _record_worker(instance: DagsterInstance, run: Any, pid: int) -> None:
+    """What a worker writes when it starts: Dagster's "Started process" engine event."""
+    instance.report_engine_event(
+        f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+    )
+
+
+def test_worker_health_follows_the_pid_the_worker_recorded() -> None:
     launcher = LocalRunLauncher()
     with instance_for_test() as instance:
         launcher.register_instance(instance)
-        alive = create_run_for_test(
-            instance, job_name="tiny_job", tags={WORKER_PID_TAG: str(os.getpid())}
-        )
-        assert launcher.check_run_worker_health(alive).status == WorkerStatus.RUNNING
+        alive = create_run_for_test(instance, job_name="tiny_job")
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            _record_worker(instance, alive, worker.pid)
+            assert launcher.check_run_worker_health(alive).status == WorkerStatus.RUNNING
+        finally:
+            worker.kill()
+            worker.wait()
         gone_pid = _a_finished_pid()
-        gone = create_run_for_test(
-            instance, job_name="tiny_job", tags={WORKER_PID_TAG: str(gone_pid)}
-        )
+        gone = create_run_for_test(instance, job_name="tiny_job")
+        _record_worker(instance, gone, gone_pid)
         health = launcher.check_run_worker_health(gone)
         assert health.status == WorkerStatus.FAILED
         assert f"run worker process {gone_pid} is gone" in (health.msg or "")
         unknown = create_run_for_test(instance, job_name="tiny_job")
         assert launcher.check_run_worker_health(unknown).status == WorkerStatus.RUNNING
+
+
+def test_a_pid_tag_or_a_reused_pid_is_never_signalled() -> None:
+    """Regression: termination sent SIGTERM to whatever pid the ``ai_handler/worker_pid`` tag
+    named (settable from the Launchpad, copied onto retried runs), and health trusted it too;
+    a pid recorded by a worker is also refused once it belongs to a process older than the
+    run (the worker died and the pid was reused)."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(2.5)  # it clearly started before the runs below
+        launcher = LocalRunLauncher()
+        with instance_for_test() as instance:
+            launcher.register_instance(instance)
+            tagged = create_run_for_test(
+                instance,
+                job_name="tiny_job",
+                status=DagsterRunStatus.STARTED,
+                tags={WORKER_PID_TAG: str(bystander.pid)},
+            )
+            # No worker recorded it: the tag is not taken for one (the code-server path runs).
+            assert launcher._worker_pid(tagged) is None
+            reused = create_run_for_test(
+                instance, job_name="tiny_job", status=DagsterRunStatus.STARTED
+            )
+            _record_worker(instance, reused, bystander.pid)
+            assert launcher.terminate(reused.run_id) is False
+            assert launcher.check_run_worker_health(reused).status == WorkerStatus.FAILED
+        assert bystander.poll() is None  # never signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def _a_finished_pid() -> int:
