@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
-from ai_handler_dagster import ledger
+from ai_handler_dagster import ledger, lifetimes
 from ai_handler_dagster.db.models import (
     TERMINAL_STATUSES,
     CreateAttempt,
@@ -42,7 +42,12 @@ from ai_handler_dagster.db.models import (
     Hold,
     utcnow,
 )
-from ai_handler_dagster.errors import INSUFFICIENT_CREDITS, INVALID_REQUEST, UNPRICED_MODEL
+from ai_handler_dagster.errors import (
+    DEADLINE_EXCEEDED,
+    INSUFFICIENT_CREDITS,
+    INVALID_REQUEST,
+    UNPRICED_MODEL,
+)
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
 
 __all__ = [
@@ -272,14 +277,18 @@ def submit(
     input: dict[str, Any],
     request_id: str | None = None,
     prices: PriceBook,
+    hold_ttl: timedelta | None = None,
 ) -> Generation:
-    """Create a pending generation after validating the request.
+    """Create a pending generation, holding its price, after validating the request.
 
     Refuses with ``InvalidRequest`` (nothing written) an unknown user, a malformed or unpriced
-    model, a bad input, or a user who cannot afford the hold right now (``CannotAfford``, which
-    is also a ``ledger.InsufficientCredits``). A repeated ``request_id`` returns the existing row
-    if user, model and input are the same, and is refused otherwise. No credits are held yet:
-    that happens in ``start_attempt``, when the run begins.
+    model, a bad input, or a user who cannot afford the hold (``CannotAfford``, which is also a
+    ``ledger.InsufficientCredits``): what the user's earlier requests hold counts, so a user
+    with 5 credits cannot queue two requests of 5. A repeated ``request_id`` returns the existing
+    row if user, model and input are the same, and is refused otherwise. The hold (the first
+    attempt's, ``hold_key(id, 1)``) lives ``hold_ttl``, by default
+    ``lifetimes.default_hold_lifetime()``; ``start_attempt`` takes it over when the run begins.
+    A row an application inserts directly is held there instead.
     """
     user_id = _text(user_id, "user_id")
     if not isinstance(model, str):
@@ -317,11 +326,20 @@ def submit(
         status="pending",
         attempt=1,
     )
+    ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
     try:
-        # A SAVEPOINT, so a concurrent duplicate request_id leaves the caller's transaction usable.
+        # A SAVEPOINT, so a concurrent duplicate request_id (or a concurrent submit that took
+        # the credits) leaves the caller's transaction usable and nothing written.
         with session.begin_nested():
             session.add(row)
             session.flush()
+            held = ledger.hold(
+                session, user_id, needed, hold_key(row.id, 1), generation_id=row.id, ttl=ttl
+            )
+            row.hold_id, row.amount_held = held.id, held.amount
+            session.flush()
+    except ledger.InsufficientCredits as exc:
+        raise CannotAfford(user_id, exc.available, exc.needed) from None
     except IntegrityError:
         if request_id is None:
             raise
@@ -431,6 +449,9 @@ def start_attempt(
 
     - already running with this attempt's hold (an op retry or a re-executed run): returned as is,
       and ``dagster_run_id`` moves to ``run_id`` so the old run's failure does not refund it;
+    - held since ``submit``: that hold is the attempt's, nothing new is held (a hold that ended
+      while the request waited, such as one that expired past the queue allowance, fails the
+      generation ``deadline_exceeded``);
     - a request that ``submit`` would have refused (a row written straight into the table with
       a malformed user id, model reference or input): marked ``failed`` (``invalid_request``),
       nothing held, returned;
@@ -444,6 +465,26 @@ def start_attempt(
         return row
     if row.status == "running" and row.hold_id is not None:
         row.dagster_run_id = run_id
+        session.flush()
+        return row
+    if row.hold_id is not None:
+        # Held at submit: a request submit accepted needs no second look. From here on the hold
+        # must outlive this run, however long the request waited.
+        hold = ledger.extend(session, row.hold_id, now + hold_ttl)
+        if hold.status != "pending":
+            _finish(
+                row,
+                "failed",
+                DEADLINE_EXCEEDED,
+                f"the credit hold placed at submit ended before the run started ({hold.status})",
+                now,
+            )
+            session.flush()
+            return row
+        row.status = "running"
+        row.dagster_run_id = run_id
+        row.queued_at = row.queued_at or now
+        row.started_at = now
         session.flush()
         return row
     problem = stored_request_problem(row)

@@ -53,6 +53,7 @@ __all__ = [
     "balance",
     "capture",
     "expire",
+    "extend",
     "grant",
     "hold",
     "release",
@@ -482,6 +483,16 @@ def release_if_pending(
         return False
     _end(session, locked, "release", 0, reason, now or utcnow())
     return True
+
+
+def extend(session: Session, hold_id: int, until: datetime) -> Hold:
+    """Make a pending hold last at least ``until`` (never shorter); no credits move. A hold
+    placed at submit is extended when its run starts, to the run's own lifetime."""
+    locked = _lock_hold(session, hold_id)
+    if locked.status == "pending" and locked.expires_at < until:
+        locked.expires_at = until
+        session.flush()
+    return locked
 
 
 def expire(session: Session, now: datetime | None = None, *, limit: int = 1000) -> list[Hold]:

@@ -23,6 +23,7 @@ With the defaults (D = 1800 s, Q = 900 s, R = 3600 s) a hold lives 5100 s.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -59,6 +60,21 @@ def hold_lifetime(max_runtime_s: float | None) -> timedelta:
     maximum set, the shortest run that fits a deadline is assumed)."""
     runtime = max_runtime_s or settings.prediction_deadline_s() + FINISH_ALLOWANCE_S
     return timedelta(seconds=settings.queue_allowance_s() + runtime + REFUND_MARGIN_S)
+
+
+@functools.cache
+def _shipped_max_runtime_s() -> float | None:
+    from ai_handler_dagster import instance
+
+    monitoring = instance.shipped_settings().get("run_monitoring") or {}
+    value = monitoring.get("max_runtime_seconds")
+    return float(value) if value else None
+
+
+def default_hold_lifetime() -> timedelta:
+    """A hold's lifetime outside a run (at submit), from the shipped ``dagster.yaml``'s
+    ``max_runtime_seconds``: what production's instance is written from."""
+    return hold_lifetime(_shipped_max_runtime_s())
 
 
 def check_instance(instance_settings: Mapping[str, Any]) -> None:

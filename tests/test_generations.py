@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -73,6 +74,18 @@ def submit(engine: sa.Engine, prices: PriceBook, model: str = SKETCH, **kw: Any)
     return tx(engine, lambda s: gens.submit(s, model=model, prices=prices, **kw))
 
 
+def inserted(engine: sa.Engine, model: str = SKETCH, user: str = "alice") -> int:
+    """A pending row as an application writes it straight into the table: nothing held yet."""
+
+    def add(session: Session) -> int:
+        row = Generation(user_id=user, model=model, input={"prompt": "inserted"}, status="pending")
+        session.add(row)
+        session.flush()
+        return row.id
+
+    return tx(engine, add)
+
+
 def start(engine: sa.Engine, prices: PriceBook, gid: int, run_id: str = "run-1") -> Generation:
     return tx(engine, lambda s: gens.start_attempt(s, gid, run_id=run_id, prices=prices))
 
@@ -97,7 +110,7 @@ def assert_consistent(engine: sa.Engine) -> None:
 # --- submit -----------------------------------------------------------------------------------
 
 
-def test_submit_creates_a_pending_row_and_holds_nothing(
+def test_submit_creates_a_pending_row_and_holds_its_price(
     engine: sa.Engine, prices: PriceBook
 ) -> None:
     fund(engine)
@@ -109,12 +122,70 @@ def test_submit_creates_a_pending_row_and_holds_nothing(
         SKETCH,
     )
     assert created.input == {"prompt": "a red fox"}
-    assert balance(engine).held == 0
-    # The same request again (a client retry) returns the same row.
+    assert balance(engine) == ledger.Balance(balance=100, held=5, available=95)
+    assert created.hold_id is not None and created.amount_held == 5
+    # The same request again (a client retry) returns the same row, holding nothing more.
     assert submit(engine, prices, request_id="req-1").id == created.id
     with pytest.raises(gens.InvalidRequest, match="request_id 'req-1' was already used"):
         submit(engine, prices, request_id="req-1", input={"prompt": "a blue fox"})
     assert count(engine, Generation) == 1
+    assert balance(engine).held == 5
+    # The run takes the submit's hold over (one hold for the attempt, not two), extended to
+    # outlive the run however long the request waited.
+    run_lifetime = timedelta(days=2)
+    started = tx(
+        engine,
+        lambda s: gens.start_attempt(
+            s, created.id, run_id="run-1", prices=prices, hold_ttl=run_lifetime
+        ),
+    )
+    assert (started.status, started.hold_id) == ("running", created.hold_id)
+    assert count(engine, Hold) == 1
+    hold = tx(engine, lambda s: s.get(Hold, created.hold_id))
+    assert hold is not None and hold.expires_at - hold.created_at > timedelta(days=1)
+    assert_consistent(engine)
+
+
+def test_a_user_cannot_queue_more_than_the_credits_cover(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    """Regression: submit checked the balance but not what the user's pending requests would
+    hold, so a user with 5 credits could queue any number of requests of 5."""
+    fund(engine, amount=5)
+    submit(engine, prices)
+    with pytest.raises(gens.CannotAfford, match="0 available, 5 needed"):
+        submit(engine, prices, input={"prompt": "a second fox"})
+    assert count(engine, Generation) == 1
+    # Racing submits: exactly as many as the credits cover get in, the others write nothing.
+    fund(engine, user="bob", amount=15)
+    results = race(
+        8,
+        lambda i: _submitted_or_refused(engine, prices, user_id="bob", input={"prompt": f"{i}"}),
+    )
+    assert sorted(results) == ["refused"] * 5 + ["submitted"] * 3
+    assert balance(engine, "bob") == ledger.Balance(balance=15, held=15, available=0)
+    assert count(engine, Generation) == 4
+    assert_consistent(engine)
+
+
+def _submitted_or_refused(engine: sa.Engine, prices: PriceBook, **kw: Any) -> str:
+    try:
+        submit(engine, prices, **kw)
+    except gens.CannotAfford:
+        return "refused"
+    return "submitted"
+
+
+def test_a_hold_that_ended_while_the_request_waited_fails_it(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine)
+    created = submit(engine, prices)
+    later = created.created_at + timedelta(days=1)
+    tx(engine, lambda s: ledger.expire(s, now=later))
+    started = start(engine, prices, created.id)
+    assert (started.status, started.error_code) == ("failed", "deadline_exceeded")
+    assert balance(engine) == ledger.Balance(balance=100, held=0, available=100)
 
 
 BIG = "x" * (64 * 1024)
@@ -240,8 +311,8 @@ def test_start_attempt_holds_once_per_attempt(engine: sa.Engine, prices: PriceBo
 
 def test_start_attempt_fails_what_cannot_be_afforded(engine: sa.Engine, prices: PriceBook) -> None:
     fund(engine, amount=70)
-    first = submit(engine, prices, model=HAIKU).id
-    second = submit(engine, prices, model=HAIKU).id  # affordable at submit time, not at start
+    # Rows an application inserted: each affordable alone, not both.
+    first, second = inserted(engine, model=HAIKU), inserted(engine, model=HAIKU)
     assert start(engine, prices, first).status == "running"
     refused = start(engine, prices, second)
     assert (refused.status, refused.error_code, refused.hold_id) == (
@@ -261,7 +332,7 @@ def test_start_attempt_fails_a_model_that_lost_its_price(
     engine: sa.Engine, prices: PriceBook
 ) -> None:
     fund(engine)
-    gid = submit(engine, prices).id
+    gid = inserted(engine)
     only_haiku = parse_pricing('[models."demo/haiku-text"]\ncredits = 1\n', source="test table")
     refused = tx(engine, lambda s: gens.start_attempt(s, gid, run_id="r", prices=only_haiku))
     assert (refused.status, refused.error_code) == ("failed", "unpriced_model")
@@ -270,7 +341,7 @@ def test_start_attempt_fails_a_model_that_lost_its_price(
 
 def test_status_and_money_commit_together(engine: sa.Engine, prices: PriceBook) -> None:
     fund(engine)
-    gid = submit(engine, prices).id
+    gid = inserted(engine)
     with pytest.raises(RuntimeError), session_scope(engine) as session:
         gens.start_attempt(session, gid, run_id="r", prices=prices)
         raise RuntimeError("crash before commit")

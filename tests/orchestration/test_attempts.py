@@ -173,15 +173,27 @@ def test_a_hold_lives_as_long_as_the_formula_says(
     app_db: str, emulator: EmulatorHandle, local_s3: LocalS3
 ) -> None:
     """Regression (traced): holds lived a fixed 2 h, whatever the run's maximum and the queue:
-    a long run's hold could expire under it. A run holds for the queue allowance, its own
-    maximum runtime and the refund margin (lifetimes.py)."""
+    a long run's hold could expire under it. A hold lives the queue allowance, a run's maximum
+    runtime and the refund margin (lifetimes.py): the running instance's maximum for a row an
+    application inserted (held when its run starts), the shipped dagster.yaml's for a request
+    held at submit."""
     grant(app_db, "di", 100)
-    [gid] = submit(app_db, "di", [(SKETCH, {"prompt": "how long"})])
+    [submitted] = submit(app_db, "di", [(SKETCH, {"prompt": "held at submit"})])
+    with make_engine(app_db).begin() as conn:
+        inserted = conn.execute(
+            sa.insert(Generation)
+            .values(user_id="di", model=SKETCH, input={"prompt": "held by its run"})
+            .returning(Generation.id)
+        ).scalar_one()
     overrides = {"run_monitoring": {"enabled": True, "max_runtime_seconds": 2000}}
     with instance_for_test(overrides=overrides) as instance:
         _run(app_db, emulator, local_s3, instance)
-    with session_scope(make_engine(app_db)) as session:
-        hold = session.get(Hold, gens.get(session, gid).hold_id)
-        assert hold is not None
-        lifetime = hold.expires_at - hold.created_at
-    assert lifetime == timedelta(seconds=900 + 2000 + 600)
+
+    def lifetime(gid: int) -> timedelta:
+        with session_scope(make_engine(app_db)) as session:
+            hold = session.get(Hold, gens.get(session, gid).hold_id)
+            assert hold is not None
+            return hold.expires_at - hold.created_at
+
+    assert lifetime(inserted) == timedelta(seconds=900 + 2000 + 600)
+    assert lifetime(submitted) == timedelta(seconds=900 + 3600 + 600)

@@ -112,14 +112,16 @@ def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
     app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
 ) -> None:
     grant(app_db, "bo", 5)
-    ids = submit(
-        app_db,
-        "bo",
-        [
-            ("demo/pixel-sketch", {"prompt": "first"}),
-            ("demo/pixel-sketch", {"prompt": "second"}),
-        ],
-    )
+    [first] = submit(app_db, "bo", [("demo/pixel-sketch", {"prompt": "first"})])
+    # submit would refuse a second request now (the first holds the 5 credits); an application
+    # that writes its rows straight into the table finds out when the run starts.
+    with make_engine(app_db).begin() as conn:
+        second = conn.execute(
+            sa.insert(Generation)
+            .values(user_id="bo", model="demo/pixel-sketch", input={"prompt": "second"})
+            .returning(Generation.id)
+        ).scalar_one()
+    ids = [first, second]
     claim(app_db)
     result = generation_job.execute_in_process(
         run_config=run_config(ids),
