@@ -91,6 +91,8 @@ class _Adopter:
             gens.create_lost(session, a.generation_id, a.attempt)
         self._wait_for_siblings()
         with session_scope(self.engine) as session:
+            # Still looking, as of now (the wait may have taken the whole grace).
+            gens.create_lost(session, a.generation_id, a.attempt)
             names = gens.learned_model_names(session, a.model)
         candidates = self.replicate.lost_create_candidates(
             a.model,
@@ -161,6 +163,11 @@ def obtain(
     with session_scope(engine) as session:
         earlier = gens.begin_create(session, attempt.generation_id, attempt=attempt.attempt)
     adopter = _Adopter(engine, replicate, attempt, earlier or utcnow(), log)
+
+    def in_flight() -> None:
+        with session_scope(engine) as session:
+            gens.create_in_flight(session, attempt.generation_id, attempt.attempt)
+
     snapshot = replicate.create(
         attempt.model,
         attempt.input,
@@ -169,6 +176,8 @@ def obtain(
         adopt=adopter,
         maybe_created=earlier is not None,
         cancel_after_s=cancel_after_s,
+        # The first try is noted by begin_create; a retry (after a 429 or a lost answer) anew.
+        before_try=_after_first(in_flight),
     )
     lost = adopter.adopted is not None or earlier is not None
     if adopter.adopted is not None and adopter.adopted.id == snapshot.id:
@@ -200,11 +209,25 @@ def obtain(
     return snapshot, lost
 
 
+def _after_first(action: Callable[[], None]) -> Callable[[], None]:
+    """``action`` on every call but the first."""
+    calls = 0
+
+    def call() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            action()
+
+    return call
+
+
 def _model_matches(model_ref: str, item: dict[str, Any], names: set[str]) -> bool:
     ref = parse_model_ref(model_ref)
     if ref.version is not None:
         return bool(item.get("version") == ref.version)
-    return not names or item.get("model") in {ref.base, *names}
+    model = item.get("model")
+    return not names or (isinstance(model, str) and model in {ref.base, *names})
 
 
 def cancel_orphans(
@@ -235,17 +258,22 @@ def cancel_orphans(
         by_sha.pop("", None)
         attempts = _attempts(session, since - window, by_sha)
         names = {a.model: gens.learned_model_names(session, a.model) for a in attempts}
-    busy_after = utcnow() - timedelta(seconds=replicate.timeout_s + CREATE_GRACE_S)
+    grace = timedelta(seconds=replicate.timeout_s + CREATE_GRACE_S)
+    busy_after = utcnow() - grace
     canceled: list[str] = []
     for sha, group in by_sha.items():
         mine = [a for a in attempts if a.input_sha256 == sha]
         for item in group:
             created = parse_time(item.get("created_at"))
+            # An attempt can have made a prediction from its first create until its last
+            # state change (plus an answer's flight and the clock allowance), not later.
             could_be = [
                 a
                 for a in mine
                 if created is not None
-                and created >= (a.started_at - window).timestamp()
+                and (a.started_at - window).timestamp()
+                <= created
+                <= (a.state_at + grace + window).timestamp()
                 and _model_matches(a.model, item, names[a.model])
             ]
             if not could_be:

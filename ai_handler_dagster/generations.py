@@ -62,6 +62,7 @@ __all__ = [
     "as_dict",
     "begin_create",
     "claim_pending",
+    "create_in_flight",
     "create_lost",
     "creating_siblings",
     "fail",
@@ -656,15 +657,25 @@ def begin_create(
 
 
 def create_lost(session: Session, generation_id: int, attempt: int) -> None:
-    """The attempt's create answer was lost: it now looks for its prediction (state ``lost``),
-    so siblings waiting for its answer stop waiting."""
+    """The attempt's create answer was lost: it now looks for its prediction (state ``lost``,
+    ``state_at`` now), so siblings waiting for its answer stop waiting and orphan sweeps leave
+    its candidates alone while it looks."""
     record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
-    if record is None:
+    if record is None or record.state == "owned":
         return
     now = utcnow()
     record.lost_at = record.lost_at or now
-    if record.state == "creating":
-        record.state, record.state_at = "lost", now
+    record.state, record.state_at = "lost", now
+    session.flush()
+
+
+def create_in_flight(session: Session, generation_id: int, attempt: int) -> None:
+    """A create request of the attempt is about to be sent (state ``creating``, ``state_at``
+    now): until its answer is recorded, a listed prediction may be this attempt's."""
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is None or record.state == "owned":
+        return
+    record.state, record.state_at = "creating", utcnow()
     session.flush()
 
 

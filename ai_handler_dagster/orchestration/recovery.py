@@ -50,8 +50,8 @@ def will_be_retried(instance: Any, run: DagsterRun) -> bool:
 
 def unfinished_generations(
     engine: sa.Engine, *, run_id: str | None = None, batch_key: str | None = None
-) -> list[tuple[int, str | None]]:
-    """(id, prediction id) of the unfinished generations of a run or of a batch."""
+) -> list[tuple[int, int, str | None]]:
+    """(id, attempt, prediction id) of the unfinished generations of a run or of a batch."""
     matches = []
     if run_id:
         matches.append(Generation.dagster_run_id == run_id)
@@ -61,11 +61,11 @@ def unfinished_generations(
         return []
     with session_scope(engine) as session:
         rows = session.execute(
-            sa.select(Generation.id, Generation.prediction_id)
+            sa.select(Generation.id, Generation.attempt, Generation.prediction_id)
             .where(Generation.status.in_(UNFINISHED), sa.or_(*matches))
             .order_by(Generation.id)
         ).all()
-    return [(row[0], row[1]) for row in rows]
+    return [(row[0], row[1], row[2]) for row in rows]
 
 
 def refund_unfinished(
@@ -85,7 +85,7 @@ def refund_unfinished(
     refunded; ids another path already settled are left alone.
     """
     refunded: list[int] = []
-    for generation_id, prediction_id in unfinished_generations(
+    for generation_id, attempt, prediction_id in unfinished_generations(
         engine, run_id=run_id, batch_key=batch_key
     ):
         if prediction_id and cancel_prediction is not None:
@@ -93,7 +93,19 @@ def refund_unfinished(
                 cancel_prediction(prediction_id)
             except Exception as exc:  # the refund must not depend on the provider being up
                 log.warning("could not cancel prediction %s: %s", prediction_id, exc)
+        # The attempt read above only: one requeued and restarted meanwhile is not this run's.
         with session_scope(engine) as session:
-            if gens.fail(session, generation_id, code=code, message=message, status=status):
-                refunded.append(generation_id)
+            try:
+                ended = gens.fail(
+                    session,
+                    generation_id,
+                    code=code,
+                    message=message,
+                    status=status,
+                    attempt=attempt,
+                )
+            except gens.AttemptMismatch:
+                continue
+        if ended:
+            refunded.append(generation_id)
     return refunded

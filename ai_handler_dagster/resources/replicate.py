@@ -57,8 +57,9 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 #: Upper bound of any single backoff sleep, whatever the attempt number or Retry-After says.
 _MAX_SLEEP_S = 60.0
-#: Pages of ``GET /v1/predictions`` (100 each) scanned when looking for a lost create.
-_ADOPT_MAX_PAGES = 10
+#: Pages of ``GET /v1/predictions`` (100 each) scanned when looking for a lost create: a few
+#: minutes of an account creating at Replicate's limit of about 600 a minute.
+_ADOPT_MAX_PAGES = 50
 #: Longest message kept from a provider error (model errors can carry whole tracebacks).
 _MAX_MESSAGE_CHARS = 2000
 
@@ -566,13 +567,13 @@ class ListSweep:
             if created is not None:
                 oldest = created if oldest is None else min(oldest, created)
             prediction_id = item.get("id")
-            if prediction_id not in pending:
+            if not isinstance(prediction_id, str) or prediction_id not in pending:
                 continue
             if created is not None:
                 self._created[prediction_id] = created
             try:
                 snapshot = PredictionSnapshot.from_json(item)
-            except GenerationError:
+            except Exception:  # an entry we cannot read: a GET reads the whole prediction
                 continue
             if snapshot.is_terminal and not {"output", "metrics"} <= item.keys():
                 continue  # a summary without the result: a GET reads the whole prediction
@@ -741,6 +742,7 @@ class ReplicateResource(dg.ConfigurableResource):
         adopt: Callable[[], PredictionSnapshot | None] | None = None,
         maybe_created: bool = False,
         cancel_after_s: float | None = None,
+        before_try: Callable[[], None] | None = None,
     ) -> PredictionSnapshot:
         """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
 
@@ -756,7 +758,8 @@ class ReplicateResource(dg.ConfigurableResource):
         when this attempt may already have called ``create`` (an op retry, a resumed run).
 
         ``cancel_after_s`` replaces the resource's ``Cancel-After`` for this create (a model's
-        own deadline, see ``lifetimes.py``).
+        own deadline, see ``lifetimes.py``). ``before_try()`` is called right before each
+        create request (to note that an answer is in flight).
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -786,6 +789,8 @@ class ReplicateResource(dg.ConfigurableResource):
                     continue
                 if adopted is not None:
                     return adopted
+            if before_try is not None:
+                before_try()
             try:
                 if version is not None:
                     prediction = client.predictions.create(version=version, input=payload, **params)
@@ -846,31 +851,42 @@ class ReplicateResource(dg.ConfigurableResource):
         wanted_input = _normalize_json(payload)
         names = None if model_names is None else {model, *model_names}
         found: list[tuple[float, PredictionSnapshot]] = []
-        for item in self.recent_predictions(since):
+        for item in self.recent_predictions(since, max_pages=_ADOPT_MAX_PAGES, complete=True):
             if item.get("source", "api") != "api":
                 continue
             if version is not None:
                 if item.get("version") != version:
                     continue
-            elif names is not None and item.get("model") not in names:
+            elif names is not None and not (
+                isinstance(item.get("model"), str) and item["model"] in names
+            ):
                 continue
             if _normalize_json(item.get("input")) != wanted_input:
                 continue
             created = parse_time(item.get("created_at"))
             distance = abs(created - started_at) if created is not None else float("inf")
-            with contextlib.suppress(GenerationError):
+            with contextlib.suppress(Exception):  # an entry we cannot read is nobody's to take
                 found.append((distance, PredictionSnapshot.from_json(item)))
         found.sort(key=lambda pair: pair[0])
         return [snapshot for _, snapshot in found]
 
-    def recent_predictions(self, since: float, *, max_pages: int | None = None) -> list[dict]:
+    def recent_predictions(
+        self, since: float, *, max_pages: int | None = None, complete: bool = False
+    ) -> list[dict]:
         """Predictions of the account created at or after ``since`` (epoch seconds), newest
-        first, read from the list endpoint (at most ``max_pages`` pages of 100)."""
+        first, read from the list endpoint (at most ``max_pages`` pages of 100). Entries
+        without a string ``id`` are left out.
+
+        With ``complete``, a list cut short by ``max_pages`` before reaching ``since`` raises a
+        retryable ``GenerationError``: a lost create that is not seen must not look absent.
+        """
         out: list[dict[str, Any]] = []
+        last: Mapping[str, Any] = {}
+        reached_older = False
         for page in _list_pages(self, max_pages or _ADOPT_MAX_PAGES):
-            reached_older = False
+            last = page
             for item in page.get("results") or []:
-                if not isinstance(item, dict):
+                if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                     continue
                 created = parse_time(item.get("created_at"))
                 if created is not None and created < since:
@@ -879,6 +895,13 @@ class ReplicateResource(dg.ConfigurableResource):
                 out.append(item)
             if reached_older:
                 break
+        if complete and not reached_older and last.get("next"):
+            raise GenerationError(
+                errors.PROVIDER_UNAVAILABLE,
+                f"the provider's list holds more than {max_pages or _ADOPT_MAX_PAGES} pages "
+                "since the create; nothing is created while a lost one may hide further down",
+                retryable=True,
+            )
         return out
 
     # ---- get / cancel -----------------------------------------------------------------------

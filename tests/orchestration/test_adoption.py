@@ -23,6 +23,7 @@ an orphan (one of our attempts could have made it, none owns it) is canceled.
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -164,6 +165,19 @@ def test_an_orphan_is_canceled_and_nothing_else(
             session, lost, mine.id, mine.model, mine.version, attempt=1, how="adopted"
         )
     in_flight = resource.create(SKETCH, {"prompt": "busy", **SMALL})  # busy's answer, unrecorded
+    # An attempt that ended long ago, and a later prediction of its input by another app: an
+    # attempt can have made predictions only while it was creating.
+    [old] = submit(app_db, "cy", [(SKETCH, {"prompt": "long ago", **SMALL})])
+    with session_scope(engine) as session:
+        gens.start_attempt(session, old, run_id="run-0", prices=prices)
+        gens.begin_create(session, old, attempt=1)
+        gens.create_lost(session, old, 1)
+        gens.fail(session, old, code="run_failed", message="crashed long ago")
+        record = session.get(CreateAttempt, (old, 1))
+        assert record is not None
+        record.started_at -= timedelta(hours=1)
+        record.state_at -= timedelta(hours=1)
+    later_by_another_app = resource.create(SKETCH, {"prompt": "long ago", **SMALL})
     other_app = resource.create(SKETCH, {"prompt": "someone else's", **SMALL})
     web = emulator.web_prediction(SKETCH, same)
     canceled = adoption.cancel_orphans(
@@ -172,7 +186,7 @@ def test_an_orphan_is_canceled_and_nothing_else(
     assert canceled == [orphan.id]
     status = {p["id"]: p["status"] for p in emulator.predictions()}
     assert status[orphan.id] == "canceled"
-    for kept in (mine.id, in_flight.id, other_app.id, web["id"]):
+    for kept in (mine.id, in_flight.id, other_app.id, web["id"], later_by_another_app.id):
         assert status[kept] in ("starting", "processing"), kept
 
 

@@ -413,6 +413,64 @@ def test_a_lost_answer_without_adopt_is_never_created_again(
     assert emulator.stats()["creates"] == 1
 
 
+def test_every_create_request_is_announced_before_it_is_sent(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """The caller notes each try's answer as in flight (orphan sweeps must not take a
+    prediction whose answer is on its way), including a retry after a 429."""
+    emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=1))
+    calls: list[int] = []
+
+    def lift() -> None:
+        deadline = time.monotonic() + 10
+        while emulator.stats()["http_429"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        emulator.configure(faults=Faults())
+
+    lifter = threading.Thread(target=lift)
+    lifter.start()
+    resource = make_replicate()
+    resource.create(IMAGE, {"prompt": "announced", **SMALL}, before_try=lambda: calls.append(1))
+    lifter.join()
+    assert len(calls) == _requests(emulator, "POST /v1/models") >= 2
+
+
+def test_a_list_too_long_to_reach_the_create_is_not_taken_for_absence(
+    emulator: Any, make_replicate: MakeResource
+) -> None:
+    """Regression (review): the list was read for at most a fixed number of pages and a lost
+    create further down looked absent, so a second paid prediction was created."""
+    emulator.configure(page_size=2)
+    resource = make_replicate()
+    since = time.time() - 60
+    for i in range(5):
+        resource.create(IMAGE, {"prompt": f"p{i}", **SMALL})
+    assert len(resource.recent_predictions(since, max_pages=1)) == 2  # partial is fine here
+    with pytest.raises(GenerationError) as info:
+        resource.recent_predictions(since, max_pages=1, complete=True)
+    assert info.value.retryable and "more than 1 pages" in info.value.message
+    assert len(resource.recent_predictions(since, max_pages=10, complete=True)) == 5
+
+
+def test_odd_list_entries_are_nobodys_candidates() -> None:
+    """One foreign entry of an odd shape in the account's list must not fail a batch."""
+
+    class FakeResource(ReplicateResource):
+        def recent_predictions(self, since: float, **kw: Any) -> list[dict]:
+            deep: Any = []
+            for _ in range(5000):
+                deep = [deep]
+            return [
+                {"id": "p1", "status": "starting", "model": ["not", "a", "name"], "input": {}},
+                {"id": "p2", "status": "failed", "model": IMAGE, "input": {}, "error": deep},
+                {"id": "p3", "status": "starting", "model": IMAGE, "input": {}},
+            ]
+
+    fake = FakeResource(api_token="r8_unused", base_url="http://127.0.0.1:9")
+    found = fake.lost_create_candidates(IMAGE, {}, started_at=time.time(), model_names={IMAGE})
+    assert [c.id for c in found] == ["p3"]
+
+
 def test_candidates_are_api_made_same_input_named_models_nearest_first(
     emulator: Any, make_replicate: MakeResource
 ) -> None:
