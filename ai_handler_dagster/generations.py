@@ -73,6 +73,7 @@ __all__ = [
     "owned_predictions",
     "record_prediction",
     "requeue",
+    "resume",
     "start_attempt",
     "stored_request_problem",
     "submit",
@@ -530,6 +531,21 @@ class AttemptMismatch(InvalidTransition):
 
 class PredictionOwned(InvalidTransition):
     """The prediction already belongs to another generation attempt (now or in the past)."""
+
+
+def resume(session: Session, generation_id: int, *, batch_key: str) -> bool:
+    """Send an unfinished attempt back to ``queued`` under ``batch_key``, keeping its hold, its
+    prediction and its attempt: a new run picks it up where its last run stopped. False (nothing
+    changed) unless the generation is queued or running."""
+    row = _lock(session, generation_id)
+    if row.status not in ("queued", "running"):
+        return False
+    row.status = "queued"
+    row.batch_key = batch_key
+    row.dagster_run_id = None
+    row.queued_at = utcnow()
+    session.flush()
+    return True
 
 
 def record_prediction(

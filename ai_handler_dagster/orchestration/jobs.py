@@ -32,6 +32,8 @@ from ai_handler_dagster.orchestration.ops import (
 from ai_handler_dagster.orchestration.recovery import (
     BATCH_TAG,
     refund_unfinished,
+    resume_batch,
+    retry_overdue,
     will_be_retried,
 )
 from ai_handler_dagster.resources.database import DatabaseResource
@@ -189,13 +191,23 @@ def reconcile(
             .group_by(Generation.batch_key)
             .limit(500)
         ).all()
-    settled = 0
+    settled = resumed_count = 0
     for batch_key, queued_at in batches:
         runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: str(batch_key)}))
         if any(not run.is_finished for run in runs):
             continue
         if runs and will_be_retried(context.instance, runs[0]):
-            continue  # Dagster is about to re-execute it; the retry resumes these generations
+            if not retry_overdue(context.instance, runs[0], now):
+                continue  # Dagster is about to re-execute it; the retry resumes these generations
+            resumed = resume_batch(engine, str(batch_key))
+            if resumed is not None:
+                new_key, ids = resumed
+                context.log.warning(
+                    f"run {runs[0].run_id} was to be retried but no retry came: batch "
+                    f"{batch_key} resumed as {new_key} ({len(ids)} generations)"
+                )
+                resumed_count += len(ids)
+                continue
         if not runs and queued_at is not None and now - queued_at < LOST_BATCH_AFTER:
             continue  # the sensor may still be launching it
         ended = runs[0].status.value if runs else "missing"
@@ -224,6 +236,7 @@ def reconcile(
     result = {
         "expired_holds": len(expired),
         "settled_generations": settled,
+        "resumed_generations": resumed_count,
         "canceled_orphans": len(orphans),
         "pruned_webhook_records": deliveries + states,
     }

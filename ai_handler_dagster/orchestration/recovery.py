@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
-from dagster._core.storage.tags import WILL_RETRY_TAG
+from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.storage.tags import PARENT_RUN_ID_TAG, WILL_RETRY_TAG
 from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
 import ai_handler_dagster.generations as gens
@@ -46,6 +47,39 @@ def will_be_retried(instance: Any, run: DagsterRun) -> bool:
     if run.status != DagsterRunStatus.FAILURE or not instance.run_retries_enabled:
         return False
     return bool(should_retry(run, instance))
+
+
+#: A run Dagster tagged for a retry that has no retry run after this long will not get one (its
+#: failure event can be missed by Dagster's retry daemon): the project resumes its batch.
+RETRY_OVERDUE_AFTER = timedelta(minutes=2)
+#: How often a batch is resumed that way before its generations are refunded instead.
+MAX_RESUMES = 3
+
+
+def retry_overdue(instance: Any, run: DagsterRun, now: datetime) -> bool:
+    """Whether Dagster decided to retry this finished run but no retry run appeared in time."""
+    record = instance.get_run_record_by_id(run.run_id)
+    if record is None or now - record.update_timestamp < RETRY_OVERDUE_AFTER:
+        return False
+    children = instance.get_runs(filters=RunsFilter(tags={PARENT_RUN_ID_TAG: run.run_id}))
+    return not children
+
+
+def resume_batch(engine: sa.Engine, batch_key: str) -> tuple[str, list[int]] | None:
+    """Requeue a batch's unfinished generations under a new batch key (``<key>-r<n>``), with
+    their holds, predictions and attempts, for the request sensor to start a new run; None once
+    the batch was resumed ``MAX_RESUMES`` times (its generations are then refunded)."""
+    base, sep, count = batch_key.rpartition("-r")
+    resumes = int(count) if sep and count.isdigit() else 0
+    if resumes >= MAX_RESUMES:
+        return None
+    new_key = f"{base if sep and count.isdigit() else batch_key}-r{resumes + 1}"
+    resumed = []
+    for generation_id, _attempt, _prediction in unfinished_generations(engine, batch_key=batch_key):
+        with session_scope(engine) as session:
+            if gens.resume(session, generation_id, batch_key=new_key):
+                resumed.append(generation_id)
+    return new_key, resumed
 
 
 def unfinished_generations(

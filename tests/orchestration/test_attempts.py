@@ -9,8 +9,10 @@ for; and an attempt refunded after its upload kept its objects readable in S3.
 
 from __future__ import annotations
 
+import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,10 +26,11 @@ from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold
 from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.ops import AwaitedPrediction, finalize
+from ai_handler_dagster.orchestration.ops import AwaitedPrediction, finalize, store_outputs
 from ai_handler_dagster.orchestration.sensors import batch_key_for
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
+from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import StagedFile
 from ai_handler_dagster.storage.s3 import S3OutputStore, file_sha256
@@ -197,3 +200,31 @@ def test_a_hold_lives_as_long_as_the_formula_says(
 
     assert lifetime(inserted) == timedelta(seconds=900 + 2000 + 600)
     assert lifetime(submitted) == timedelta(seconds=900 + 3600 + 600)
+
+
+class _BrokenStaging(OutputPolicyResource):
+    """Stages one file, then fails with an error that is no GenerationError (a bug, a full
+    disk), as a download thread could."""
+
+    def stage(self, output: Any, policy: Any, tmp_dir: str) -> list[Any]:
+        (Path(tmp_dir) / "half-written.png").write_bytes(b"\x89PNG")
+        raise OSError("No space left on device")
+
+
+def test_a_failing_download_thread_leaves_no_staged_files(
+    app_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (traced): store_outputs left its staging folder behind when a thread raised
+    something other than a GenerationError; the step fails (its retry stages again) clean."""
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    awaited = [AwaitedPrediction(1, 1, "pred-1", output=["x"], predict_time=1.0)]
+    with pytest.raises(OSError, match="No space left"):
+        store_outputs(
+            build_op_context(),
+            awaited,
+            database=DatabaseResource(url=app_db),
+            output_policy=_BrokenStaging(),
+        )
+    assert list(temp_root.iterdir()) == []

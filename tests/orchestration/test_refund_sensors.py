@@ -19,6 +19,7 @@ still obeyed.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from dagster import (
@@ -192,3 +193,36 @@ def test_reconciliation_decides_retries_as_the_sensors_do(
     result = _reconcile(retrying_instance, app_db)
     assert _status(app_db, gid) == expected
     assert result["settled_generations"] == (1 if expected == "failed" else 0)
+
+
+def test_a_retry_that_never_comes_is_resumed_by_a_new_run_then_refunded(
+    app_db: str, retrying_instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (seen in the chaos soak, seed 1): Dagster tagged a crashed run for a retry
+    (``dagster/will_retry=true``) but its retry daemon never created one (it missed the
+    failure event), and every refund path deferred to the retry: six generations stayed
+    ``running`` with their holds. Once the retry is overdue, reconciliation resumes the batch
+    under a new key (hold, prediction and attempt kept) for the sensor to start a new run; after
+    ``MAX_RESUMES`` it refunds instead."""
+    from ai_handler_dagster.orchestration import recovery
+
+    monkeypatch.setattr(recovery, "RETRY_OVERDUE_AFTER", timedelta(0))
+    run = _failed_run_without_tag(retrying_instance, {WILL_RETRY_TAG: "true"})
+    gid = _running_generation(app_db, run.run_id)
+    with session_scope(make_engine(app_db)) as session:
+        hold_id = gens.get(session, gid).hold_id
+    result = _reconcile(retrying_instance, app_db)
+    assert (result["resumed_generations"], result["settled_generations"]) == (1, 0)
+    with session_scope(make_engine(app_db)) as session:
+        row = gens.get(session, gid)
+        assert (row.status, row.batch_key, row.attempt) == ("queued", f"{BATCH}-r1", 1)
+        assert row.hold_id == hold_id and row.dagster_run_id is None
+    # A batch resumed MAX_RESUMES times already is refunded.
+    with session_scope(make_engine(app_db)) as session:
+        gens.get(session, gid).batch_key = f"{BATCH}-r{recovery.MAX_RESUMES}"
+    last = _failed_run_without_tag(
+        retrying_instance, {WILL_RETRY_TAG: "true", BATCH_TAG: f"{BATCH}-r{recovery.MAX_RESUMES}"}
+    )
+    assert last.tags[BATCH_TAG].endswith(f"-r{recovery.MAX_RESUMES}")
+    assert _reconcile(retrying_instance, app_db)["settled_generations"] == 1
+    assert _status(app_db, gid) == "failed"
