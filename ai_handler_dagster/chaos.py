@@ -48,6 +48,7 @@ import sqlalchemy as sa
 from ai_handler_dagster import chaos_audit
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.instance import WORKSPACE_FILE
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -664,7 +665,7 @@ def launch_reconcile(stack: Stack) -> None:
             "job",
             "launch",
             "-w",
-            str(stack.config.state_dir / "workspace.yaml"),
+            str(WORKSPACE_FILE),
             "-j",
             "reconcile_job",
         ],
