@@ -74,6 +74,23 @@ def job_resources(db_url: str, emulator: EmulatorHandle, s3: LocalS3) -> dict[st
     }
 
 
+def run_pending(
+    db_url: str, emulator: EmulatorHandle, s3: LocalS3, instance: DagsterInstance
+) -> None:
+    """Claim every pending generation into one batch, as the sensor would, and run it."""
+    from ai_handler_dagster.orchestration.jobs import generation_job
+    from ai_handler_dagster.orchestration.sensors import batch_key_for
+
+    with session_scope(make_engine(db_url)) as session:
+        ids = [r.id for r in gens.claim_pending(session, limit=100, batch_key_fn=batch_key_for)]
+    result = generation_job.execute_in_process(
+        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
+        resources=job_resources(db_url, emulator, s3),
+        instance=instance,
+    )
+    assert result.success
+
+
 def submit(db_url: str, user: str, requests: list[tuple[str, dict[str, Any]]]) -> list[int]:
     prices = load_pricing()
     with session_scope(make_engine(db_url)) as session:

@@ -36,31 +36,18 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
-from ai_handler_dagster.orchestration.jobs import generation_job
 from ai_handler_dagster.orchestration.ops import Held, create_predictions
-from ai_handler_dagster.orchestration.sensors import batch_key_for
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
-from .conftest import grant, job_resources, submit
+from .conftest import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 SKETCH = "demo/pixel-sketch"
 ALIAS = "demo/pixel-sketch-official"
 SMALL = {"width": 64, "height": 64}
-
-
-def _run(app_db: str, emulator: EmulatorHandle, s3: LocalS3, instance: DagsterInstance) -> None:
-    with session_scope(make_engine(app_db)) as session:
-        ids = [r.id for r in gens.claim_pending(session, limit=100, batch_key_fn=batch_key_for)]
-    result = generation_job.execute_in_process(
-        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
-        resources=job_resources(app_db, emulator, s3),
-        instance=instance,
-    )
-    assert result.success
 
 
 def _rows(app_db: str) -> dict[int, Generation]:
@@ -97,7 +84,7 @@ def test_every_answer_lost_identical_inputs_alias_and_regenerate(
     grant(app_db, "ada", 200)
     same = {"prompt": "the same fox", "seed": 5, **SMALL}
     first = submit(app_db, "ada", [(SKETCH, same), (SKETCH, same), (SKETCH, same)])
-    _run(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, instance)
     rows = _rows(app_db)
     assert [rows[g].status for g in first] == ["succeeded"] * 3, [
         (rows[g].error_code, rows[g].error_message) for g in first
@@ -111,7 +98,7 @@ def test_every_answer_lost_identical_inputs_alias_and_regenerate(
     later = submit(app_db, "ada", [(SKETCH, same)])
     with session_scope(make_engine(app_db)) as session:
         gens.requeue(session, first[0], include_succeeded=True)
-    _run(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, instance)
     rows = _rows(app_db)
     assert rows[later[0]].status == "succeeded" and rows[first[0]].status == "succeeded"
     assert rows[first[0]].attempt == 2
@@ -132,7 +119,7 @@ def test_a_website_prediction_with_the_same_input_is_left_alone(
     emulator.configure(faults=Faults(drop_create_rate=1.0))
     [gid] = submit(app_db, "bo", [(SKETCH, same)])
     web = emulator.web_prediction(SKETCH, same)
-    _run(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, instance)
     row = _rows(app_db)[gid]
     assert row.status == "succeeded" and row.prediction_id != web["id"]
     theirs = {p["id"]: p for p in emulator.predictions()}[web["id"]]

@@ -25,9 +25,7 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold
 from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
-from ai_handler_dagster.orchestration.jobs import generation_job
 from ai_handler_dagster.orchestration.ops import AwaitedPrediction, finalize, store_outputs
-from ai_handler_dagster.orchestration.sensors import batch_key_for
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
@@ -35,7 +33,7 @@ from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import StagedFile
 from ai_handler_dagster.storage.s3 import S3OutputStore, file_sha256
 
-from .conftest import grant, job_resources, submit
+from .conftest import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -47,17 +45,6 @@ OUTPUT = {
     "sha256": "0" * 64,
     "content_type": "image/png",
 }
-
-
-def _run(app_db: str, emulator: EmulatorHandle, s3: LocalS3, instance: DagsterInstance) -> None:
-    with session_scope(make_engine(app_db)) as session:
-        ids = [r.id for r in gens.claim_pending(session, limit=100, batch_key_fn=batch_key_for)]
-    result = generation_job.execute_in_process(
-        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
-        resources=job_resources(app_db, emulator, s3),
-        instance=instance,
-    )
-    assert result.success
 
 
 def _row(app_db: str, gid: int) -> Generation:
@@ -111,12 +98,12 @@ def test_a_regenerate_keeps_what_the_user_paid_for(
 ) -> None:
     grant(app_db, "bo", 100)
     [gid] = submit(app_db, "bo", [(SKETCH, {"prompt": "again", "seed": 3})])
-    _run(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, instance)
     first = _row(app_db, gid).outputs
     assert [o["key"] for o in first or []] == [f"generations/{gid}/a1/0.png"]
     with session_scope(make_engine(app_db)) as session:
         gens.requeue(session, gid, include_succeeded=True)
-    _run(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, instance)
     row = _row(app_db, gid)
     assert row.status == "succeeded" and row.attempt == 2
     assert [o["key"] for o in row.outputs or []] == [f"generations/{gid}/a2/0.png"]
@@ -190,7 +177,7 @@ def test_a_hold_lives_as_long_as_the_formula_says(
         ).scalar_one()
     overrides = {"run_monitoring": {"enabled": True, "max_runtime_seconds": 2000}}
     with instance_for_test(overrides=overrides) as instance:
-        _run(app_db, emulator, local_s3, instance)
+        run_pending(app_db, emulator, local_s3, instance)
 
     def lifetime(gid: int) -> timedelta:
         with session_scope(make_engine(app_db)) as session:

@@ -219,6 +219,20 @@ def _emulated(handle: Any) -> dict[str, dict[str, Any]]:
     return {p["id"]: p for p in handle.predictions()}
 
 
+def _lift_after_first(handle: Any, counter: str) -> threading.Thread:
+    """A started thread that turns the emulator's faults off once ``counter`` counts one."""
+
+    def lift() -> None:
+        deadline = time.monotonic() + 10
+        while handle.stats()[counter] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handle.configure(faults=Faults())
+
+    lifter = threading.Thread(target=lift)
+    lifter.start()
+    return lifter
+
+
 def _requests(handle: Any, route_fragment: str) -> int:
     return sum(n for route, n in handle.stats()["requests"].items() if route_fragment in route)
 
@@ -300,15 +314,7 @@ def test_429_on_create_is_retried_into_one_prediction(
     emulator: Any, make_replicate: MakeResource
 ) -> None:
     emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=1))
-
-    def lift_when_throttled() -> None:
-        deadline = time.monotonic() + 10
-        while emulator.stats()["http_429"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        emulator.configure(faults=Faults())
-
-    lifter = threading.Thread(target=lift_when_throttled)
-    lifter.start()
+    lifter = _lift_after_first(emulator, "http_429")
     started = time.monotonic()
     snapshot = make_replicate().create(IMAGE, {"prompt": "throttled", **SMALL})
     lifter.join()
@@ -336,15 +342,7 @@ def test_500_on_create_then_recovery_creates_once(
     emulator: Any, make_replicate: MakeResource
 ) -> None:
     emulator.configure(faults=Faults(http_500_rate=1.0))
-
-    def lift_after_first_500() -> None:
-        deadline = time.monotonic() + 10
-        while emulator.stats()["http_500"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        emulator.configure(faults=Faults())
-
-    lifter = threading.Thread(target=lift_after_first_500)
-    lifter.start()
+    lifter = _lift_after_first(emulator, "http_500")
     resource = make_replicate(retry_backoff_s=0.2)
     request = {"prompt": "blip", **SMALL}
     snapshot = resource.create(
@@ -420,15 +418,7 @@ def test_every_create_request_is_announced_before_it_is_sent(
     prediction whose answer is on its way), including a retry after a 429."""
     emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=1))
     calls: list[int] = []
-
-    def lift() -> None:
-        deadline = time.monotonic() + 10
-        while emulator.stats()["http_429"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        emulator.configure(faults=Faults())
-
-    lifter = threading.Thread(target=lift)
-    lifter.start()
+    lifter = _lift_after_first(emulator, "http_429")
     resource = make_replicate()
     resource.create(IMAGE, {"prompt": "announced", **SMALL}, before_try=lambda: calls.append(1))
     lifter.join()
