@@ -624,7 +624,8 @@ def input_sha256(value: Any) -> str:
 
 
 def _attempt_row(session: Session, row: Generation, now: datetime) -> CreateAttempt:
-    """The ``create_attempts`` row of the generation's current attempt, created if missing."""
+    """The ``create_attempts`` row of the generation's current attempt, created if missing (a
+    new one is pending in the session: ``record in session.new``)."""
     record = session.get(CreateAttempt, (row.id, row.attempt), populate_existing=True)
     if record is None:
         record = CreateAttempt(
@@ -664,35 +665,37 @@ def begin_create(
     if row.status != "running":
         raise InvalidTransition(f"generation {generation_id} is {row.status}, not running")
     now = now or utcnow()
-    existed = session.get(CreateAttempt, (row.id, row.attempt)) is not None
     record = _attempt_row(session, row, now)
+    earlier = None if record in session.new else record.started_at
     if record.state != "owned":
         record.state, record.state_at = "creating", now
     session.flush()
-    return record.started_at if existed else None
+    return earlier
+
+
+def _mark(session: Session, generation_id: int, attempt: int, state: str) -> None:
+    """Move an attempt that owns nothing yet to ``state`` as of now."""
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is None or record.state == "owned":
+        return
+    now = utcnow()
+    if state == "lost":
+        record.lost_at = record.lost_at or now
+    record.state, record.state_at = state, now
+    session.flush()
 
 
 def create_lost(session: Session, generation_id: int, attempt: int) -> None:
     """The attempt's create answer was lost: it now looks for its prediction (state ``lost``,
     ``state_at`` now), so siblings waiting for its answer stop waiting and orphan sweeps leave
     its candidates alone while it looks."""
-    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
-    if record is None or record.state == "owned":
-        return
-    now = utcnow()
-    record.lost_at = record.lost_at or now
-    record.state, record.state_at = "lost", now
-    session.flush()
+    _mark(session, generation_id, attempt, "lost")
 
 
 def create_in_flight(session: Session, generation_id: int, attempt: int) -> None:
     """A create request of the attempt is about to be sent (state ``creating``, ``state_at``
     now): until its answer is recorded, a listed prediction may be this attempt's."""
-    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
-    if record is None or record.state == "owned":
-        return
-    record.state, record.state_at = "creating", utcnow()
-    session.flush()
+    _mark(session, generation_id, attempt, "creating")
 
 
 def creating_siblings(
@@ -804,10 +807,7 @@ def succeed(
             f"{'' if row.hold_id else ' without a hold'}; it cannot succeed"
         )
     stored = _check_outputs(outputs)
-    try:
-        price = prices.price_for(row.model)
-    except (UnpricedModel, ValueError):
-        price = None
+    price = prices.find(row.model)
     if not stored and not (price is not None and price.allow_empty_output):
         raise EmptyOutput(
             f"generation {generation_id}: the prediction succeeded with no output to store"

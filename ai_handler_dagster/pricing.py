@@ -171,6 +171,13 @@ class PriceBook:
             raise UnpricedModel(model_ref, self.source)
         return found
 
+    def find(self, model_ref: str) -> Price | None:
+        """The price of ``model_ref``, or None when it has none or is malformed."""
+        try:
+            return self.price_for(model_ref)
+        except (UnpricedModel, ValueError):
+            return None
+
     def models(self) -> list[str]:
         """Every priced model key, sorted."""
         return sorted(self._prices)

@@ -46,7 +46,6 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
-from ai_handler_dagster.pricing import Price, PriceBook, UnpricedModel
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import (
@@ -179,13 +178,6 @@ def _fail(
             )
         except gens.InvalidTransition:
             return False
-
-
-def _price(prices: PriceBook, model: str) -> Price | None:
-    try:
-        return prices.price_for(model)
-    except (UnpricedModel, ValueError):
-        return None
 
 
 def _first_creates(engine: sa.Engine, attempts: Mapping[int, int]) -> dict[int, float]:
@@ -324,7 +316,7 @@ def create_predictions(
                 replicate,
                 attempt,
                 webhook=webhook,
-                cancel_after_s=lifetimes.cancel_after_s(_price(prices, row.model)),
+                cancel_after_s=lifetimes.cancel_after_s(prices.find(row.model)),
                 log=context.log.warning,
             )
         except GenerationError as error:
@@ -404,7 +396,7 @@ def await_predictions(
     first_creates = _first_creates(engine, attempts)
     deadlines = {
         pid: first_creates.get(gid, time.time())
-        + lifetimes.prediction_deadline_s(_price(prices, rows[gid].model))
+        + lifetimes.prediction_deadline_s(prices.find(rows[gid].model))
         for pid, gid in by_prediction.items()
     }
     waiting = replicate.wait_many(

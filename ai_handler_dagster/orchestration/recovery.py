@@ -70,10 +70,11 @@ def resume_batch(engine: sa.Engine, batch_key: str) -> tuple[str, list[int]] | N
     their holds, predictions and attempts, for the request sensor to start a new run; None once
     the batch was resumed ``MAX_RESUMES`` times (its generations are then refunded)."""
     base, sep, count = batch_key.rpartition("-r")
-    resumes = int(count) if sep and count.isdigit() else 0
-    if resumes >= MAX_RESUMES:
+    if not (sep and count.isdigit()):
+        base, count = batch_key, "0"
+    if int(count) >= MAX_RESUMES:
         return None
-    new_key = f"{base if sep and count.isdigit() else batch_key}-r{resumes + 1}"
+    new_key = f"{base}-r{int(count) + 1}"
     resumed = []
     for generation_id, _attempt, _prediction in unfinished_generations(engine, batch_key=batch_key):
         with session_scope(engine) as session:
