@@ -37,8 +37,8 @@ import sqlalchemy as sa
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, utcnow
+from ai_handler_dagster.domain import PREDICTION_RUNNING, AttemptState, parse_model_ref
 from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
-from ai_handler_dagster.pricing import parse_model_ref
 from ai_handler_dagster.resources.replicate import (
     PredictionSnapshot,
     ReplicateResource,
@@ -49,8 +49,6 @@ from ai_handler_dagster.resources.replicate import (
 CREATE_GRACE_S = 5.0
 #: Pages of the provider's list (100 each) an orphan sweep reads at most.
 ORPHAN_MAX_PAGES = 20
-#: Prediction statuses in which canceling still saves money.
-RUNNING = ("starting", "processing")
 
 Log = Callable[[str], None]
 
@@ -245,7 +243,9 @@ def cancel_orphans(
         for item in replicate.recent_predictions(
             (since - window).timestamp(), max_pages=ORPHAN_MAX_PAGES
         )
-        if item.get("status") in RUNNING and item.get("source", "api") == "api" and item.get("id")
+        if item.get("status") in PREDICTION_RUNNING
+        and item.get("source", "api") == "api"
+        and item.get("id")
     ]
     if not items:
         return []
@@ -278,7 +278,10 @@ def cancel_orphans(
             ]
             if not could_be:
                 continue  # not one of ours: never touched
-            if any(a.state in ("creating", "lost") and a.state_at >= busy_after for a in could_be):
+            if any(
+                a.state in (AttemptState.CREATING, AttemptState.LOST) and a.state_at >= busy_after
+                for a in could_be
+            ):
                 continue  # an attempt may still take it (an answer in flight, a search)
             replicate.cancel(str(item["id"]))
             canceled.append(str(item["id"]))
@@ -302,7 +305,7 @@ def _attempts(session: Any, since: datetime, by_sha: Mapping[str, Any]) -> list[
             CreateAttempt.started_at >= since - timedelta(hours=6),
             CreateAttempt.input_sha256.in_(list(by_sha)),
             # An attempt that got its answer every time left nothing behind.
-            sa.or_(CreateAttempt.lost_at.is_not(None), CreateAttempt.state != "owned"),
+            sa.or_(CreateAttempt.lost_at.is_not(None), CreateAttempt.state != AttemptState.OWNED),
         )
     ).all()
     session.expunge_all()

@@ -32,8 +32,8 @@ from ai_handler_dagster.db.engine import dispose_engines, make_engine, session_s
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.domain import TERMINAL
 
-TERMINAL = ("succeeded", "failed", "canceled")
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 

@@ -48,6 +48,7 @@ import sqlalchemy as sa
 from ai_handler_dagster import chaos_audit
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.instance import WORKSPACE_FILE
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
@@ -64,7 +65,6 @@ EMPTY_KINDS = ("empty-null", "empty-string", "empty-list", "empty-chunk")
 IDENTICAL_SHARE = 0.08
 EMPTY_SHARE = 0.03
 REGENERATE_SHARE = 0.03
-TERMINAL = ("succeeded", "failed", "canceled")
 
 #: ``application_name`` of the soak's own app-database connections (the application inserting
 #: requests, the progress and audit queries): the faults target the project's connections.
@@ -547,7 +547,7 @@ class Submitter(threading.Thread):
             return
         gid = self.ids[index]
         with session_scope(self.engine) as session:
-            if gens.get(session, gid).status == "succeeded":
+            if gens.get(session, gid).status == GenerationStatus.SUCCEEDED:
                 gens.requeue(session, gid, include_succeeded=True)
                 self.regenerated.append(gid)
 
@@ -910,7 +910,7 @@ def _report(
         if faults[kind] < 1:
             shortfalls.append(f"no {kind.replace('_', ' ')} happened")
     statuses = result.statuses
-    failed = statuses.get("failed", 0) + statuses.get("canceled", 0)
+    failed = sum(statuses.get(s, 0) for s in UNSUCCESSFUL)
     return {
         "seed": config.seed,
         "count": config.count,
@@ -920,7 +920,7 @@ def _report(
         "faults": faults,
         "fault_events": list(log.events),
         "s3_outage_s": [round(s, 1) for s in log.s3_outage_s],
-        "succeeded": statuses.get("succeeded", 0),
+        "succeeded": statuses.get(GenerationStatus.SUCCEEDED, 0),
         "failed": failed,
         "failed_by_code": result.failed_by_code,
         "refunded": result.refunded,

@@ -48,6 +48,8 @@ CHECKS: dict[str, str] = {
 }
 
 OUTPUTS_PREFIX = "generations/"
+# The audit spells out the stored words itself (not from ``domain.py``): it checks the tables
+# as the database holds them, independently of the code that wrote them.
 UNFINISHED = ("pending", "queued", "running")
 REFUND_KINDS = ("release", "expire")
 ENDING_KINDS = ("capture", *REFUND_KINDS)

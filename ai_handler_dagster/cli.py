@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ai_handler_dagster.settings import ConfigError
+from ai_handler_dagster.errors import AiHandlerError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -41,7 +41,7 @@ EXTENSION_MODULES = (
 )
 
 
-class UsageError(Exception):
+class UsageError(AiHandlerError):
     """Bad input from the command line: printed as ``error: ...`` with exit code 2."""
 
 
@@ -314,23 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: printed as ``error: ...`` with exit code 2."""
-    from ai_handler_dagster.generations import InvalidRequest, InvalidTransition, UnknownGeneration
-    from ai_handler_dagster.ledger import LedgerError
-    from ai_handler_dagster.pricing import UnpricedModel
-
-    return (
-        UsageError,
-        ConfigError,
-        InvalidRequest,
-        InvalidTransition,
-        UnknownGeneration,
-        LedgerError,
-        UnpricedModel,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (argparse errors included, never raises them)."""
     parser = build_parser()
@@ -341,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except _known_errors() as exc:
+    except AiHandlerError as exc:  # the project's own refusals; anything else is a bug
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except sa.exc.DBAPIError as exc:

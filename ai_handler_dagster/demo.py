@@ -24,11 +24,11 @@ from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEMO_CREDITS = 500
-TERMINAL = ("succeeded", "failed", "canceled")
 
 #: (model, input, expected status): the emulator fails any prompt containing "[fail]".
 DEMO_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
@@ -186,7 +186,7 @@ def run_demo(
             problems.append(
                 f"generation {row.id} ended {row.status} ({row.error_code}), expected {ids[row.id]}"
             )
-        if row.status == "succeeded" and not row.outputs:
+        if row.status == GenerationStatus.SUCCEEDED and not row.outputs:
             problems.append(f"generation {row.id} succeeded without outputs")
     if violations:
         problems.extend(str(v) for v in violations)
@@ -199,8 +199,8 @@ def run_demo(
 
     result = DemoResult(
         submitted=len(ids),
-        succeeded=sum(r.status == "succeeded" for r in rows),
-        failed=sum(r.status in ("failed", "canceled") for r in rows),
+        succeeded=sum(r.status == GenerationStatus.SUCCEEDED for r in rows),
+        failed=sum(r.status in UNSUCCESSFUL for r in rows),
         refunded=int(released or 0),
         credits_before=DEMO_CREDITS,
         credits_after=balance.balance,

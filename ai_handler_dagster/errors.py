@@ -79,7 +79,13 @@ ALL_CODES: Final[frozenset[str]] = frozenset(
 RETRYABLE_CODES: Final[frozenset[str]] = frozenset({RATE_LIMITED, PROVIDER_UNAVAILABLE})
 
 
-class GenerationError(Exception):
+class AiHandlerError(Exception):
+    """Base class of every error this project raises on purpose (bad input, a refused
+    transition, a provider failure, an unusable setting): the CLI prints these as
+    ``error: ...``; anything else is a bug and keeps its traceback."""
+
+
+class GenerationError(AiHandlerError):
     """A generation step failed with a stable ``code`` and a human-readable ``message``.
 
     ``retryable`` says whether repeating the same step later may succeed (throttling, outages).

@@ -35,20 +35,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from ai_handler_dagster import ledger, lifetimes
-from ai_handler_dagster.db.models import (
-    TERMINAL_STATUSES,
-    CreateAttempt,
-    Generation,
-    Hold,
-    utcnow,
+from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, utcnow
+from ai_handler_dagster.domain import (
+    IN_FLIGHT,
+    TERMINAL,
+    UNSUCCESSFUL,
+    AttemptState,
+    GenerationStatus,
+    HoldStatus,
+    InvalidModelRef,
+    check_identifier,
+    check_text,
+    parse_model_ref,
 )
 from ai_handler_dagster.errors import (
     DEADLINE_EXCEEDED,
     INSUFFICIENT_CREDITS,
     INVALID_REQUEST,
     UNPRICED_MODEL,
+    AiHandlerError,
 )
-from ai_handler_dagster.pricing import PriceBook, UnpricedModel, parse_model_ref
+from ai_handler_dagster.pricing import PriceBook, UnpricedModel
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -89,13 +96,10 @@ MAX_INPUT_DEPTH = 32
 MAX_TEXT_LENGTH = 255
 MAX_ERROR_MESSAGE_LENGTH = 4000
 
-# C0 controls except tab, newline and carriage return; DEL; C1 controls. Prompts with these are
-# almost always corrupted or an injection attempt, never what a user typed.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(AiHandlerError, ValueError):
     """A request that ``submit`` refuses; the message names what was wrong. Nothing was written."""
 
 
@@ -106,7 +110,7 @@ class CannotAfford(InvalidRequest, ledger.InsufficientCredits):
         ledger.InsufficientCredits.__init__(self, user_id, available, needed)
 
 
-class UnknownGeneration(LookupError):
+class UnknownGeneration(AiHandlerError, LookupError):
     """No generation has this id."""
 
     def __init__(self, generation_id: int) -> None:
@@ -114,11 +118,11 @@ class UnknownGeneration(LookupError):
         self.generation_id = generation_id
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(AiHandlerError):
     """The generation is not in a state that allows this transition (the message says which)."""
 
 
-class EmptyOutput(Exception):
+class EmptyOutput(AiHandlerError):
     """A generation would succeed with nothing stored for a model that must return something:
     no charge without a delivered output."""
 
@@ -156,33 +160,11 @@ def _lock(session: Session, generation_id: int) -> Generation:
 
 
 def _text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidRequest(f"{what} must be a non-empty string, got {value!r}")
-    if len(value) > MAX_TEXT_LENGTH:
-        raise InvalidRequest(f"{what} is longer than {MAX_TEXT_LENGTH} characters")
-    _check_string(value, what)
-    # Identifiers end up in logs, tags and run keys: not even a newline or tab is allowed.
-    for position, char in enumerate(value):
-        if char in "\t\n\r":
-            raise InvalidRequest(
-                f"{what} contains control character U+{ord(char):04X} at position {position}"
-            )
-    return value
+    return check_identifier(value, what, max_length=MAX_TEXT_LENGTH, error=InvalidRequest)
 
 
 def _check_string(value: str, where: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(
-            f"{where} is not valid UTF-8 (lone surrogate {value[exc.start]!r} at position "
-            f"{exc.start})"
-        ) from None
-    bad = _CONTROL.search(value)
-    if bad is not None:
-        raise InvalidRequest(
-            f"{where} contains control character U+{ord(bad.group()):04X} at position {bad.start()}"
-        )
+    check_text(value, where, error=InvalidRequest)
 
 
 def _walk(value: object, where: str, depth: int) -> None:
@@ -297,7 +279,7 @@ def submit(
         raise InvalidRequest(f"model must be a string 'owner/name[:version]', got {model!r}")
     try:
         parse_model_ref(model)
-    except ValueError as exc:
+    except InvalidModelRef as exc:
         raise InvalidRequest(str(exc)) from None
     payload = validate_input(input)
     if request_id is not None:
@@ -325,7 +307,7 @@ def submit(
         user_id=user_id,
         model=model,
         input=payload,
-        status="pending",
+        status=GenerationStatus.PENDING,
         attempt=1,
     )
     ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
@@ -377,7 +359,9 @@ def claim_pending(
     # The sensor needs ids, users and models only; not decoding inputs means a row holding text
     # that is not JSON (possible on SQLite) cannot make every tick fail.
     query = (
-        sa.select(Generation).where(Generation.status == "pending").options(defer(Generation.input))
+        sa.select(Generation)
+        .where(Generation.status == GenerationStatus.PENDING)
+        .options(defer(Generation.input))
     )
     if per_user_limit is None:
         query = query.order_by(Generation.id).limit(limit)
@@ -396,7 +380,7 @@ def claim_pending(
     key = batch_key_fn(rows)
     now = now or utcnow()
     for row in rows:
-        row.status = "queued"
+        row.status = GenerationStatus.QUEUED
         row.batch_key = key
         row.queued_at = now
     session.flush()
@@ -407,7 +391,7 @@ def _fair_candidates(session: Session, *, limit: int, per_user_limit: int) -> li
     """Ids of pending rows in round-robin order over users, within each user's remaining room."""
     in_flight = (
         sa.select(Generation.user_id, sa.func.count().label("n"))
-        .where(Generation.status.in_(("queued", "running")))
+        .where(Generation.status.in_(IN_FLIGHT))
         .group_by(Generation.user_id)
         .subquery()
     )
@@ -419,7 +403,7 @@ def _fair_candidates(session: Session, *, limit: int, per_user_limit: int) -> li
             .over(partition_by=Generation.user_id, order_by=Generation.id)
             .label("rn"),
         )
-        .where(Generation.status == "pending")
+        .where(Generation.status == GenerationStatus.PENDING)
         .subquery()
     )
     used = sa.func.coalesce(in_flight.c.n, 0)
@@ -465,7 +449,7 @@ def start_attempt(
     now = now or utcnow()
     if row.is_terminal:
         return row
-    if row.status == "running" and row.hold_id is not None:
+    if row.status == GenerationStatus.RUNNING and row.hold_id is not None:
         row.dagster_run_id = run_id
         session.flush()
         return row
@@ -473,17 +457,17 @@ def start_attempt(
         # Held at submit: a request submit accepted needs no second look. From here on the hold
         # must outlive this run, however long the request waited.
         hold = ledger.extend(session, row.hold_id, now + hold_ttl)
-        if hold.status != "pending":
+        if hold.status != HoldStatus.PENDING:
             _finish(
                 row,
-                "failed",
+                GenerationStatus.FAILED,
                 DEADLINE_EXCEEDED,
                 f"the credit hold placed at submit ended before the run started ({hold.status})",
                 now,
             )
             session.flush()
             return row
-        row.status = "running"
+        row.status = GenerationStatus.RUNNING
         row.dagster_run_id = run_id
         row.queued_at = row.queued_at or now
         row.started_at = now
@@ -491,13 +475,13 @@ def start_attempt(
         return row
     problem = stored_request_problem(row)
     if problem is not None:
-        _finish(row, "failed", INVALID_REQUEST, problem, now)
+        _finish(row, GenerationStatus.FAILED, INVALID_REQUEST, problem, now)
         session.flush()
         return row
     try:
         amount = prices.price_for(row.model).hold_amount()
     except (UnpricedModel, ValueError) as exc:
-        _finish(row, "failed", UNPRICED_MODEL, str(exc), now)
+        _finish(row, GenerationStatus.FAILED, UNPRICED_MODEL, str(exc), now)
         session.flush()
         return row
     try:
@@ -511,10 +495,10 @@ def start_attempt(
             now=now,
         )
     except (ledger.InsufficientCredits, ledger.UnknownAccount) as exc:
-        _finish(row, "failed", INSUFFICIENT_CREDITS, str(exc), now)
+        _finish(row, GenerationStatus.FAILED, INSUFFICIENT_CREDITS, str(exc), now)
         session.flush()
         return row
-    row.status = "running"
+    row.status = GenerationStatus.RUNNING
     row.dagster_run_id = run_id
     row.hold_id = held.id
     row.amount_held = held.amount
@@ -538,9 +522,9 @@ def resume(session: Session, generation_id: int, *, batch_key: str) -> bool:
     prediction and its attempt: a new run picks it up where its last run stopped. False (nothing
     changed) unless the generation is queued or running."""
     row = _lock(session, generation_id)
-    if row.status not in ("queued", "running"):
+    if row.status not in IN_FLIGHT:
         return False
-    row.status = "queued"
+    row.status = GenerationStatus.QUEUED
     row.batch_key = batch_key
     row.dagster_run_id = None
     row.queued_at = utcnow()
@@ -583,7 +567,7 @@ def record_prediction(
             f"generation {generation_id} already has prediction {row.prediction_id}; "
             f"refusing {prediction_id}"
         )
-    if row.status != "running":
+    if row.status != GenerationStatus.RUNNING:
         raise InvalidTransition(
             f"generation {generation_id} is {row.status}, not running; prediction {prediction_id} "
             "was not recorded and should be canceled"
@@ -592,7 +576,7 @@ def record_prediction(
     try:
         with session.begin_nested():
             record = _attempt_row(session, row, now)
-            record.state, record.state_at = "owned", now
+            record.state, record.state_at = AttemptState.OWNED, now
             record.prediction_id, record.how = prediction_id, how
             record.answered_model, record.answered_version = model, version
             row.prediction_id = prediction_id
@@ -634,7 +618,7 @@ def _attempt_row(session: Session, row: Generation, now: datetime) -> CreateAtte
             model=row.model,
             input_sha256=input_sha256(row.input),
             started_at=now,
-            state="creating",
+            state=AttemptState.CREATING,
             state_at=now,
         )
         session.add(record)
@@ -662,13 +646,13 @@ def begin_create(
     """
     row = _lock(session, generation_id)
     _check_attempt(row, attempt)
-    if row.status != "running":
+    if row.status != GenerationStatus.RUNNING:
         raise InvalidTransition(f"generation {generation_id} is {row.status}, not running")
     now = now or utcnow()
     record = _attempt_row(session, row, now)
     earlier = None if record in session.new else record.started_at
-    if record.state != "owned":
-        record.state, record.state_at = "creating", now
+    if record.state != AttemptState.OWNED:
+        record.state, record.state_at = AttemptState.CREATING, now
     session.flush()
     return earlier
 
@@ -676,10 +660,10 @@ def begin_create(
 def _mark(session: Session, generation_id: int, attempt: int, state: str) -> None:
     """Move an attempt that owns nothing yet to ``state`` as of now."""
     record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
-    if record is None or record.state == "owned":
+    if record is None or record.state == AttemptState.OWNED:
         return
     now = utcnow()
-    if state == "lost":
+    if state == AttemptState.LOST:
         record.lost_at = record.lost_at or now
     record.state, record.state_at = state, now
     session.flush()
@@ -689,13 +673,13 @@ def create_lost(session: Session, generation_id: int, attempt: int) -> None:
     """The attempt's create answer was lost: it now looks for its prediction (state ``lost``,
     ``state_at`` now), so siblings waiting for its answer stop waiting and orphan sweeps leave
     its candidates alone while it looks."""
-    _mark(session, generation_id, attempt, "lost")
+    _mark(session, generation_id, attempt, AttemptState.LOST)
 
 
 def create_in_flight(session: Session, generation_id: int, attempt: int) -> None:
     """A create request of the attempt is about to be sent (state ``creating``, ``state_at``
     now): until its answer is recorded, a listed prediction may be this attempt's."""
-    _mark(session, generation_id, attempt, "creating")
+    _mark(session, generation_id, attempt, AttemptState.CREATING)
 
 
 def creating_siblings(
@@ -714,7 +698,7 @@ def creating_siblings(
             .where(
                 CreateAttempt.model == mine.model,
                 CreateAttempt.input_sha256 == mine.input_sha256,
-                CreateAttempt.state == "creating",
+                CreateAttempt.state == AttemptState.CREATING,
                 CreateAttempt.state_at >= fresh_after,
                 sa.not_(
                     sa.and_(
@@ -799,9 +783,9 @@ def succeed(
         raise InvalidTransition(
             f"generation {generation_id} has prediction {row.prediction_id}, not {prediction_id}"
         )
-    if row.status == "succeeded":
+    if row.status == GenerationStatus.SUCCEEDED:
         return row
-    if row.status != "running" or row.hold_id is None:
+    if row.status != GenerationStatus.RUNNING or row.hold_id is None:
         raise InvalidTransition(
             f"generation {generation_id} is {row.status}"
             f"{'' if row.hold_id else ' without a hold'}; it cannot succeed"
@@ -823,7 +807,7 @@ def succeed(
         # reported none, the hold is charged. Raising here failed the whole batch's finalize.
         charge = row.amount_held
     ledger.capture(session, row.hold_id, charge, now=now)
-    _finish(row, "succeeded", None, None, now or utcnow())
+    _finish(row, GenerationStatus.SUCCEEDED, None, None, now or utcnow())
     row.outputs = stored
     record = session.get(CreateAttempt, (row.id, row.attempt))
     if record is not None:
@@ -839,7 +823,7 @@ def fail(
     *,
     code: str,
     message: str,
-    status: str = "failed",
+    status: str = GenerationStatus.FAILED,
     attempt: int | None = None,
     now: datetime | None = None,
 ) -> bool:
@@ -850,7 +834,7 @@ def fail(
     With ``attempt``, a generation that moved on to another attempt (requeued) raises
     ``InvalidTransition``: a run of an earlier attempt must not end the new one.
     """
-    if status not in ("failed", "canceled"):
+    if status not in UNSUCCESSFUL:
         raise ValueError(f"status must be 'failed' or 'canceled', got {status!r}")
     row = _lock(session, generation_id)
     _check_attempt(row, attempt)
@@ -861,9 +845,9 @@ def fail(
     now = now or utcnow()
     _finish(row, status, code, message, now)
     record = session.get(CreateAttempt, (row.id, row.attempt))
-    if record is not None and record.state in ("creating", "lost"):
+    if record is not None and record.state in (AttemptState.CREATING, AttemptState.LOST):
         # Ended without a prediction: a prediction it may have started is an orphan now.
-        record.state, record.state_at = "abandoned", now
+        record.state, record.state_at = AttemptState.ABANDONED, now
     session.flush()
     return True
 
@@ -876,7 +860,7 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
     be regenerated too; its old charge stays, the new attempt is charged again.
     """
     row = _lock(session, generation_id)
-    allowed = ("failed", "canceled", "succeeded") if include_succeeded else ("failed", "canceled")
+    allowed = (*UNSUCCESSFUL, GenerationStatus.SUCCEEDED) if include_succeeded else UNSUCCESSFUL
     if row.status not in allowed:
         raise InvalidTransition(
             f"generation {generation_id} is {row.status}; only {' or '.join(allowed)} "
@@ -885,7 +869,7 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
     if row.hold_id is not None:
         # Settled already by fail/succeed; this only guards against a hand-edited row.
         ledger.release_if_pending(session, row.hold_id, "requeued")
-    row.status = "pending"
+    row.status = GenerationStatus.PENDING
     row.attempt += 1
     for field in (
         "batch_key",
@@ -943,7 +927,7 @@ def _verify(session: Session) -> Iterator[ledger.Violation]:
             Hold.generation_id,
         )
         .outerjoin(Hold, Hold.id == Generation.hold_id)
-        .where(Generation.status.in_(("running", *TERMINAL_STATUSES)))
+        .where(Generation.status.in_((GenerationStatus.RUNNING, *TERMINAL)))
         .order_by(Generation.id)
         .execution_options(yield_per=1000)
     )
@@ -953,22 +937,24 @@ def _verify(session: Session) -> Iterator[ledger.Violation]:
             yield ledger.Violation(
                 subject, f"its hold {hold_id} belongs to generation {hold_gid}", hold_id=hold_id
             )
-        if status == "succeeded" and (hold_status != "captured" or captured != charged):
+        if status == GenerationStatus.SUCCEEDED and (
+            hold_status != HoldStatus.CAPTURED or captured != charged
+        ):
             yield ledger.Violation(
                 subject,
                 f"succeeded with {charged} charged but its hold {hold_id} is "
                 f"{hold_status or 'missing'} with {captured} captured",
                 hold_id=hold_id,
             )
-        if status in ("failed", "canceled") and hold_status == "pending":
+        if status in UNSUCCESSFUL and hold_status == HoldStatus.PENDING:
             yield ledger.Violation(
                 subject, f"{status} but its hold {hold_id} is still pending", hold_id=hold_id
             )
-        if status == "running" and hold_id is None:
+        if status == GenerationStatus.RUNNING and hold_id is None:
             yield ledger.Violation(subject, "running without a hold")
     doubles = session.execute(
         sa.select(Hold.generation_id, sa.func.count())
-        .where(Hold.status == "pending", Hold.generation_id.is_not(None))
+        .where(Hold.status == HoldStatus.PENDING, Hold.generation_id.is_not(None))
         .group_by(Hold.generation_id)
         .having(sa.func.count() > 1)
     )

@@ -19,11 +19,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ai_handler_dagster.errors import AiHandlerError
+
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 
 
-class BodyTooLarge(ValueError):
+class BodyTooLarge(AiHandlerError, ValueError):
     """A request body over the limit, refused before the data past the limit is read."""
 
 

@@ -35,7 +35,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ai_handler_dagster.db.models import ENDING_KINDS, Account, Hold, LedgerEntry, utcnow
+from ai_handler_dagster.db.models import Account, Hold, LedgerEntry, utcnow
+from ai_handler_dagster.domain import ENDING_KINDS, EntryKind, HoldStatus, check_identifier
+from ai_handler_dagster.errors import AiHandlerError
 
 __all__ = [
     "DEFAULT_HOLD_TTL",
@@ -68,12 +70,16 @@ MAX_AMOUNT = 10**15
 MAX_KEY_LENGTH = 255
 MAX_USER_ID_LENGTH = 255
 
-_ENDING_STATUS = {"capture": "captured", "release": "released", "expire": "expired"}
+_ENDING_STATUS: dict[str, HoldStatus] = {
+    EntryKind.CAPTURE: HoldStatus.CAPTURED,
+    EntryKind.RELEASE: HoldStatus.RELEASED,
+    EntryKind.EXPIRE: HoldStatus.EXPIRED,
+}
 
 T = TypeVar("T")
 
 
-class LedgerError(Exception):
+class LedgerError(AiHandlerError):
     """Base class of every error the ledger raises on purpose."""
 
 
@@ -179,16 +185,6 @@ def _check_amount(amount: object, *, allow_zero: bool = False) -> int:
     return amount
 
 
-def _check_text(value: object, what: str, max_length: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
-    if len(value) > max_length:
-        raise ValueError(f"{what} is longer than {max_length} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"{what} contains control characters: {value!r}")
-    return value
-
-
 # --- row access and locking -------------------------------------------------------------------
 
 
@@ -280,9 +276,9 @@ def grant(
     Idempotent by ``key``: a repeat returns the first entry; the same key for a different user or
     amount raises ``IdempotencyConflict``.
     """
-    _check_text(user_id, "user id", MAX_USER_ID_LENGTH)
+    check_identifier(user_id, "user id", max_length=MAX_USER_ID_LENGTH)
     _check_amount(amount)
-    _check_text(key, "idempotency key", MAX_KEY_LENGTH)
+    check_identifier(key, "idempotency key", max_length=MAX_KEY_LENGTH)
     entry_key = f"grant:{key}"
 
     def same_or_conflict(existing: LedgerEntry) -> LedgerEntry:
@@ -300,7 +296,7 @@ def grant(
     account = _account_for_grant(session, user_id)
     entry = LedgerEntry(
         account_id=account.id,
-        kind="grant",
+        kind=EntryKind.GRANT,
         amount=amount,
         balance_delta=amount,
         held_delta=0,
@@ -334,9 +330,9 @@ def hold(
     used for a different hold, ``IdempotencyConflict``. A repeat with the same key returns the
     existing hold, even if it has ended since or the credits are now spent elsewhere.
     """
-    _check_text(user_id, "user id", MAX_USER_ID_LENGTH)
+    check_identifier(user_id, "user id", max_length=MAX_USER_ID_LENGTH)
     _check_amount(amount)
-    _check_text(key, "idempotency key", MAX_KEY_LENGTH)
+    check_identifier(key, "idempotency key", max_length=MAX_KEY_LENGTH)
     if ttl <= timedelta(0):
         raise ValueError(f"hold ttl must be positive, got {ttl}")
 
@@ -371,7 +367,7 @@ def hold(
         generation_id=generation_id,
         idempotency_key=key,
         amount=amount,
-        status="pending",
+        status=HoldStatus.PENDING,
         captured_amount=0,
         expires_at=now + ttl,
         created_at=now,
@@ -387,7 +383,7 @@ def hold(
         LedgerEntry(
             account_id=account.id,
             hold_id=new_hold.id,
-            kind="hold",
+            kind=EntryKind.HOLD,
             amount=amount,
             balance_delta=0,
             held_delta=amount,
@@ -408,7 +404,7 @@ def _end(
         account_id=account.id,
         hold_id=locked_hold.id,
         kind=kind,
-        amount=spent if kind == "capture" else locked_hold.amount,
+        amount=spent if kind == EntryKind.CAPTURE else locked_hold.amount,
         balance_delta=-spent,
         held_delta=-locked_hold.amount,
         idempotency_key=f"end:{locked_hold.id}",
@@ -435,9 +431,9 @@ def capture(
     """
     _check_amount(amount, allow_zero=True)
     locked = _lock_hold(session, hold_id)
-    if locked.status != "pending":
+    if locked.status != HoldStatus.PENDING:
         ending = _ending_of(session, locked)
-        if ending.kind != "capture":
+        if ending.kind != EntryKind.CAPTURE:
             raise HoldAlreadyEnded(locked, ending)
         if ending.amount != amount:
             raise IdempotencyConflict(
@@ -449,7 +445,7 @@ def capture(
         raise InvalidAmount(
             f"cannot capture {amount} credits from hold {hold_id} of {locked.amount}"
         )
-    return _end(session, locked, "capture", amount, None, now or utcnow())
+    return _end(session, locked, EntryKind.CAPTURE, amount, None, now or utcnow())
 
 
 def release(
@@ -461,12 +457,12 @@ def release(
     capture it raises ``HoldAlreadyEnded``.
     """
     locked = _lock_hold(session, hold_id)
-    if locked.status != "pending":
+    if locked.status != HoldStatus.PENDING:
         ending = _ending_of(session, locked)
-        if ending.kind == "capture":
+        if ending.kind == EntryKind.CAPTURE:
             raise HoldAlreadyEnded(locked, ending)
         return ending
-    return _end(session, locked, "release", 0, reason, now or utcnow())
+    return _end(session, locked, EntryKind.RELEASE, 0, reason, now or utcnow())
 
 
 def release_if_pending(
@@ -479,9 +475,9 @@ def release_if_pending(
     the hold row is locked and its status checked under the lock.
     """
     locked = _lock_hold(session, hold_id)
-    if locked.status != "pending":
+    if locked.status != HoldStatus.PENDING:
         return False
-    _end(session, locked, "release", 0, reason, now or utcnow())
+    _end(session, locked, EntryKind.RELEASE, 0, reason, now or utcnow())
     return True
 
 
@@ -489,7 +485,7 @@ def extend(session: Session, hold_id: int, until: datetime) -> Hold:
     """Make a pending hold last at least ``until`` (never shorter); no credits move. A hold
     placed at submit is extended when its run starts, to the run's own lifetime."""
     locked = _lock_hold(session, hold_id)
-    if locked.status == "pending" and locked.expires_at < until:
+    if locked.status == HoldStatus.PENDING and locked.expires_at < until:
         locked.expires_at = until
         session.flush()
     return locked
@@ -504,14 +500,14 @@ def expire(session: Session, now: datetime | None = None, *, limit: int = 1000) 
     now = now or utcnow()
     due = session.scalars(
         sa.select(Hold)
-        .where(Hold.status == "pending", Hold.expires_at <= now)
+        .where(Hold.status == HoldStatus.PENDING, Hold.expires_at <= now)
         .order_by(Hold.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .execution_options(populate_existing=True)
     ).all()
     for item in due:
-        _end(session, item, "expire", 0, "expired", now)
+        _end(session, item, EntryKind.EXPIRE, 0, "expired", now)
     return list(due)
 
 
@@ -551,7 +547,7 @@ def _verify_accounts(session: Session) -> Iterator[Violation]:
     )
     open_holds = (
         sa.select(Hold.account_id, sa.func.sum(Hold.amount).label("held"))
-        .where(Hold.status == "pending")
+        .where(Hold.status == HoldStatus.PENDING)
         .group_by(Hold.account_id)
         .subquery()
     )
@@ -607,7 +603,7 @@ def _verify_accounts(session: Session) -> Iterator[Violation]:
 
 def _verify_holds(session: Session) -> Iterator[Violation]:
     e = LedgerEntry
-    is_opening = e.kind == "hold"
+    is_opening = e.kind == EntryKind.HOLD
     is_ending = e.kind.in_(ENDING_KINDS)
     # One row per hold, with its entries summarized, so the check streams over any table size.
     bad_opening = sa.or_(
@@ -620,10 +616,10 @@ def _verify_holds(session: Session) -> Iterator[Violation]:
         e.held_delta != -Hold.amount,
         e.account_id != Hold.account_id,
         sa.and_(
-            e.kind == "capture",
+            e.kind == EntryKind.CAPTURE,
             sa.or_(e.amount != Hold.captured_amount, e.balance_delta != -Hold.captured_amount),
         ),
-        sa.and_(e.kind != "capture", sa.or_(e.amount != Hold.amount, e.balance_delta != 0)),
+        sa.and_(e.kind != EntryKind.CAPTURE, sa.or_(e.amount != Hold.amount, e.balance_delta != 0)),
     )
 
     def count(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
@@ -660,9 +656,9 @@ def _verify_holds(session: Session) -> Iterator[Violation]:
             yield violation(f"has {endings} ending entries, expected at most 1")
         if bad_endings:
             yield violation("its ending entry does not match the hold's amounts or account")
-        if status == "pending" and endings:
+        if status == HoldStatus.PENDING and endings:
             yield violation(f"is pending but has an ending entry ({ending})")
-        if status != "pending" and _ENDING_STATUS.get(ending or "") != status:
+        if status != HoldStatus.PENDING and _ENDING_STATUS.get(ending or "") != status:
             yield violation(f"is {status} but its ending entry is {ending or 'missing'}")
 
 
@@ -670,7 +666,7 @@ def _verify_grants(session: Session) -> Iterator[Violation]:
     e = LedgerEntry
     rows = session.execute(
         sa.select(e.id, e.account_id).where(
-            e.kind == "grant",
+            e.kind == EntryKind.GRANT,
             sa.or_(
                 e.hold_id.is_not(None),
                 e.amount <= 0,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,16 +30,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ai_handler_dagster.domain import parse_model_ref
+from ai_handler_dagster.errors import AiHandlerError
 from ai_handler_dagster.settings import PRICING_FILE_VAR, ConfigError
 
 __all__ = [
     "DEFAULT_PRICING_RESOURCE",
-    "ModelRef",
     "Price",
     "PriceBook",
     "UnpricedModel",
     "load_pricing",
-    "parse_model_ref",
     "parse_pricing",
 ]
 
@@ -48,14 +47,8 @@ DEFAULT_PRICING_RESOURCE = "pricing.toml"
 #: Same ceiling as the ledger's largest amount: a price must be holdable.
 MAX_CREDITS = 10**15
 
-# Replicate's names: letters, digits, '.', '_' and '-', starting with a letter or digit.
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_MODEL_REF = re.compile(
-    rf"(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}))?"
-)
 
-
-class UnpricedModel(LookupError):
+class UnpricedModel(AiHandlerError, LookupError):
     """The price table has no entry for the model."""
 
     def __init__(self, model_ref: str, source: str) -> None:
@@ -65,36 +58,6 @@ class UnpricedModel(LookupError):
         )
         self.model_ref = model_ref
         self.source = source
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed ``owner/name[:version]`` reference."""
-
-    owner: str
-    name: str
-    version: str | None = None
-
-    @property
-    def base(self) -> str:
-        """``owner/name`` without the version."""
-        return f"{self.owner}/{self.name}"
-
-    def __str__(self) -> str:
-        return self.base if self.version is None else f"{self.base}:{self.version}"
-
-
-def parse_model_ref(ref: object) -> ModelRef:
-    """Parse ``owner/name`` or ``owner/name:version``; ``ValueError`` says what is wrong."""
-    if not isinstance(ref, str):
-        raise ValueError(f"model must be a string 'owner/name[:version]', got {ref!r}")
-    match = _MODEL_REF.fullmatch(ref)
-    if match is None:
-        raise ValueError(
-            f"model {ref!r} is not 'owner/name' or 'owner/name:version' (letters, digits, "
-            "'.', '_' and '-' only)"
-        )
-    return ModelRef(match["owner"], match["name"], match["version"])
 
 
 @dataclass(frozen=True)

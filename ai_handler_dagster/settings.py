@@ -15,8 +15,10 @@ import enum
 import os
 from pathlib import Path
 
+from ai_handler_dagster.errors import AiHandlerError
 
-class ConfigError(ValueError):
+
+class ConfigError(AiHandlerError, ValueError):
     """A setting has a value the project cannot use; the message says which and why."""
 
 

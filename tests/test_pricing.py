@@ -14,12 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ai_handler_dagster.pricing import (
-    UnpricedModel,
-    load_pricing,
-    parse_model_ref,
-    parse_pricing,
-)
+from ai_handler_dagster.pricing import UnpricedModel, load_pricing, parse_pricing
 from ai_handler_dagster.settings import ConfigError
 
 
@@ -78,17 +73,6 @@ def test_unpriced_and_malformed_models_are_refused() -> None:
     for bad in ("pixel-sketch", "demo/", "/x", "a/b/c", "a/b:", "a b/c", "a/b:v 1", ""):
         with pytest.raises(ValueError, match="owner/name"):
             book.price_for(bad)
-
-
-def test_model_ref_parsing() -> None:
-    ref = parse_model_ref("stability-ai/sdxl:abc123")
-    assert (ref.owner, ref.name, ref.version, ref.base) == (
-        "stability-ai",
-        "sdxl",
-        "abc123",
-        "stability-ai/sdxl",
-    )
-    assert str(parse_model_ref("a/b")) == "a/b"
 
 
 def test_env_file_replaces_the_default_table(

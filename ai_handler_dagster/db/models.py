@@ -18,12 +18,22 @@ Credits are integers. Timestamps are timezone-aware UTC in Python on both databa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ai_handler_dagster.domain import (
+    ENDING_KINDS,
+    TERMINAL,
+    AttemptState,
+    EntryKind,
+    GenerationStatus,
+    HoldStatus,
+)
 
 #: Deterministic constraint names on every database, so migrations can refer to them.
 NAMING_CONVENTION = {
@@ -34,11 +44,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-HOLD_STATUSES = ("pending", "captured", "released", "expired")
-ENTRY_KINDS = ("grant", "hold", "capture", "release", "expire")
-ENDING_KINDS = ("capture", "release", "expire")
-GENERATION_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "canceled")
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
 
 # SQLite only autoincrements an ``INTEGER PRIMARY KEY``; PostgreSQL gets 64-bit ids.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -79,8 +84,8 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+def _in(column: str, values: Iterable[str]) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class Base(DeclarativeBase):
@@ -124,7 +129,7 @@ class Hold(Base):
     __tablename__ = "holds"
     __table_args__ = (
         sa.CheckConstraint("amount > 0", name="amount_positive"),
-        sa.CheckConstraint(_in("status", HOLD_STATUSES), name="status_valid"),
+        sa.CheckConstraint(_in("status", HoldStatus), name="status_valid"),
         sa.CheckConstraint(
             "captured_amount >= 0 AND captured_amount <= amount", name="captured_within_amount"
         ),
@@ -166,7 +171,7 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        sa.CheckConstraint(_in("kind", ENTRY_KINDS), name="kind_valid"),
+        sa.CheckConstraint(_in("kind", EntryKind), name="kind_valid"),
         sa.CheckConstraint("amount >= 0", name="amount_nonnegative"),
         sa.CheckConstraint("kind = 'grant' OR hold_id IS NOT NULL", name="hold_entries_have_hold"),
         sa.Index(
@@ -209,7 +214,7 @@ class Generation(Base):
 
     __tablename__ = "generations"
     __table_args__ = (
-        sa.CheckConstraint(_in("status", GENERATION_STATUSES), name="status_valid"),
+        sa.CheckConstraint(_in("status", GenerationStatus), name="status_valid"),
         sa.CheckConstraint("attempt >= 1", name="attempt_positive"),
         sa.CheckConstraint("amount_held >= 0", name="amount_held_nonnegative"),
         sa.CheckConstraint("amount_charged >= 0", name="amount_charged_nonnegative"),
@@ -248,13 +253,7 @@ class Generation(Base):
     @property
     def is_terminal(self) -> bool:
         """True once the current attempt has ended (succeeded, failed or canceled)."""
-        return self.status in TERMINAL_STATUSES
-
-
-#: States of a create attempt: ``creating`` (a create request is in flight), ``lost`` (an answer
-#: was lost: the attempt looks for its prediction), ``owned`` (it has its prediction) and
-#: ``abandoned`` (it ended without one).
-CREATE_STATES = ("creating", "lost", "owned", "abandoned")
+        return self.status in TERMINAL
 
 
 class CreateAttempt(Base):
@@ -270,7 +269,7 @@ class CreateAttempt(Base):
 
     __tablename__ = "create_attempts"
     __table_args__ = (
-        sa.CheckConstraint(_in("state", CREATE_STATES), name="state"),
+        sa.CheckConstraint(_in("state", AttemptState), name="state"),
         sa.CheckConstraint(
             "(state = 'owned') = (prediction_id IS NOT NULL)", name="owned_has_prediction"
         ),
@@ -301,10 +300,6 @@ class CreateAttempt(Base):
 
 # --------------------------------------------------------------------------------------------
 # Webhooks (migration 0003): what Replicate told us about predictions, so waiting needs no polling.
-
-#: Prediction statuses after which Replicate never changes a prediction again (``aborted`` is
-#: newer than the client library).
-PREDICTION_TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
 
 
 class WebhookDelivery(Base):

@@ -50,10 +50,14 @@ from pydantic import Field
 from replicate.exceptions import ModelError, ReplicateError
 
 from ai_handler_dagster import errors
+from ai_handler_dagster.domain import (
+    PREDICTION_TERMINAL,
+    InvalidModelRef,
+    ModelRef,
+    PredictionStatus,
+    parse_model_ref,
+)
 from ai_handler_dagster.errors import GenerationError
-
-#: Statuses after which a prediction never changes again. ``aborted`` is newer than the client.
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 #: Upper bound of any single backoff sleep, whatever the attempt number or Retry-After says.
 _MAX_SLEEP_S = 60.0
@@ -63,7 +67,6 @@ _ADOPT_MAX_PAGES = 50
 #: Longest message kept from a provider error (model errors can carry whole tracebacks).
 _MAX_MESSAGE_CHARS = 2000
 
-_MODEL_REF = re.compile(r"^(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?::(?P<version>[0-9A-Za-z]+))?$")
 # Shapes of secrets that must never reach an error message, whatever produced the message.
 _SECRET_PATTERNS = (re.compile(r"(?i)bearer\s+\S+"), re.compile(r"\br8_[0-9A-Za-z_]+"))
 
@@ -106,7 +109,7 @@ class PredictionSnapshot:
         """A ``failed`` stand-in for a prediction whose state cannot be read (see above)."""
         return cls(
             id=prediction_id,
-            status="failed",
+            status=PredictionStatus.FAILED,
             model=None,
             version=None,
             output=None,
@@ -142,7 +145,7 @@ class PredictionSnapshot:
     @property
     def is_terminal(self) -> bool:
         """True once the prediction can no longer change (succeeded, failed, canceled, aborted)."""
-        return self.status in TERMINAL_STATUSES
+        return self.status in PREDICTION_TERMINAL
 
     @property
     def predict_time(self) -> float | None:
@@ -175,16 +178,16 @@ def snapshot_error(snapshot: PredictionSnapshot) -> GenerationError | None:
             errors.DEADLINE_EXCEEDED,
             f"prediction {snapshot.id} ran past its deadline and was canceled",
         )
-    if snapshot.status == "failed":
+    if snapshot.status == PredictionStatus.FAILED:
         detail = _truncate(snapshot.error or "no error message")
         return GenerationError(
             errors.PREDICTION_FAILED, f"prediction {snapshot.id} failed: {detail}"
         )
-    if snapshot.status in ("canceled", "aborted"):
+    if snapshot.status in (PredictionStatus.CANCELED, PredictionStatus.ABORTED):
         return GenerationError(
             errors.PREDICTION_CANCELED, f"prediction {snapshot.id} was {snapshot.status}"
         )
-    if snapshot.status == "succeeded" and snapshot.data_removed:
+    if snapshot.status == PredictionStatus.SUCCEEDED and snapshot.data_removed:
         return GenerationError(
             errors.OUTPUT_EXPIRED,
             f"prediction {snapshot.id} succeeded but the provider already removed its output",
@@ -426,15 +429,12 @@ def _shared_client(
         return client
 
 
-def parse_model_ref(model_ref: str) -> tuple[str, str | None]:
-    """Split ``owner/name`` or ``owner/name:version`` into ``("owner/name", version | None)``."""
-    match = _MODEL_REF.match(model_ref.strip())
-    if not match:
-        raise GenerationError(
-            errors.MODEL_NOT_FOUND,
-            f"model reference {model_ref!r} is not 'owner/name' or 'owner/name:version'",
-        )
-    return f"{match['owner']}/{match['name']}", match["version"]
+def checked_model_ref(reference: str) -> ModelRef:
+    """The parsed reference; a malformed one is ``model_not_found`` (no request is made)."""
+    try:
+        return parse_model_ref(reference)
+    except InvalidModelRef as exc:
+        raise GenerationError(errors.MODEL_NOT_FOUND, str(exc)) from None
 
 
 def _normalize_json(value: Any) -> Any:
@@ -764,7 +764,7 @@ class ReplicateResource(dg.ConfigurableResource):
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
         """
-        model, version = parse_model_ref(model_ref)
+        ref = checked_model_ref(model_ref)
         client = self._client(cancel_after_s)
         payload = dict(input)
         params: dict[str, Any] = {}
@@ -792,11 +792,13 @@ class ReplicateResource(dg.ConfigurableResource):
             if before_try is not None:
                 before_try()
             try:
-                if version is not None:
-                    prediction = client.predictions.create(version=version, input=payload, **params)
+                if ref.version is not None:
+                    prediction = client.predictions.create(
+                        version=ref.version, input=payload, **params
+                    )
                 else:
                     prediction = client.models.predictions.create(
-                        model=model, input=payload, **params
+                        model=ref.base, input=payload, **params
                     )
                 return PredictionSnapshot.from_json(prediction.dict())
             except Exception as exc:
@@ -846,16 +848,16 @@ class ReplicateResource(dg.ConfigurableResource):
         models under another name); ``None`` (no answer ever seen) matches on input and time
         alone. Whether a candidate is already owned is the caller's to check.
         """
-        model, version = parse_model_ref(model_ref)
+        ref = checked_model_ref(model_ref)
         since = started_at - self.adopt_window_s
         wanted_input = _normalize_json(payload)
-        names = None if model_names is None else {model, *model_names}
+        names = None if model_names is None else {ref.base, *model_names}
         found: list[tuple[float, PredictionSnapshot]] = []
         for item in self.recent_predictions(since, max_pages=_ADOPT_MAX_PAGES, complete=True):
             if item.get("source", "api") != "api":
                 continue
-            if version is not None:
-                if item.get("version") != version:
+            if ref.version is not None:
+                if item.get("version") != ref.version:
                     continue
             elif names is not None and not (
                 isinstance(item.get("model"), str) and item["model"] in names
@@ -1141,16 +1143,18 @@ class ReplicateResource(dg.ConfigurableResource):
 
     def _cancel_at_deadline(self, prediction_id: str) -> PredictionSnapshot:
         snapshot = self.cancel(prediction_id)
-        if snapshot.status in ("succeeded", "failed"):
+        if snapshot.status in (PredictionStatus.SUCCEEDED, PredictionStatus.FAILED):
             return snapshot  # it finished before our cancel landed: report what really happened
-        return dataclasses.replace(snapshot, status="canceled", deadline_exceeded=True)
+        return dataclasses.replace(
+            snapshot, status=PredictionStatus.CANCELED, deadline_exceeded=True
+        )
 
 
 def _past_deadline(snapshot: PredictionSnapshot, watch: _Watch) -> PredictionSnapshot:
     """A prediction canceled once its deadline had passed was canceled for it, whoever did it:
     the provider's own ``Cancel-After`` stops one whose waiting run was gone at the time."""
     if (
-        snapshot.status in ("canceled", "aborted")
+        snapshot.status in (PredictionStatus.CANCELED, PredictionStatus.ABORTED)
         and not snapshot.deadline_exceeded
         and time.monotonic() >= watch.deadline_at
     ):

@@ -40,6 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ai_handler_dagster.db.engine import make_engine
+from ai_handler_dagster.errors import AiHandlerError
 from ai_handler_dagster.http_server import BodyTooLarge, LocalHTTPServer, TrackedHandler
 from ai_handler_dagster.webhooks.store import record_delivery
 
@@ -58,7 +59,7 @@ _STATUS = re.compile(r"[a-z_]{1,32}")
 _MAX_WEBHOOK_ID = 255
 
 
-class WebhookVerificationError(Exception):
+class WebhookVerificationError(AiHandlerError):
     """A delivery whose signature or timestamp does not verify (answered 401)."""
 
 

@@ -26,12 +26,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ai_handler_dagster.db.models import (
-    PREDICTION_TERMINAL_STATUSES,
-    PredictionState,
-    WebhookDelivery,
-    utcnow,
-)
+from ai_handler_dagster.db.models import PredictionState, WebhookDelivery, utcnow
+from ai_handler_dagster.domain import PREDICTION_TERMINAL, PredictionStatus
 
 #: What happened to a delivery: recorded and applied, recorded but older than the stored state
 #: (out of order), or already seen (same ``webhook-id``).
@@ -48,14 +44,17 @@ _sqlite_write_locks: dict[int, threading.Lock] = {}
 def status_rank(status: str) -> int:
     """Order of a prediction status in its lifecycle: 0 starting (or unknown), 1 processing,
     2 terminal."""
-    if status in PREDICTION_TERMINAL_STATUSES:
+    if status in PREDICTION_TERMINAL:
         return 2
-    return 1 if status == "processing" else 0
+    return 1 if status == PredictionStatus.PROCESSING else 0
 
 
 def _rank_sql(column: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
     # The SQL twin of status_rank.
-    whens: dict[str, int] = {"processing": 1, **dict.fromkeys(PREDICTION_TERMINAL_STATUSES, 2)}
+    whens: dict[str, int] = {
+        PredictionStatus.PROCESSING: 1,
+        **dict.fromkeys(PREDICTION_TERMINAL, 2),
+    }
     return sa.case(whens, value=column, else_=0)
 
 
@@ -74,7 +73,7 @@ def _build(dialect: str) -> tuple[sa.Executable, sa.Executable]:
             "updated_at": state.excluded.updated_at,
         },
         where=sa.and_(
-            table.status.not_in(PREDICTION_TERMINAL_STATUSES),
+            table.status.not_in(PREDICTION_TERMINAL),
             _rank_sql(state.excluded.status) >= _rank_sql(table.status),
         ),
     )

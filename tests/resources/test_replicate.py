@@ -33,7 +33,6 @@ from ai_handler_dagster.resources.replicate import (
     ProviderHTTPError,
     ReplicateResource,
     classify,
-    parse_model_ref,
     parse_retry_after,
     snapshot_error,
 )
@@ -138,11 +137,10 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
 
 
-def test_parse_model_ref() -> None:
-    assert parse_model_ref("demo/pixel-sketch") == ("demo/pixel-sketch", None)
-    assert parse_model_ref("demo/pixel-sketch:abc123") == ("demo/pixel-sketch", "abc123")
+def test_a_malformed_model_reference_is_model_not_found() -> None:
+    assert rr.checked_model_ref("demo/pixel-sketch:abc123").version == "abc123"
     with pytest.raises(GenerationError) as info:
-        parse_model_ref("not a model")
+        rr.checked_model_ref("not a model")
     assert info.value.code == errors.MODEL_NOT_FOUND
 
 
