@@ -81,7 +81,7 @@ def _process_kind(pid: int) -> str:
         ("devstack.emulator", "emulator"),
         ("devstack.s3", "s3"),
         ("ai_handler_dagster.webhooks", "webhooks"),
-        ("ai_handler_dagster.daemon", "daemon"),
+        ("ai_handler_dagster.runtime.daemon", "daemon"),
         ("dagster-daemon", "daemon"),
         ("code-server", "code_server"),
         ("api grpc", "code_server"),

@@ -261,7 +261,7 @@ def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
     """Run id -> pid of every generation run whose worker is a live process of this stack."""
     from dagster import DagsterRunStatus, RunsFilter
 
-    from ai_handler_dagster.launcher import process_alive, recorded_worker_pid
+    from ai_handler_dagster.runtime.launcher import process_alive, recorded_worker_pid
 
     runs = instance.get_runs(
         filters=RunsFilter(job_name="generation_job", statuses=[DagsterRunStatus.STARTED])
@@ -616,17 +616,15 @@ def _statuses(engine: sa.Engine) -> dict[str, int]:
 def _wait_for_sensor(stack: Stack, timeout_s: float) -> None:
     """Block until the request sensor has ticked once: the daemon runs and its code loaded."""
     from dagster import DagsterInstance
-    from dagster._core.scheduler.instigation import InstigatorType
+
+    from ai_handler_dagster.runtime.ticks import sensor_has_ticked
 
     instance = DagsterInstance.from_config(str(stack.dagster_home))
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
-                if state.instigator_name == "generation_request_sensor" and instance.get_ticks(
-                    state.instigator_origin_id, state.selector_id, limit=1
-                ):
-                    return
+            if sensor_has_ticked(instance, "generation_request_sensor"):
+                return
             time.sleep(0.5)
     finally:
         instance.dispose()

@@ -11,22 +11,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dagster import Definitions, EnvVar
+from dagster import (
+    Definitions,
+    EnvVar,
+    ExecutorDefinition,
+    in_process_executor,
+    multiprocess_executor,
+)
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
 from ai_handler_dagster import lifetimes, settings
-from ai_handler_dagster.orchestration.jobs import (
-    generation_job,
+from ai_handler_dagster.orchestration.generation import build_generation_job, generation_job
+from ai_handler_dagster.orchestration.recovery import (
     reconcile_job,
-    reprocess_day_job,
-    reprocess_generations_job,
+    reconcile_schedule,
+    refund_sensors,
 )
-from ai_handler_dagster.orchestration.schedules import reconcile_schedule
-from ai_handler_dagster.orchestration.sensors import (
-    generation_request_sensor,
-    refund_canceled_runs,
-    refund_failed_runs,
-)
+from ai_handler_dagster.orchestration.reprocess import reprocess_day_job, reprocess_generations_job
+from ai_handler_dagster.orchestration.request_sensor import generation_request_sensor
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
@@ -73,9 +75,26 @@ def build_resources() -> dict[str, object]:
     }
 
 
-defs = Definitions(
-    jobs=[generation_job, reprocess_day_job, reprocess_generations_job, reconcile_job],
-    sensors=[generation_request_sensor, refund_failed_runs, refund_canceled_runs],
-    schedules=[reconcile_schedule],
-    resources=build_resources(),
-)
+def build_definitions(executor_def: ExecutorDefinition = in_process_executor) -> Definitions:
+    """The code location. ``executor_def`` runs the generation job's ops (default: in the run's
+    own process); another one serves only to measure the naive design."""
+    job = (
+        generation_job
+        if executor_def is in_process_executor
+        else build_generation_job(executor_def)
+    )
+    return Definitions(
+        jobs=[job, reprocess_day_job, reprocess_generations_job, reconcile_job],
+        sensors=[generation_request_sensor, *refund_sensors(job)],
+        schedules=[reconcile_schedule],
+        resources=build_resources(),
+    )
+
+
+def _executor_from_settings() -> ExecutorDefinition:
+    # AI_HANDLER_EXECUTOR=multiprocess: Dagster's default executor, a process per op (the bench's
+    # naive design). Read here, when the code location loads, not where the job is defined.
+    return multiprocess_executor if settings.executor() == "multiprocess" else in_process_executor
+
+
+defs = build_definitions(_executor_from_settings())

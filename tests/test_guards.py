@@ -55,8 +55,8 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
 from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
-from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.sensors import generation_request_sensor
+from ai_handler_dagster.orchestration.generation import generation_job
+from ai_handler_dagster.orchestration.request_sensor import generation_request_sensor
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource

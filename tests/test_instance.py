@@ -72,7 +72,7 @@ def test_production_takes_its_storage_only_from_the_environment(
 
 def _daemon(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ai_handler_dagster.daemon", "run", "-w", "workspace.yaml"],
+        [sys.executable, "-m", "ai_handler_dagster.runtime.daemon", "run", "-w", "workspace.yaml"],
         cwd=ROOT,
         env={**os.environ, "AI_HANDLER_ENV": "production", **env},
         capture_output=True,

@@ -21,7 +21,7 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 
 from ai_handler_dagster import instance
-from ai_handler_dagster.launcher import (
+from ai_handler_dagster.runtime.launcher import (
     WORKER_PID_TAG,
     LocalRunLauncher,
     source_fingerprint,
@@ -58,7 +58,7 @@ def test_an_unknown_launcher_setting_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text(
-        "run_launcher:\n  module: ai_handler_dagster.launcher\n  class: LocalRunLauncher\n"
+        "run_launcher:\n  module: ai_handler_dagster.runtime.launcher\n  class: LocalRunLauncher\n"
         "  config:\n    warm_starts: true\n"
     )
     with pytest.raises(Exception, match="warm_starts"):

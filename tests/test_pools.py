@@ -20,7 +20,8 @@ from dagster._core.test_utils import create_run_for_test
 
 from ai_handler_dagster import instance
 from ai_handler_dagster.definitions import defs
-from ai_handler_dagster.launcher import LocalRunLauncher, prepare_pools
+from ai_handler_dagster.orchestration.generation import batch_run_config
+from ai_handler_dagster.runtime.launcher import LocalRunLauncher, prepare_pools
 from tests.db.support import race
 
 POOL = "replicate"
@@ -147,7 +148,7 @@ def test_the_launcher_prepares_the_pools_of_a_runs_job(
         assert isinstance(launcher, LocalRunLauncher)
         run = instance.create_run_for_job(
             defs.get_job_def("generation_job"),
-            run_config={"ops": {"reserve_credits": {"config": {"generation_ids": [1]}}}},
+            run_config=batch_run_config([1]).to_config_dict(),
         )
         assert _limits(instance) == {}
         launcher._prepare_pools(run)

@@ -329,7 +329,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "ai_handler_dagster.daemon",
+                "ai_handler_dagster.runtime.daemon",
                 "run",
                 "-w",
                 str(instance.WORKSPACE_FILE),

@@ -23,10 +23,9 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import instance, ledger
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
-from ai_handler_dagster.domain import TERMINAL
 from ai_handler_dagster.devstack.emulator.control import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
-from ai_handler_dagster.orchestration.recovery import BATCH_TAG
+from ai_handler_dagster.domain import TERMINAL, RunTag
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 T = TypeVar("T")
@@ -164,7 +163,7 @@ def predictions_with_prompt(stack: Stack, prompt: str) -> list[dict[str, Any]]:
 
 def runs_of_batch(instance: DagsterInstance, batch_key: str) -> list[DagsterRun]:
     """Every run (retries included) that worked on the batch, oldest first."""
-    runs = instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: batch_key}))
+    runs = instance.get_runs(filters=RunsFilter(tags={RunTag.BATCH: batch_key}))
     return sorted(runs, key=lambda run: instance.get_run_record_by_id(run.run_id).create_timestamp)  # type: ignore[union-attr]
 
 
@@ -278,9 +277,7 @@ class App:
 
         def settled() -> dict[int, Generation] | None:
             rows = self.rows(ids)
-            done = len(rows) == len(ids) and all(
-                r.status in TERMINAL for r in rows.values()
-            )
+            done = len(rows) == len(ids) and all(r.status in TERMINAL for r in rows.values())
             return rows if done else None
 
         return wait_for(

@@ -29,7 +29,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster._core.launcher import WorkerStatus
 
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.launcher import process_alive, recorded_worker_pid
+from ai_handler_dagster.runtime.launcher import process_alive, recorded_worker_pid
 
 from .conftest import StackUnderTest
 from .support import (

@@ -78,13 +78,13 @@ def run_pending(
     db_url: str, emulator: EmulatorHandle, s3: LocalS3, instance: DagsterInstance
 ) -> None:
     """Claim every pending generation into one batch, as the sensor would, and run it."""
-    from ai_handler_dagster.orchestration.jobs import generation_job
-    from ai_handler_dagster.orchestration.sensors import batch_key_for
+    from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
+    from ai_handler_dagster.orchestration.request_sensor import batch_key_for
 
     with session_scope(make_engine(db_url)) as session:
         ids = [r.id for r in gens.claim_pending(session, limit=100, batch_key_fn=batch_key_for)]
     result = generation_job.execute_in_process(
-        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
+        run_config=batch_run_config(ids),
         resources=job_resources(db_url, emulator, s3),
         instance=instance,
     )

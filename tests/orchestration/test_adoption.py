@@ -36,7 +36,7 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
-from ai_handler_dagster.orchestration.ops import Held, create_predictions
+from ai_handler_dagster.orchestration.generation import Held, create_predictions
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource

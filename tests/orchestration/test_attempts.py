@@ -25,7 +25,7 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold
 from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
-from ai_handler_dagster.orchestration.ops import AwaitedPrediction, finalize, store_outputs
+from ai_handler_dagster.orchestration.generation import AwaitedPrediction, finalize, store_outputs
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource

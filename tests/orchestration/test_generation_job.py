@@ -21,8 +21,8 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
-from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.sensors import batch_key_for
+from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
+from ai_handler_dagster.orchestration.request_sensor import batch_key_for
 
 from .conftest import grant, job_resources, submit
 
@@ -33,10 +33,6 @@ def claim(db_url: str, limit: int = 100) -> list[int]:
     with session_scope(make_engine(db_url)) as session:
         rows = gens.claim_pending(session, limit=limit, batch_key_fn=batch_key_for)
         return [r.id for r in rows]
-
-
-def run_config(ids: list[int]) -> dict:
-    return {"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}}
 
 
 def rows_by_id(db_url: str) -> dict[int, Generation]:
@@ -62,7 +58,7 @@ def test_a_batch_settles_each_generation_on_its_own(
     )
     assert claim(app_db) == ids
     result = generation_job.execute_in_process(
-        run_config=run_config(ids),
+        run_config=batch_run_config(ids),
         resources=job_resources(app_db, emulator, local_s3),
         instance=instance,
     )
@@ -97,7 +93,7 @@ def test_a_batch_settles_each_generation_on_its_own(
 
     # Running the same batch again changes nothing: no new prediction, no new charge.
     again = generation_job.execute_in_process(
-        run_config=run_config(ids),
+        run_config=batch_run_config(ids),
         resources=job_resources(app_db, emulator, local_s3),
         instance=instance,
     )
@@ -124,7 +120,7 @@ def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
     ids = [first, second]
     claim(app_db)
     result = generation_job.execute_in_process(
-        run_config=run_config(ids),
+        run_config=batch_run_config(ids),
         resources=job_resources(app_db, emulator, local_s3),
         instance=instance,
     )
@@ -154,7 +150,10 @@ def test_an_op_that_fails_for_good_refunds_the_batch_through_the_hook(
     broken = S3Resource(endpoint_url="http://127.0.0.1:9", region_name="us-east-1")
     resources["outputs_io_manager"] = GenerationOutputsIOManager(s3=broken, bucket="nowhere")
     result = generation_job.execute_in_process(
-        run_config=run_config(ids), resources=resources, instance=instance, raise_on_error=False
+        run_config=batch_run_config(ids),
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
     )
     assert not result.success
     row = rows_by_id(app_db)[ids[0]]

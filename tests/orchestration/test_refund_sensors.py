@@ -39,14 +39,15 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
-from ai_handler_dagster.orchestration.jobs import reconcile
-from ai_handler_dagster.orchestration.recovery import BATCH_TAG
-from ai_handler_dagster.orchestration.sensors import refund_failed_runs
+from ai_handler_dagster.domain import RunTag
+from ai_handler_dagster.orchestration.generation import generation_job
+from ai_handler_dagster.orchestration.recovery import reconcile, refund_sensors
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
 BATCH = "gen-1-a1"
+refund_failed_runs, refund_canceled_runs = refund_sensors(generation_job)
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def _failed_run_without_tag(
         instance,
         job_name="generation_job",
         status=DagsterRunStatus.STARTED,
-        tags={BATCH_TAG: BATCH, **tags},
+        tags={RunTag.BATCH: BATCH, **tags},
         root_run_id=parent.run_id if parent else None,
         parent_run_id=parent.run_id if parent else None,
     )
@@ -205,8 +206,9 @@ def test_a_retry_that_never_comes_is_resumed_by_a_new_run_then_refunded(
     under a new key (hold, prediction and attempt kept) for the sensor to start a new run; after
     ``MAX_RESUMES`` it refunds instead."""
     from ai_handler_dagster.orchestration import recovery
+    from ai_handler_dagster.runtime import run_retries
 
-    monkeypatch.setattr(recovery, "RETRY_OVERDUE_AFTER", timedelta(0))
+    monkeypatch.setattr(run_retries, "RETRY_OVERDUE_AFTER", timedelta(0))
     run = _failed_run_without_tag(retrying_instance, {WILL_RETRY_TAG: "true"})
     gid = _running_generation(app_db, run.run_id)
     with session_scope(make_engine(app_db)) as session:
@@ -221,8 +223,9 @@ def test_a_retry_that_never_comes_is_resumed_by_a_new_run_then_refunded(
     with session_scope(make_engine(app_db)) as session:
         gens.get(session, gid).batch_key = f"{BATCH}-r{recovery.MAX_RESUMES}"
     last = _failed_run_without_tag(
-        retrying_instance, {WILL_RETRY_TAG: "true", BATCH_TAG: f"{BATCH}-r{recovery.MAX_RESUMES}"}
+        retrying_instance,
+        {WILL_RETRY_TAG: "true", RunTag.BATCH: f"{BATCH}-r{recovery.MAX_RESUMES}"},
     )
-    assert last.tags[BATCH_TAG].endswith(f"-r{recovery.MAX_RESUMES}")
+    assert last.tags[RunTag.BATCH].endswith(f"-r{recovery.MAX_RESUMES}")
     assert _reconcile(retrying_instance, app_db)["settled_generations"] == 1
     assert _status(app_db, gid) == "failed"

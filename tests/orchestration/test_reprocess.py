@@ -14,7 +14,7 @@ from dagster import DagsterInstance
 
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.orchestration.jobs import reprocess_day_job, reprocess_generations_job
+from ai_handler_dagster.orchestration.reprocess import reprocess_day_job, reprocess_generations_job
 from ai_handler_dagster.resources.database import DatabaseResource
 
 
@@ -118,7 +118,7 @@ def test_a_day_of_requests_is_read_through_the_created_at_index(pg_url: str) -> 
     from datetime import UTC, datetime
 
     from ai_handler_dagster.db import upgrade
-    from ai_handler_dagster.orchestration.jobs import day_of_requests
+    from ai_handler_dagster.orchestration.reprocess import day_of_requests
 
     upgrade(pg_url)
     for hour in range(3):

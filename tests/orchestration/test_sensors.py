@@ -17,8 +17,8 @@ from dagster import DagsterInstance, RunRequest, SensorResult, SkipReason, build
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.orchestration.recovery import BATCH_TAG
-from ai_handler_dagster.orchestration.sensors import (
+from ai_handler_dagster.domain import RunTag
+from ai_handler_dagster.orchestration.request_sensor import (
     QueuePolicy,
     generation_request_sensor,
     plan_batches,
@@ -89,7 +89,7 @@ def test_new_rows_get_one_run_each_when_the_queue_is_short(
     requests = result.run_requests or []
     assert [r.run_key for r in requests] == [f"gen-{ids[0]}-a1", f"gen-{ids[1]}-a1"]
     assert [config_ids(r) for r in requests] == [[ids[0]], [ids[1]]]
-    assert requests[0].tags[BATCH_TAG] == requests[0].run_key
+    assert requests[0].tags[RunTag.BATCH] == requests[0].run_key
     assert requests[0].tags["ai_handler/user"] == "alice"
     assert requests[0].tags["ai_handler/batch_size"] == "1"
     assert statuses(db_url) == {

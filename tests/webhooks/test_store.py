@@ -193,7 +193,7 @@ def test_reconciliation_prunes_what_webhooks_reported(engine: sa.Engine) -> None
     tables grew with every prediction ever made; reconciliation, on its schedule, prunes them."""
     from dagster import build_op_context, instance_for_test
 
-    from ai_handler_dagster.orchestration.jobs import reconcile
+    from ai_handler_dagster.orchestration.recovery import reconcile
     from ai_handler_dagster.resources.database import DatabaseResource
     from ai_handler_dagster.resources.replicate import ReplicateResource
     from ai_handler_dagster.webhooks.store import RETENTION

@@ -53,12 +53,14 @@ from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, Worke
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._core.storage.dagster_run import DagsterRun
 
+from ai_handler_dagster.domain import RunTag
+
 log = logging.getLogger(__name__)
 
 #: Run tag showing the pid of a run's worker process (forked runs only), for people and
 #: filters. Never trusted for signals or health: anyone can set a tag from the Launchpad, and a
 #: retried run copies its parent's tags.
-WORKER_PID_TAG = "ai_handler/worker_pid"
+WORKER_PID_TAG = RunTag.WORKER_PID
 
 #: Modules the fork server imports once, so that runs start with them loaded.
 DEFAULT_PRELOAD = (

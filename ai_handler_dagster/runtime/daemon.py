@@ -1,4 +1,4 @@
-"""``python -m ai_handler_dagster.daemon run -w workspace.yaml``: ``dagster-daemon`` with
+"""``python -m ai_handler_dagster.runtime.daemon run -w workspace.yaml``: ``dagster-daemon`` with
 tighter loops.
 
 Dagster's sensor daemon evaluates sensors at most once every 5 seconds, whatever a sensor's
@@ -13,7 +13,7 @@ with the 5 s sensor loop and the configured dequeue interval.
 
 With ``AI_HANDLER_ENV=production`` it first refuses an instance without PostgreSQL storage
 (``instance.check_production_storage``). It also starts the run launcher's warm process (see
-``ai_handler_dagster.launcher``) before the first run needs it.
+``runtime/launcher.py``) before the first run needs it.
 
 The sensor period lives in a module constant of Dagster's sensor daemon
 (``MIN_INTERVAL_LOOP_TIME``), the dequeue period in the run coordinator's
@@ -32,7 +32,9 @@ def _tighten_sensor_loop() -> None:
 
     period = float(os.environ.get("AI_HANDLER_SENSOR_LOOP_S", "0.25"))
     if not hasattr(sensor_daemon, "MIN_INTERVAL_LOOP_TIME"):
-        sys.stderr.write("ai_handler_dagster.daemon: sensor loop period not adjustable here\n")
+        sys.stderr.write(
+            "ai_handler_dagster.runtime.daemon: sensor loop period not adjustable here\n"
+        )
         return
     sensor_daemon.MIN_INTERVAL_LOOP_TIME = period  # type: ignore[assignment]
 
@@ -42,7 +44,7 @@ def _tighten_dequeue_loop() -> None:
 
     period = float(os.environ.get("AI_HANDLER_DEQUEUE_LOOP_S", "0.5"))
     if not isinstance(getattr(QueuedRunCoordinator, "dequeue_interval_seconds", None), property):
-        sys.stderr.write("ai_handler_dagster.daemon: dequeue period not adjustable here\n")
+        sys.stderr.write("ai_handler_dagster.runtime.daemon: dequeue period not adjustable here\n")
         return
     QueuedRunCoordinator.dequeue_interval_seconds = property(  # type: ignore[method-assign,assignment]
         lambda _self: period
@@ -63,7 +65,7 @@ def _warm_run_launcher() -> None:
             if warm_up is not None:
                 warm_up()
     except Exception as exc:  # an optimisation must never stop the daemon
-        sys.stderr.write(f"ai_handler_dagster.daemon: run launcher not warmed up: {exc}\n")
+        sys.stderr.write(f"ai_handler_dagster.runtime.daemon: run launcher not warmed up: {exc}\n")
 
 
 def _check_instance() -> None:

@@ -1,4 +1,4 @@
-"""Sensors: new requests become runs; failed and canceled runs are refunded.
+"""The request sensor: pending generation requests become runs of the generation job.
 
 The request sensor is the only writer that moves rows from ``pending`` to ``queued``. It claims a
 bounded number of rows per tick, in batches whose size follows the backlog (one generation per run
@@ -14,31 +14,20 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from dagster import (
     DefaultSensorStatus,
-    RunFailureSensorContext,
     RunRequest,
-    RunStatusSensorContext,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    run_failure_sensor,
-    run_status_sensor,
     sensor,
 )
-from dagster._core.storage.dagster_run import DagsterRunStatus
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.errors import RUN_FAILED
-from ai_handler_dagster.orchestration.jobs import generation_job
-from ai_handler_dagster.orchestration.recovery import (
-    BATCH_TAG,
-    refund_unfinished,
-    will_be_retried,
-)
+from ai_handler_dagster.domain import IN_FLIGHT, GenerationStatus, RunTag
+from ai_handler_dagster.orchestration.generation import GENERATION_JOB, batch_run_config
 from ai_handler_dagster.resources.database import DatabaseResource
-from ai_handler_dagster.resources.replicate import ReplicateResource
 
 #: Most runs one tick launches: bounds the work of a tick whatever the backlog.
 MAX_RUNS_PER_TICK = 8
@@ -109,15 +98,14 @@ def _common(values: set[str]) -> str:
 
 def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
     """The run of one batch: its ids in the op config, tags for filtering in the UI."""
-    ids = sorted(r.id for r in rows)
     return RunRequest(
         run_key=batch_key,
-        run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
+        run_config=batch_run_config([r.id for r in rows]),
         tags={
-            BATCH_TAG: batch_key,
-            "ai_handler/batch_size": str(len(ids)),
-            "ai_handler/user": _common({r.user_id for r in rows}),
-            "ai_handler/model": _common({r.model.split(":")[0] for r in rows}),
+            RunTag.BATCH: batch_key,
+            RunTag.BATCH_SIZE: str(len(rows)),
+            RunTag.USER: _common({r.user_id for r in rows}),
+            RunTag.MODEL: _common({r.model.split(":")[0] for r in rows}),
         },
     )
 
@@ -132,7 +120,7 @@ def _stale_batches(session: sa.orm.Session, now: datetime) -> dict[str, list[Gen
     rows = session.scalars(
         sa.select(Generation)
         .where(
-            Generation.status == "queued",
+            Generation.status == GenerationStatus.QUEUED,
             Generation.dagster_run_id.is_(None),
             Generation.queued_at < now - RELAUNCH_AFTER,
         )
@@ -149,7 +137,7 @@ def _stale_batches(session: sa.orm.Session, now: datetime) -> dict[str, list[Gen
 
 
 @sensor(
-    job=generation_job,
+    job_name=GENERATION_JOB,
     minimum_interval_seconds=settings.sensor_interval_s(),
     default_status=DefaultSensorStatus.RUNNING,
     description="Launches generation runs for pending requests, in batches sized to the backlog.",
@@ -165,8 +153,8 @@ def generation_request_sensor(
     with session_scope(engine) as session:
         for batch_key, rows in _stale_batches(session, now).items():
             requests.append(run_request_for(batch_key, rows))
-        pending = _count(session, "pending")
-        in_flight = _count(session, "queued", "running")
+        pending = _count(session, GenerationStatus.PENDING)
+        in_flight = _count(session, *IN_FLIGHT)
 
     plan = plan_batches(pending, in_flight, policy)
     for size in plan:
@@ -189,58 +177,9 @@ def generation_request_sensor(
             f"(AI_HANDLER_MAX_IN_FLIGHT={policy.max_in_flight}, "
             f"AI_HANDLER_MAX_IN_FLIGHT_PER_USER={policy.max_in_flight_per_user})."
         )
-    claimed = sum(int(r.tags["ai_handler/batch_size"]) for r in requests)
+    claimed = sum(int(r.tags[RunTag.BATCH_SIZE]) for r in requests)
     context.log.info(
         f"launching {len(requests)} runs for {claimed} generations "
         f"(backlog {pending}, in flight {in_flight}, batches {plan})"
     )
     return SensorResult(run_requests=requests)
-
-
-def _refund_run(
-    context: RunStatusSensorContext,
-    database: DatabaseResource,
-    replicate: ReplicateResource,
-    *,
-    status: str,
-) -> None:
-    run = context.dagster_run
-    if will_be_retried(context.instance, run):
-        context.log.info(f"run {run.run_id} will be retried by Dagster; not refunding")
-        return
-    refunded = refund_unfinished(
-        database.engine(),
-        run_id=run.run_id,
-        batch_key=run.tags.get(BATCH_TAG),
-        code=RUN_FAILED,
-        message=f"run {run.run_id} ended {run.status.value} before this generation finished",
-        status=status,
-        cancel_prediction=replicate.cancel,
-    )
-    if refunded:
-        context.log.warning(f"run {run.run_id} {run.status.value}: refunded {refunded}")
-
-
-@run_failure_sensor(
-    monitored_jobs=[generation_job],
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=5,
-    description="Refunds the unfinished generations of failed or crashed generation runs.",
-)
-def refund_failed_runs(
-    context: RunFailureSensorContext, database: DatabaseResource, replicate: ReplicateResource
-) -> None:
-    _refund_run(context, database, replicate, status="failed")
-
-
-@run_status_sensor(
-    run_status=DagsterRunStatus.CANCELED,
-    monitored_jobs=[generation_job],
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=5,
-    description="Refunds the unfinished generations of canceled generation runs.",
-)
-def refund_canceled_runs(
-    context: RunStatusSensorContext, database: DatabaseResource, replicate: ReplicateResource
-) -> None:
-    _refund_run(context, database, replicate, status="canceled")

@@ -1,4 +1,4 @@
-"""What a run of the generation job does, one op per step, for a batch of generations.
+"""The generation job: what a run does, one op per step, for a batch of generations.
 
 reserve_credits -> create_predictions -> await_predictions -> store_outputs -> finalize
 
@@ -28,24 +28,31 @@ import sqlalchemy as sa
 from dagster import (
     Backoff,
     Config,
+    DagsterExecutionInterruptedError,
+    ExecutorDefinition,
     Failure,
     In,
     Jitter,
+    JobDefinition,
     MetadataValue,
     OpExecutionContext,
     Out,
     ResourceParam,
     RetryPolicy,
+    RunConfig,
+    in_process_executor,
+    job,
     op,
 )
-from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from ai_handler_dagster import adoption, ledger, lifetimes
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
+from ai_handler_dagster.domain import GenerationStatus, PredictionStatus, RunTag
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
+from ai_handler_dagster.orchestration.recovery import refund_on_failure
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import (
@@ -241,7 +248,8 @@ def reserve_credits(
             # Whatever a row holds, it fails alone: a neighbour's batch must not fail with it.
             error = GenerationError(INTERNAL_ERROR, f"could not start this generation: {exc!r}")
             _fail(engine, generation_id, error)
-            status, user, model, amount, code, attempt = "failed", None, None, 0, error.code, 0
+            status, user, model, amount = GenerationStatus.FAILED, None, None, 0
+            code, attempt = error.code, 0
         report.rows.append(
             {
                 "generation": generation_id,
@@ -251,7 +259,7 @@ def reserve_credits(
                 "status": status,
             }
         )
-        if status == "running":
+        if status == GenerationStatus.RUNNING:
             held.append(Held(generation_id, attempt))
         else:
             report.failed[generation_id] = code or status
@@ -261,7 +269,9 @@ def reserve_credits(
             "generation_ids": MetadataValue.json(list(config.generation_ids)),
             "held": len(held),
             "refused": MetadataValue.json(_by_id(report.failed)),
-            "credits_held": sum(r["held"] or 0 for r in report.rows if r["status"] == "running"),
+            "credits_held": sum(
+                r["held"] or 0 for r in report.rows if r["status"] == GenerationStatus.RUNNING
+            ),
             "generations": MetadataValue.md(report.markdown()),
         }
     )
@@ -307,7 +317,7 @@ def create_predictions(
             return generation_id, None, "requeued"  # a newer attempt is not this run's
         if row.prediction_id:
             return generation_id, row.prediction_id, None
-        if row.status != "running":
+        if row.status != GenerationStatus.RUNNING:
             return generation_id, None, row.error_code or row.status
         attempt = adoption.Attempt(generation_id, row.attempt, row.model, row.input)
         try:
@@ -405,7 +415,7 @@ def await_predictions(
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         error = snapshot_error(snapshot)
-        if error is None and snapshot.status == "succeeded":
+        if error is None and snapshot.status == PredictionStatus.SUCCEEDED:
             succeeded.append(
                 AwaitedPrediction(
                     generation_id=generation_id,
@@ -545,7 +555,7 @@ def finalize(
             error = GenerationError(EMPTY_OUTPUT, str(exc))
             _fail(engine, generation_id, error, attempt=item.attempt)
             context.log.warning(f"generation {generation_id} failed: {exc}")
-            status, amount = "failed", 0
+            status, amount = GenerationStatus.FAILED, 0
         except gens.AttemptMismatch as exc:
             # Requeued meanwhile: the newer attempt is not this run's to settle or clean up.
             context.log.warning(f"generation {generation_id} not finalized: {exc}")
@@ -559,10 +569,10 @@ def finalize(
             # refunded and is marked failed; nothing is charged.
             error = GenerationError(INTERNAL_ERROR, f"hold ended: {exc}")
             _fail(engine, generation_id, error, attempt=item.attempt)
-            status, amount = "failed", 0
-        if status in ("failed", "ended elsewhere") and objects:
+            status, amount = GenerationStatus.FAILED, 0
+        if status in (GenerationStatus.FAILED, "ended elsewhere") and objects:
             outputs_io_manager.store().delete_attempt(generation_id, item.attempt)
-        if status == "succeeded":
+        if status == GenerationStatus.SUCCEEDED:
             done.append(generation_id)
             charged += amount or 0
         rows.append(
@@ -581,3 +591,42 @@ def finalize(
         }
     )
     return done
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+#: The job's name: the request sensor targets it by name.
+GENERATION_JOB = "generation_job"
+
+
+def batch_run_config(generation_ids: Sequence[int]) -> RunConfig:
+    """The run config of a run over these generations (what the request sensor launches)."""
+    return RunConfig(ops={"reserve_credits": BatchConfig(generation_ids=sorted(generation_ids))})
+
+
+def build_generation_job(executor_def: ExecutorDefinition = in_process_executor) -> JobDefinition:
+    """The generation job. The design runs its ops in the run's own process, one after another
+    (``in_process_executor``); Dagster's default, a process per op, exists only to measure the
+    naive design (``AI_HANDLER_EXECUTOR=multiprocess``, see ``definitions.py``)."""
+
+    @job(
+        name=GENERATION_JOB,
+        executor_def=executor_def,
+        hooks={refund_on_failure},
+        tags={RunTag.KIND: "generation"},
+        description=(
+            "Charge, generate, store and settle a batch of generations: hold credits, run the "
+            "model on Replicate, store the outputs in S3, capture the charge. Failures refund."
+        ),
+    )
+    def generation_job() -> None:
+        held = reserve_credits()
+        created = create_predictions(held)
+        awaited = await_predictions(created)
+        finalize(store_outputs(awaited), awaited)
+
+    return generation_job
+
+
+#: The job as the project runs it (in-process executor).
+generation_job = build_generation_job()
