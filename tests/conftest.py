@@ -14,39 +14,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from ai_handler_dagster.devstack.pg import drop_database, new_database
+from tests.support.db import admin_engine, drop_pg_database, new_pg_database
 
 # The ledger race tests run 32 threads at once: let this process open that many connections.
 os.environ.setdefault("AI_HANDLER_DB_POOL_MAX", "40")
-
-PG_ADMIN_URL = os.environ.get(
-    "AI_HANDLER_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def _admin_engine() -> sa.Engine:
-    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
 
 
 @pytest.fixture(scope="session")
 def pg_available() -> bool:
     try:
-        with _admin_engine().connect() as conn:
+        with admin_engine().connect() as conn:
             conn.execute(sa.text("select 1"))
     except Exception as exc:  # pragma: no cover - depends on the machine
         if os.environ.get("CI"):
             raise RuntimeError(f"PostgreSQL is required in CI: {exc}") from exc
         return False
     return True
-
-
-def new_pg_database(prefix: str = "aih_test") -> str:
-    """Create an empty PostgreSQL database and return its URL (drop it with drop_pg_database)."""
-    return new_database(PG_ADMIN_URL, prefix)
-
-
-def drop_pg_database(url: str) -> None:
-    drop_database(PG_ADMIN_URL, url)
 
 
 @pytest.fixture

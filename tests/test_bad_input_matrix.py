@@ -82,7 +82,7 @@ from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.download import DownloadPolicy
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from tests.conftest import drop_pg_database, new_pg_database
+from tests.support.db import drop_pg_database, new_pg_database
 
 GRANT = 10_000
 #: The cap on one output file in the matrix runs (the oversized output is twice this).

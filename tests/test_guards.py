@@ -62,7 +62,7 @@ from ai_handler_dagster.resources.database import DatabaseResource, PricingResou
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from tests.e2e.support import App, dagster_instance, running_stack, stack_config, unique
+from tests.support.stack import App, dagster_instance, running_stack, stack_config, unique
 
 #: Distinctive fake secrets: if one of these strings shows up anywhere, it leaked.
 REPLICATE_TOKEN = "r8_GuardTok3nQx7Vd9LmWz4Kp1Ns8Hy2Bc"

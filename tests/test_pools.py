@@ -21,7 +21,7 @@ from dagster._core.test_utils import create_run_for_test
 from ai_handler_dagster import instance
 from ai_handler_dagster.definitions import defs
 from ai_handler_dagster.launcher import LocalRunLauncher, prepare_pools
-from tests.db.support import race
+from tests.support.db import race
 
 POOL = "replicate"
 

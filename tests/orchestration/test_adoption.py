@@ -40,8 +40,7 @@ from ai_handler_dagster.orchestration.ops import Held, create_predictions
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
-
-from .conftest import grant, run_pending, submit
+from tests.support.orchestration import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

@@ -32,8 +32,7 @@ from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import StagedFile
 from ai_handler_dagster.storage.s3 import S3OutputStore, file_sha256
-
-from .conftest import grant, run_pending, submit
+from tests.support.orchestration import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

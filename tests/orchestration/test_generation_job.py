@@ -23,8 +23,7 @@ from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.jobs import generation_job
 from ai_handler_dagster.orchestration.sensors import batch_key_for
-
-from .conftest import grant, job_resources, submit
+from tests.support.orchestration import grant, job_resources, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
-from tests.storage.fileserver import FileServer
+from tests.support.fileserver import FileServer
 
 
 @pytest.fixture(scope="session")
