@@ -54,7 +54,7 @@ from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
-from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
+from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.jobs import generation_job
 from ai_handler_dagster.orchestration.sensors import generation_request_sensor
 from ai_handler_dagster.pricing import load_pricing
@@ -175,12 +175,6 @@ def test_secrets_never_reach_events_logs_config_or_storage(tmp_path: Path) -> No
     assert any(f"a safe picture {user}".encode() in path.read_bytes() for path in files)
     found = {str(path.relative_to(state)): leaked(path.read_bytes()) for path in files}
     assert {path: names for path, names in found.items() if names} == {}
-
-
-@pytest.fixture(scope="module")
-def local_s3() -> Iterator[LocalS3]:
-    with start_local_s3() as s3:
-        yield s3
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Fixtures for running the generation job in process against real local parts: the Replicate
-emulator and a moto S3 server over HTTP, and a migrated app database."""
+emulator and a migrated app database (the S3 endpoint and its buckets: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from dagster import DagsterInstance, instance_for_test
 
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
-from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
-
-
-@pytest.fixture(scope="session")
-def local_s3() -> Iterator[LocalS3]:
-    with start_local_s3() as s3:
-        yield s3
 
 
 @pytest.fixture

@@ -19,7 +19,10 @@ from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 
 
-def job_resources(db_url: str, emulator: EmulatorHandle, s3: LocalS3) -> dict[str, Any]:
+def job_resources(
+    db_url: str, emulator: EmulatorHandle, s3: LocalS3, bucket: str
+) -> dict[str, Any]:
+    """The job's resources: the emulator, and ``bucket`` on the local S3 endpoint ``s3``."""
     s3_resource = S3Resource(endpoint_url=s3.endpoint_url, region_name="us-east-1")
     return {
         "database": DatabaseResource(url=db_url),
@@ -29,15 +32,15 @@ def job_resources(db_url: str, emulator: EmulatorHandle, s3: LocalS3) -> dict[st
         ),
         "output_policy": OutputPolicyResource(emulator_base_url=emulator.base_url),
         "s3": s3_resource,
-        "outputs_io_manager": GenerationOutputsIOManager(s3=s3_resource, bucket=s3.bucket),
+        "outputs_io_manager": GenerationOutputsIOManager(s3=s3_resource, bucket=bucket),
         "io_manager": S3PickleIOManager(
-            s3_resource=s3_resource, s3_bucket=s3.bucket, s3_prefix="dagster-io"
+            s3_resource=s3_resource, s3_bucket=bucket, s3_prefix="dagster-io"
         ),
     }
 
 
 def run_pending(
-    db_url: str, emulator: EmulatorHandle, s3: LocalS3, instance: DagsterInstance
+    db_url: str, emulator: EmulatorHandle, s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     """Claim every pending generation into one batch, as the sensor would, and run it."""
     from ai_handler_dagster.orchestration.jobs import generation_job
@@ -47,7 +50,7 @@ def run_pending(
         ids = [r.id for r in gens.claim_pending(session, limit=100, batch_key_fn=batch_key_for)]
     result = generation_job.execute_in_process(
         run_config={"ops": {"reserve_credits": {"config": {"generation_ids": ids}}}},
-        resources=job_resources(db_url, emulator, s3),
+        resources=job_resources(db_url, emulator, s3, bucket),
         instance=instance,
     )
     assert result.success
