@@ -73,7 +73,7 @@ from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Account, Generation, Hold, LedgerEntry
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
-from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
+from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import generation_job
 from ai_handler_dagster.orchestration.request_sensor import generation_request_sensor
 from ai_handler_dagster.pricing import load_pricing
@@ -82,7 +82,7 @@ from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.download import DownloadPolicy
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from tests.conftest import drop_pg_database, new_pg_database
+from tests.support.db import drop_pg_database, new_pg_database
 
 GRANT = 10_000
 #: The cap on one output file in the matrix runs (the oversized output is twice this).
@@ -801,7 +801,10 @@ def _database(dialect: str, tmp: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def world(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_available: bool,
+    local_s3: LocalS3,
 ) -> Iterator[World]:
     dialect: str = request.param
     if dialect == "postgresql" and not pg_available:
@@ -831,7 +834,7 @@ def world(
         emulator = stack.enter_context(
             start_emulator(EmulatorConfig(latency_s=0.1, concurrency=16), port=0)
         )
-        s3 = stack.enter_context(start_local_s3())
+        s3 = local_s3  # the session's endpoint; this world's keys are under its prefix
         instance = stack.enter_context(instance_for_test())
 
         with session_scope(engine) as session:

@@ -22,7 +22,7 @@ def test_bench_smoke_run_reports_every_field(
 ) -> None:
     if not pg_available:
         pytest.skip("PostgreSQL is not reachable")
-    from tests.conftest import PG_ADMIN_URL
+    from tests.support.db import PG_ADMIN_URL
 
     code = cli.main(
         [

@@ -584,7 +584,7 @@ def test_sigusr1_takes_the_endpoint_process_offline_and_back_with_its_objects(
 
 
 def _run_soak(seed: int, count: int, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    from tests.conftest import PG_ADMIN_URL
+    from tests.support.db import PG_ADMIN_URL
 
     parser = argparse.ArgumentParser()
     chaos.register(parser.add_subparsers())

@@ -26,8 +26,7 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
 from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
-from tests.db import support
-from tests.db.support import race
+from tests.support.db import emptied, migrated_database, race
 
 T = TypeVar("T")
 SKETCH = "demo/pixel-sketch"  # fixed 5 credits
@@ -43,15 +42,15 @@ OUTPUT = {
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """One migrated database per dialect for this module (see tests/db/support.py)."""
-    with support.migrated_database(request) as url:
+    """One migrated database per dialect for this module (see tests/support/db.py)."""
+    with migrated_database(request) as url:
         yield url
 
 
 @pytest.fixture
 def engine(db_url: str) -> sa.Engine:
     """The module's database, emptied for this test."""
-    return support.emptied(db_url)
+    return emptied(db_url)
 
 
 @pytest.fixture(scope="module")

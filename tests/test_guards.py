@@ -54,7 +54,7 @@ from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
-from ai_handler_dagster.devstack.s3 import LocalS3, start_local_s3
+from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import generation_job
 from ai_handler_dagster.orchestration.request_sensor import generation_request_sensor
 from ai_handler_dagster.pricing import load_pricing
@@ -62,7 +62,7 @@ from ai_handler_dagster.resources.database import DatabaseResource, PricingResou
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
-from tests.e2e.support import App, dagster_instance, running_stack, stack_config, unique
+from tests.support.stack import App, dagster_instance, running_stack, stack_config, unique
 
 #: Distinctive fake secrets: if one of these strings shows up anywhere, it leaked.
 REPLICATE_TOKEN = "r8_GuardTok3nQx7Vd9LmWz4Kp1Ns8Hy2Bc"
@@ -175,12 +175,6 @@ def test_secrets_never_reach_events_logs_config_or_storage(tmp_path: Path) -> No
     assert any(f"a safe picture {user}".encode() in path.read_bytes() for path in files)
     found = {str(path.relative_to(state)): leaked(path.read_bytes()) for path in files}
     assert {path: names for path, names in found.items() if names} == {}
-
-
-@pytest.fixture(scope="module")
-def local_s3() -> Iterator[LocalS3]:
-    with start_local_s3() as s3:
-        yield s3
 
 
 @pytest.fixture

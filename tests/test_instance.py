@@ -24,7 +24,7 @@ from dagster._core.instance.config import dagster_instance_config
 from ai_handler_dagster import bench, chaos, cli, instance
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.settings import ConfigError
-from tests.e2e.support import stack_config
+from tests.support.stack import stack_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

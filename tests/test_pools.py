@@ -22,7 +22,7 @@ from ai_handler_dagster import instance
 from ai_handler_dagster.definitions import defs
 from ai_handler_dagster.orchestration.generation import batch_run_config
 from ai_handler_dagster.runtime.launcher import LocalRunLauncher, prepare_pools
-from tests.db.support import race
+from tests.support.db import race
 
 POOL = "replicate"
 

@@ -3,12 +3,9 @@ receiver for webhooks."""
 
 from __future__ import annotations
 
-import json
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -16,18 +13,9 @@ import httpx
 import pytest
 import replicate
 
-from ai_handler_dagster.devstack.emulator import (
-    EmulatorConfig,
-    EmulatorHandle,
-    start_emulator,
-)
-
-# Short latency: tests exercise the lifecycle, not the clock.
-FAST = EmulatorConfig(latency_s=0.1, concurrency=8)
-
-# Every httpx client loads the CA bundle (about 0.1 s on a busy machine), although these tests
-# only speak plain HTTP on loopback; one shared context keeps client creation free.
-_TLS = ssl.create_default_context()
+from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
+from tests.support.emulator import FAST, TLS, client_for
+from tests.support.webhooks import Received, WebhookReceiver
 
 
 @pytest.fixture
@@ -52,21 +40,6 @@ def emulator(make_emulator: Callable[..., EmulatorHandle]) -> EmulatorHandle:
     return make_emulator()
 
 
-def client_for(
-    handle: EmulatorHandle, *, token: str | None = None, **kwargs: Any
-) -> replicate.Client:
-    """The official client pointed at ``handle`` (no environment proxies), polling fast."""
-    client = replicate.Client(
-        api_token=token or handle.token,
-        base_url=handle.base_url,
-        trust_env=False,
-        transport=httpx.HTTPTransport(verify=_TLS),
-        **kwargs,
-    )
-    client.poll_interval = 0.02  # Prediction.wait() sleeps this long between gets
-    return client
-
-
 @pytest.fixture
 def client(emulator: EmulatorHandle) -> replicate.Client:
     """A ``replicate.Client`` for the ``emulator`` fixture."""
@@ -76,40 +49,8 @@ def client(emulator: EmulatorHandle) -> replicate.Client:
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
     """A plain HTTP client for raw requests (no proxies from the environment)."""
-    with httpx.Client(trust_env=False, timeout=10, verify=_TLS) as c:
+    with httpx.Client(trust_env=False, timeout=10, verify=TLS) as c:
         yield c
-
-
-@dataclass
-class Received:
-    """One request the webhook receiver got."""
-
-    headers: dict[str, str]
-    body: str
-    at: float
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class WebhookReceiver:
-    """A real HTTP server recording POSTs; answers each with the next of ``statuses``."""
-
-    url: str
-    received: list[Received] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 5.0) -> None:
-        """Block until ``predicate(received)`` holds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if predicate(list(self.received)):
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"webhooks not received in time; got {len(self.received)}")
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import replicate
 from replicate.exceptions import ReplicateError
 
 from ai_handler_dagster.devstack.emulator import MODELS, EmulatorHandle, Faults
-
-from .conftest import client_for
+from tests.support.emulator import client_for
 
 PS, HT = "demo/pixel-sketch", "demo/haiku-text"
 SKETCH = MODELS[PS]

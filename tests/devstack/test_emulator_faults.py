@@ -18,8 +18,7 @@ import replicate
 from replicate.exceptions import ReplicateError
 
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
-
-from .conftest import client_for
+from tests.support.emulator import client_for
 
 HAIKU = "demo/haiku-text"
 

@@ -18,8 +18,7 @@ import replicate
 from PIL import Image
 
 from ai_handler_dagster.devstack.emulator import MODELS, EmulatorHandle, render_sketch
-
-from .conftest import client_for
+from tests.support.emulator import client_for
 
 
 def _run(client: replicate.Client, model: str, payload: dict) -> replicate.prediction.Prediction:

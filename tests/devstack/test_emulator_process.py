@@ -26,8 +26,7 @@ from ai_handler_dagster.devstack.emulator import (
     EmulatorControl,
     read_port_file,
 )
-
-from .conftest import client_for
+from tests.support.emulator import client_for
 
 
 @pytest.fixture

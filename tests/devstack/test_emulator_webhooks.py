@@ -19,8 +19,8 @@ import replicate
 from replicate.webhook import InvalidSignatureError, WebhookSigningSecret
 
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, sign_webhook
-
-from .conftest import WebhookReceiver, client_for
+from tests.support.emulator import client_for
+from tests.support.webhooks import WebhookReceiver
 
 HAIKU = "demo/haiku-text"
 

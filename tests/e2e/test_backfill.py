@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 
 from ai_handler_dagster.devstack.stack import free_port, wait_for_port
-
-from .conftest import StackUnderTest
-from .support import (
+from tests.support.stack import (
     App,
+    StackUnderTest,
     emulator,
     graphql,
     predictions_with_prompt,

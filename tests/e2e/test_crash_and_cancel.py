@@ -30,10 +30,9 @@ from dagster._core.launcher import WorkerStatus
 
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.runtime.launcher import process_alive, recorded_worker_pid
-
-from .conftest import StackUnderTest
-from .support import (
+from tests.support.stack import (
     App,
+    StackUnderTest,
     dagster_instance,
     emulator,
     predictions_with_prompt,

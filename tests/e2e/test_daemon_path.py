@@ -23,9 +23,10 @@ import pytest
 import sqlalchemy as sa
 from dagster import DagsterRunStatus
 
-from .conftest import StackUnderTest, pg_databases
-from .support import (
+from tests.support.db import pg_databases
+from tests.support.stack import (
     App,
+    StackUnderTest,
     dagster_instance,
     predictions_with_prompt,
     run_events,

@@ -40,8 +40,7 @@ from ai_handler_dagster.orchestration.generation import Held, create_predictions
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
-
-from .conftest import grant, run_pending, submit
+from tests.support.orchestration import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -76,7 +75,7 @@ def _assert_one_paid_prediction_per_attempt(app_db: str, emulator: EmulatorHandl
 
 
 def test_every_answer_lost_identical_inputs_alias_and_regenerate(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     """The acceptance case: every create answer lost; a batch with identical inputs, an
     official model answering under another name, and a regenerate of a succeeded generation."""
@@ -84,7 +83,7 @@ def test_every_answer_lost_identical_inputs_alias_and_regenerate(
     grant(app_db, "ada", 200)
     same = {"prompt": "the same fox", "seed": 5, **SMALL}
     first = submit(app_db, "ada", [(SKETCH, same), (SKETCH, same), (SKETCH, same)])
-    run_pending(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, bucket, instance)
     rows = _rows(app_db)
     assert [rows[g].status for g in first] == ["succeeded"] * 3, [
         (rows[g].error_code, rows[g].error_message) for g in first
@@ -98,7 +97,7 @@ def test_every_answer_lost_identical_inputs_alias_and_regenerate(
     later = submit(app_db, "ada", [(SKETCH, same)])
     with session_scope(make_engine(app_db)) as session:
         gens.requeue(session, first[0], include_succeeded=True)
-    run_pending(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, bucket, instance)
     rows = _rows(app_db)
     assert rows[later[0]].status == "succeeded" and rows[first[0]].status == "succeeded"
     assert rows[first[0]].attempt == 2
@@ -112,14 +111,14 @@ def test_every_answer_lost_identical_inputs_alias_and_regenerate(
 
 
 def test_a_website_prediction_with_the_same_input_is_left_alone(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     grant(app_db, "bo", 50)
     same = {"prompt": "shared account", "seed": 2, **SMALL}
     emulator.configure(faults=Faults(drop_create_rate=1.0))
     [gid] = submit(app_db, "bo", [(SKETCH, same)])
     web = emulator.web_prediction(SKETCH, same)
-    run_pending(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, bucket, instance)
     row = _rows(app_db)[gid]
     assert row.status == "succeeded" and row.prediction_id != web["id"]
     theirs = {p["id"]: p for p in emulator.predictions()}[web["id"]]

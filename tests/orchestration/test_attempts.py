@@ -32,8 +32,7 @@ from ai_handler_dagster.resources.outputs import OutputPolicyResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import StagedFile
 from ai_handler_dagster.storage.s3 import S3OutputStore, file_sha256
-
-from .conftest import grant, run_pending, submit
+from tests.support.orchestration import grant, run_pending, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -94,20 +93,20 @@ def test_a_run_of_an_earlier_attempt_cannot_touch_the_new_one(app_db: str) -> No
 
 
 def test_a_regenerate_keeps_what_the_user_paid_for(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     grant(app_db, "bo", 100)
     [gid] = submit(app_db, "bo", [(SKETCH, {"prompt": "again", "seed": 3})])
-    run_pending(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, bucket, instance)
     first = _row(app_db, gid).outputs
     assert [o["key"] for o in first or []] == [f"generations/{gid}/a1/0.png"]
     with session_scope(make_engine(app_db)) as session:
         gens.requeue(session, gid, include_succeeded=True)
-    run_pending(app_db, emulator, local_s3, instance)
+    run_pending(app_db, emulator, local_s3, bucket, instance)
     row = _row(app_db, gid)
     assert row.status == "succeeded" and row.attempt == 2
     assert [o["key"] for o in row.outputs or []] == [f"generations/{gid}/a2/0.png"]
-    store = S3OutputStore(local_s3.client(), local_s3.bucket)
+    store = S3OutputStore(local_s3.client(), bucket)
     assert store.list_keys(f"generations/{gid}/") == [
         f"generations/{gid}/a1/0.png",
         f"generations/{gid}/a2/0.png",
@@ -123,7 +122,7 @@ def test_a_regenerate_keeps_what_the_user_paid_for(
 
 
 def test_an_attempt_refunded_after_its_upload_leaves_nothing_readable(
-    app_db: str, local_s3: LocalS3, tmp_path: Path
+    app_db: str, local_s3: LocalS3, bucket: str, tmp_path: Path
 ) -> None:
     grant(app_db, "cy", 100)
     [gid] = submit(app_db, "cy", [(SKETCH, {"prompt": "refunded elsewhere"})])
@@ -135,14 +134,14 @@ def test_an_attempt_refunded_after_its_upload_leaves_nothing_readable(
     staged_path.write_bytes(b"\x89PNG\r\n\x1a\nfake")
     digest, size = file_sha256(staged_path)
     staged = StagedFile(staged_path, "image/png", "png", size, digest)
-    store = S3OutputStore(local_s3.client(), local_s3.bucket, "refund-test")
+    store = S3OutputStore(local_s3.client(), bucket, "refund-test")
     objects = store.store_generation(gid, 1, [staged])
     # Another path (the hold expired, reconciliation) refunds it before finalize runs.
     with session_scope(engine) as session:
         gens.fail(session, gid, code="deadline_exceeded", message="credit hold expired")
     io_manager = GenerationOutputsIOManager(
         s3=S3Resource(endpoint_url=local_s3.endpoint_url, region_name="us-east-1"),
-        bucket=local_s3.bucket,
+        bucket=bucket,
         prefix="refund-test",
     )
     awaited = [AwaitedPrediction(gid, 1, "pred-1", output=None, predict_time=1.0)]
@@ -160,7 +159,7 @@ def test_an_attempt_refunded_after_its_upload_leaves_nothing_readable(
 
 
 def test_a_hold_lives_as_long_as_the_formula_says(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str
 ) -> None:
     """Regression (traced): holds lived a fixed 2 h, whatever the run's maximum and the queue:
     a long run's hold could expire under it. A hold lives the queue allowance, a run's maximum
@@ -177,7 +176,7 @@ def test_a_hold_lives_as_long_as_the_formula_says(
         ).scalar_one()
     overrides = {"run_monitoring": {"enabled": True, "max_runtime_seconds": 2000}}
     with instance_for_test(overrides=overrides) as instance:
-        run_pending(app_db, emulator, local_s3, instance)
+        run_pending(app_db, emulator, local_s3, bucket, instance)
 
     def lifetime(gid: int) -> timedelta:
         with session_scope(make_engine(app_db)) as session:

@@ -23,8 +23,7 @@ from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
 from ai_handler_dagster.orchestration.request_sensor import batch_key_for
-
-from .conftest import grant, job_resources, submit
+from tests.support.orchestration import grant, job_resources, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -43,7 +42,7 @@ def rows_by_id(db_url: str) -> dict[int, Generation]:
 
 
 def test_a_batch_settles_each_generation_on_its_own(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     grant(app_db, "ada", 100)
     ids = submit(
@@ -59,7 +58,7 @@ def test_a_batch_settles_each_generation_on_its_own(
     assert claim(app_db) == ids
     result = generation_job.execute_in_process(
         run_config=batch_run_config(ids),
-        resources=job_resources(app_db, emulator, local_s3),
+        resources=job_resources(app_db, emulator, local_s3, bucket),
         instance=instance,
     )
     assert result.success
@@ -77,7 +76,7 @@ def test_a_batch_settles_each_generation_on_its_own(
     ]
     for gid in (ids[0], ids[2], ids[3]):
         for obj in rows[gid].outputs or []:
-            body = s3.get_object(Bucket=local_s3.bucket, Key=obj["key"])["Body"].read()
+            body = s3.get_object(Bucket=bucket, Key=obj["key"])["Body"].read()
             assert hashlib.sha256(body).hexdigest() == obj["sha256"]
             assert len(body) == obj["size"]
     charged = sum(rows[i].amount_charged for i in ids)
@@ -94,7 +93,7 @@ def test_a_batch_settles_each_generation_on_its_own(
     # Running the same batch again changes nothing: no new prediction, no new charge.
     again = generation_job.execute_in_process(
         run_config=batch_run_config(ids),
-        resources=job_resources(app_db, emulator, local_s3),
+        resources=job_resources(app_db, emulator, local_s3, bucket),
         instance=instance,
     )
     assert again.success
@@ -105,7 +104,7 @@ def test_a_batch_settles_each_generation_on_its_own(
 
 
 def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     grant(app_db, "bo", 5)
     [first] = submit(app_db, "bo", [("demo/pixel-sketch", {"prompt": "first"})])
@@ -121,7 +120,7 @@ def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
     claim(app_db)
     result = generation_job.execute_in_process(
         run_config=batch_run_config(ids),
-        resources=job_resources(app_db, emulator, local_s3),
+        resources=job_resources(app_db, emulator, local_s3, bucket),
         instance=instance,
     )
     assert result.success
@@ -135,14 +134,14 @@ def test_a_user_who_cannot_afford_the_hold_is_refused_without_a_charge(
 
 
 def test_an_op_that_fails_for_good_refunds_the_batch_through_the_hook(
-    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, instance: DagsterInstance
+    app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
     """Regression: an infrastructure failure after the holds (S3 gone) must not leave credits
     held; the failure hook releases them and marks the generations failed."""
     grant(app_db, "cy", 50)
     ids = submit(app_db, "cy", [("demo/pixel-sketch", {"prompt": "kept"})])
     claim(app_db)
-    resources = job_resources(app_db, emulator, local_s3)
+    resources = job_resources(app_db, emulator, local_s3, bucket)
     from dagster_aws.s3 import S3Resource
 
     from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager

@@ -29,7 +29,7 @@ from ai_handler_dagster.errors import (
 )
 from ai_handler_dagster.storage.addresses import address_problem, host_allowed
 from ai_handler_dagster.storage.download import DownloadPolicy, download, redact_url
-from tests.storage.fileserver import FileServer, jpeg_bytes, make_pki, png_bytes, wav_bytes
+from tests.support.fileserver import FileServer, jpeg_bytes, make_pki, png_bytes, wav_bytes
 
 PNG = png_bytes()
 

@@ -35,7 +35,7 @@ from ai_handler_dagster.storage.download import DownloadPolicy, stage_outputs
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import AttemptFiles, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore
-from tests.storage.fileserver import FileServer, png_bytes
+from tests.support.fileserver import FileServer, png_bytes
 
 ENDPOINT_VAR = "STORAGE_TEST_S3_ENDPOINT"
 BUCKET_VAR = "STORAGE_TEST_S3_BUCKET"

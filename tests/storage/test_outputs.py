@@ -22,7 +22,7 @@ from ai_handler_dagster.storage.download import (
     outputs_from_prediction,
     stage_outputs,
 )
-from tests.storage.fileserver import FileServer, png_bytes, wav_bytes
+from tests.support.fileserver import FileServer, png_bytes, wav_bytes
 
 URL_A = "https://replicate.delivery/pbxt/a/out-0.png"
 URL_B = "https://replicate.delivery/pbxt/b/out-1.png"

@@ -19,7 +19,7 @@ import pytest
 from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.storage.objects import StagedFile, StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore, manifest_key, output_key
-from tests.storage.fileserver import png_bytes
+from tests.support.fileserver import png_bytes
 
 
 def stage(tmp: Path, name: str, body: bytes, content_type: str, ext: str) -> StagedFile:

@@ -28,8 +28,7 @@ from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.webhooks import start_receiver
 from ai_handler_dagster.webhooks.config import fetch_secret
 from ai_handler_dagster.webhooks.lookup import make_batched_lookup, make_lookup
-
-from .conftest import SECRET, state_of
+from tests.support.webhooks import SECRET, state_of
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ import sqlalchemy as sa
 
 from ai_handler_dagster.webhooks import record_delivery
 from ai_handler_dagster.webhooks.lookup import lookup_many, make_batched_lookup, make_lookup
-
-from .conftest import prediction
+from tests.support.webhooks import prediction
 
 
 @contextmanager

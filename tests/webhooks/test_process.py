@@ -27,8 +27,7 @@ from ai_handler_dagster.devstack.emulator import read_port_file
 from ai_handler_dagster.webhooks import WEBHOOK_PATH, record_delivery
 from ai_handler_dagster.webhooks import __main__ as entry_point
 from ai_handler_dagster.webhooks.commands import cmd_prune, cmd_serve, register
-
-from .conftest import SECRET, prediction, signed, state_of
+from tests.support.webhooks import SECRET, prediction, signed, state_of
 
 
 def _env(db_url: str, secret: str | None) -> dict[str, str]:

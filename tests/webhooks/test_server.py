@@ -22,8 +22,7 @@ import sqlalchemy as sa
 
 from ai_handler_dagster.db.models import PredictionState, WebhookDelivery
 from ai_handler_dagster.webhooks import MAX_BODY_BYTES, WEBHOOK_PATH, ReceiverHandle
-
-from .conftest import prediction, signed, state_of, table_rows
+from tests.support.webhooks import prediction, signed, state_of, table_rows
 
 MakeReceiver = Callable[..., ReceiverHandle]
 

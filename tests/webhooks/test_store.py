@@ -23,8 +23,7 @@ import sqlalchemy as sa
 
 from ai_handler_dagster.db.models import PredictionState, WebhookDelivery, utcnow
 from ai_handler_dagster.webhooks import MAX_BODY_BYTES, handle, prune, record_delivery
-
-from .conftest import SECRET, prediction, signed, state_of, table_rows
+from tests.support.webhooks import SECRET, prediction, signed, state_of, table_rows
 
 
 def _deliver(engine: sa.Engine, doc: dict[str, Any], msg_id: str) -> tuple[int, str]:

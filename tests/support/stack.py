@@ -1,5 +1,8 @@
-"""Helpers for the end-to-end tests: one embedded stack per module, rows inserted the way an
-application inserts them, waits on real processes, and the evidence to print when one fails."""
+"""The embedded stack in tests: start and read it, the app database's view, waits, evidence.
+
+Used by the end-to-end tests and the guards: one embedded stack per module, rows inserted the way
+an application inserts them, waits on real processes, and the evidence to print when one fails.
+"""
 
 from __future__ import annotations
 
@@ -317,6 +320,14 @@ class App:
         """Everything ``ledger.verify`` and ``generations.verify`` find wrong (empty: clean)."""
         with session_scope(self.engine) as session:
             return [str(v) for v in (*ledger.verify(session), *gens.verify(session))]
+
+
+@dataclass
+class StackUnderTest:
+    """A running stack and the app database it serves."""
+
+    stack: Stack
+    app: App
 
 
 def unique(label: str) -> str:

@@ -1,0 +1,1 @@
+"""Code the tests share that is not a fixture: one module per topic; fixtures stay in conftest."""
