@@ -35,9 +35,9 @@ Handler = Callable[[argparse.Namespace], int]
 EXTENSION_MODULES = (
     "ai_handler_dagster.devstack.commands",
     "ai_handler_dagster.orchestration.commands",
-    "ai_handler_dagster.bench",
+    "ai_handler_dagster.proving.bench",
     "ai_handler_dagster.webhooks.commands",
-    "ai_handler_dagster.chaos",
+    "ai_handler_dagster.proving.chaos",
 )
 
 

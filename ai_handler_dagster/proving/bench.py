@@ -31,8 +31,9 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import dispose_engines, make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorControl
-from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.devstack.stack import StackConfig
 from ai_handler_dagster.domain import TERMINAL
+from ai_handler_dagster.proving.stack import ProvingStack
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -98,7 +99,7 @@ class _RssSampler(threading.Thread):
     """Samples the stack's processes: the peak of their summed resident memory, and the CPU
     seconds each kind of process (emulator, S3, daemon, run workers, ...) used while sampling."""
 
-    def __init__(self, stack: Stack, interval_s: float = 0.5) -> None:
+    def __init__(self, stack: ProvingStack, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.stack = stack
         self.interval_s = interval_s
@@ -335,7 +336,7 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         app_url, dagster_url = f"sqlite:///{state / 'app.db'}", None
     else:
         raise ValueError(f"--storage must be postgres or sqlite, got {config.storage!r}")
-    stack = Stack(_stack_config(config, state, app_url, dagster_url))
+    stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
     try:
         with stack:
             return _measure(config, stack, app_url, progress)
@@ -345,7 +346,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
             drop_database(config.pg_admin_url, url)
 
 
-def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+def _measure(
+    config: BenchConfig, stack: ProvingStack, app_url: str, progress: bool
+) -> dict[str, Any]:
     engine = make_engine(app_url)
     users = [f"bench-{i}" for i in range(config.users)]
     with session_scope(engine) as session:

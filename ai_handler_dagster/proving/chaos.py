@@ -13,7 +13,7 @@ faults land on a schedule derived from ``--seed``:
   run workers go with it), an outage of the S3 endpoint (it keeps its objects, as real S3 does),
   and every connection to the app database terminated with ``pg_terminate_backend``.
 
-When every generation has ended, :mod:`ai_handler_dagster.chaos_audit` checks the money, the
+When every generation has ended, :mod:`ai_handler_dagster.proving.audit` checks the money, the
 outputs and the provider's side independently of the code that moved them. The result is a table
 (or one JSON object with ``--json``); the exit code is 1 on any violation, including a fault the
 schedule promised but could not inject.
@@ -45,11 +45,12 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from ai_handler_dagster import chaos_audit
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.instance import WORKSPACE_FILE
+from ai_handler_dagster.proving import audit
+from ai_handler_dagster.proving.stack import ProvingStack
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -257,7 +258,7 @@ class FaultLog:
             self.events.append(text)
 
 
-def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
+def live_workers(instance: Any, stack: ProvingStack) -> dict[str, int]:
     """Run id -> pid of every generation run whose worker is a live process of this stack."""
     from dagster import DagsterRunStatus, RunsFilter
 
@@ -294,7 +295,7 @@ class FaultDriver(threading.Thread):
     def __init__(
         self,
         plan: Plan,
-        stack: Stack,
+        stack: ProvingStack,
         app_db_url: str,
         pg_admin_url: str,
         started: float,
@@ -705,7 +706,7 @@ def run_chaos(config: ChaosConfig, *, progress: bool = True) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="ai-handler-chaos-"))
     app_url = new_database(config.pg_admin_url, "aih_chaos_app")
     dagster_url = new_database(config.pg_admin_url, "aih_chaos_dagster")
-    stack = Stack(_stack_config(config, state, app_url, dagster_url))
+    stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
     report: dict[str, Any] | None = None
     try:
         with stack:
@@ -722,7 +723,7 @@ def run_chaos(config: ChaosConfig, *, progress: bool = True) -> dict[str, Any]:
             sys.stderr.write(f"chaos: stack state and logs kept in {state}\n")
 
 
-def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool) -> dict[str, Any]:
     from ai_handler_dagster.db.engine import make_engine
     from ai_handler_dagster.pricing import load_pricing
 
@@ -790,10 +791,10 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
     s3 = stack.s3_client()
     http, fetch = _fetcher()
     try:
-        result = chaos_audit.audit(
+        result = audit.audit(
             engine,
             predictions=predictions,
-            s3_objects=chaos_audit.list_s3_objects(s3, DEFAULT_BUCKET),
+            s3_objects=audit.list_s3_objects(s3, DEFAULT_BUCKET),
             fetch_output=fetch,
         )
     finally:
@@ -884,7 +885,7 @@ def _report(
     plan: Plan,
     log: FaultLog,
     stats: dict[str, Any],
-    result: chaos_audit.AuditReport,
+    result: audit.AuditReport,
     duration: float,
 ) -> dict[str, Any]:
     faults = _emulator_faults(stats)
@@ -986,7 +987,7 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         "invariants",
     ]
-    for name, description in chaos_audit.CHECKS.items():
+    for name, description in audit.CHECKS.items():
         n = report["checks"].get(name, 0)
         verdict = "ok" if n == 0 else f"{n} VIOLATION(S)"
         lines.append(f"  {description:70} {verdict}")
