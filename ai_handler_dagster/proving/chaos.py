@@ -50,10 +50,9 @@ from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.instance import WORKSPACE_FILE
 from ai_handler_dagster.proving import audit
-from ai_handler_dagster.proving.stack import ProvingStack
+from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
-DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 MODEL = "demo/pixel-sketch"
 #: The name the emulator answers creates of MODEL with, as Replicate does for some official
 #: models: adoption must learn it.
@@ -700,23 +699,16 @@ def _fetcher() -> tuple[httpx.Client, Callable[[str], bytes | None]]:
 
 def run_chaos(config: ChaosConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one soak on fresh databases and a fresh stack; return its report."""
-    from ai_handler_dagster.db.engine import dispose_engines
-    from ai_handler_dagster.devstack.pg import drop_database, new_database
-
     state = Path(tempfile.mkdtemp(prefix="ai-handler-chaos-"))
-    app_url = new_database(config.pg_admin_url, "aih_chaos_app")
-    dagster_url = new_database(config.pg_admin_url, "aih_chaos_dagster")
-    stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
     report: dict[str, Any] | None = None
     try:
-        with stack:
-            report = _soak(config, stack, app_url, progress)
-        return report
+        with scratch_databases(config.pg_admin_url, "aih_chaos", keep=config.keep) as urls:
+            app_url, dagster_url = urls
+            stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
+            with stack:
+                report = _soak(config, stack, app_url, progress)
+            return report
     finally:
-        dispose_engines()
-        if not config.keep:
-            drop_database(config.pg_admin_url, app_url)
-            drop_database(config.pg_admin_url, dagster_url)
         if report is not None and report["violations"] == 0 and not config.keep:
             shutil.rmtree(state, ignore_errors=True)
         elif progress:
