@@ -5,17 +5,20 @@ Each subcommand is a small function; ``main`` parses arguments and maps known er
 unknown user), 1 for a failed check or an unusable database.
 
 Commands of this module: ``db upgrade``, ``ledger verify``, ``credits grant|show``, ``submit``,
-``status`` and ``demo``. Other parts add their own commands without editing this file: a module
-listed in ``EXTENSION_MODULES`` that exists and defines ``register(subparsers)`` is asked to add
-its subparsers (each with ``set_defaults(handler=...)``, a function from the parsed arguments to an
-exit code).
+``status``, ``demo`` and ``instance write``. The other parts keep their commands in their own
+modules, each with a ``register(subparsers)`` that adds its subparsers (each with
+``set_defaults(handler=...)``, a function from the parsed arguments to an exit code).
+:func:`build_parser` imports those modules by name and calls every ``register``:
+``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
+(``webhooks serve|prune``) and ``proving.chaos`` (``chaos``). It imports them itself, not at the
+top of this module, so that importing the module stays cheap; each handler imports what it runs
+(Dagster included) only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import signal
 import sys
@@ -30,15 +33,6 @@ import sqlalchemy as sa
 from ai_handler_dagster.errors import AiHandlerError
 
 Handler = Callable[[argparse.Namespace], int]
-
-#: Optional modules of other parts that register more subcommands (``register(subparsers)``).
-EXTENSION_MODULES = (
-    "ai_handler_dagster.devstack.commands",
-    "ai_handler_dagster.orchestration.commands",
-    "ai_handler_dagster.bench",
-    "ai_handler_dagster.webhooks.commands",
-    "ai_handler_dagster.chaos",
-)
 
 
 class UsageError(AiHandlerError):
@@ -231,7 +225,11 @@ def _with_url(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand, including those of extension modules."""
+    """The argument parser with every subcommand, this module's and the other parts'."""
+    from ai_handler_dagster.devstack import commands as devstack_commands
+    from ai_handler_dagster.proving import bench, chaos
+    from ai_handler_dagster.webhooks import commands as webhooks_commands
+
     parser = argparse.ArgumentParser(
         prog="ai-handler", description="Paid AI generations on Dagster."
     )
@@ -301,16 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--force", action="store_true", help="replace an existing dagster.yaml")
     write.set_defaults(handler=cmd_instance_write)
 
-    for name in EXTENSION_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # the part has no commands (yet); anything else is a real bug
-                continue
-            raise
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+    devstack_commands.register(sub)
+    bench.register(sub)
+    webhooks_commands.register(sub)
+    chaos.register(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from ai_handler_dagster import cli
-from ai_handler_dagster.bench import REPORT_KEYS
+from ai_handler_dagster.proving.bench import REPORT_KEYS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 Proves that:
 
-- the audit (``chaos_audit.audit``) reports every kind of violation it exists for, on a
+- the audit (``proving.audit.audit``) reports every kind of violation it exists for, on a
   hand-made database state with one of each (a generation left running and its hold left open,
   a balance that is not grants minus captures, cached sums that disagree with the entries, an
   available balance that went negative between entries, two holds for one attempt and a hold
@@ -40,9 +40,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from ai_handler_dagster import chaos, chaos_audit
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.devstack.s3 import LocalS3, local_s3_client, start_local_s3
+from ai_handler_dagster.proving import audit, chaos
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 MODEL = "demo/pixel-sketch"
@@ -423,28 +423,28 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
     finally:
         engine.dispose()
         # The local S3 keeps its objects for the whole process: leave the bucket empty.
-        for key in chaos_audit.list_s3_objects(client, "audit-test"):
+        for key in audit.list_s3_objects(client, "audit-test"):
             client.delete_object(Bucket="audit-test", Key=key)
 
 
 def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: LocalS3) -> None:
-    report = chaos_audit.audit(
+    report = audit.audit(
         hand_made.engine,
         predictions=hand_made.predictions,
-        s3_objects=chaos_audit.list_s3_objects(s3.client(), "audit-test"),
+        s3_objects=audit.list_s3_objects(s3.client(), "audit-test"),
         fetch_output=hand_made.files.get,
     )
     found = [str(v) for v in report.violations]
     print("\n".join(found))
     counts = report.by_check()
-    assert set(counts) == set(chaos_audit.CHECKS)
+    assert set(counts) == set(audit.CHECKS)
     for check, subject in hand_made.expected.items():
         assert any(v.check == check and v.subject.startswith(subject) for v in report.violations), (
             check,
             subject,
             found,
         )
-    assert all(counts[name] >= 1 for name in chaos_audit.CHECKS), counts
+    assert all(counts[name] >= 1 for name in audit.CHECKS), counts
     # The double ending of gina's hold and the missing object of kate's koala are named too.
     assert any(v.check == "holds" and "ended 2 times" in v.message for v in report.violations)
     assert any(v.check == "outputs" and "not in the bucket" in v.message for v in report.violations)
@@ -473,10 +473,10 @@ def test_a_clean_state_passes_every_check(pg_url: str, s3: LocalS3) -> None:
             a2 = books.generation("alice", "canceled", "a fox, canceled", code="run_failed")
             books.link(a2, books.hold(alice, a2, 5, ends=("release",)), 5)
         s3.client().put_object(Bucket="audit-test", Key=f"generations/{a1}/0.png", Body=PNG_A)
-        report = chaos_audit.audit(
+        report = audit.audit(
             engine,
             predictions=[_prediction("pa1", "a fox", "succeeded", files=1)],
-            s3_objects=chaos_audit.list_s3_objects(s3.client(), "audit-test"),
+            s3_objects=audit.list_s3_objects(s3.client(), "audit-test"),
             fetch_output={"http://emulator.test/files/pa1/0.png": PNG_A}.get,
         )
     finally:

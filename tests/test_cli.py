@@ -5,12 +5,19 @@ file: ``db upgrade`` migrates; ``credits grant|show`` move and report credits (i
 --key); ``submit`` prints the new id and ``status`` prints the row as JSON; bad input of every
 kind ends with ``error: ...`` and exit code 2, an unmigrated database with exit code 1; ``ledger
 verify`` passes on a consistent ledger and exits 1 naming the problem after a cached balance is
-corrupted or an entry is deleted by raw SQL.
+corrupted or an entry is deleted by raw SQL; every command, the other parts' included, is
+registered and listed by ``--help``, and a command module that cannot be imported stops the CLI
+with an ImportError (regression: the CLI skipped a missing one, whose commands then vanished
+without a word).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +202,43 @@ def test_missing_arguments_are_usage_errors(
     assert code == 2 and "required" in err
     assert run(capsys, "credits")[0] == 2
     assert run(capsys, "--help")[0] == 0
+
+
+#: Every command of ``ai-handler``: this module's, then those the other parts register.
+COMMANDS = (
+    *("db", "ledger", "credits", "submit", "status", "demo", "instance"),
+    *("dev", "bench", "webhooks", "chaos"),
+)
+
+#: The modules of the other parts whose ``register`` adds commands.
+COMMAND_MODULES = (
+    "ai_handler_dagster.devstack.commands",
+    "ai_handler_dagster.proving.bench",
+    "ai_handler_dagster.webhooks.commands",
+    "ai_handler_dagster.proving.chaos",
+)
+
+
+def test_every_registered_command_is_listed_by_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli.build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert tuple(commands.choices) == COMMANDS
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in commands.choices:
+        assert re.search(rf"^    {name} +\S", out, re.MULTILINE), f"{name} is not in --help"
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_a_missing_command_module_is_an_import_error(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package, _, name = module.rpartition(".")
+    # As if the module did not exist: None in sys.modules makes importing it fail.
+    monkeypatch.delattr(importlib.import_module(package), name, raising=False)
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=re.escape(module)):
+        cli.build_parser()
 
 
 def test_unmigrated_database_is_reported(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:

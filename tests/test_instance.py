@@ -21,8 +21,9 @@ import yaml
 from dagster import DagsterInstance
 from dagster._core.instance.config import dagster_instance_config
 
-from ai_handler_dagster import bench, chaos, cli, instance
+from ai_handler_dagster import cli, instance
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.proving import bench, chaos
 from ai_handler_dagster.settings import ConfigError
 from tests.support.stack import stack_config
 

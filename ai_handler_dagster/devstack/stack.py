@@ -4,8 +4,10 @@
 - a Dagster instance in the state folder (SQLite by default, PostgreSQL on request),
 - ``dagster-daemon`` (sensors, run queue, run monitoring), and optionally the webserver/UI.
 
-``ai-handler dev`` and ``ai-handler demo`` use it, and so do the end-to-end tests, the benchmark and
-the chaos soak: the same processes and configuration production runs, only pointed at local parts.
+``ai-handler dev``, ``ai-handler demo`` and the end-to-end tests use it: the same processes and
+configuration production runs, only pointed at local parts. The benchmark and the chaos soak run
+it as :class:`ai_handler_dagster.proving.stack.ProvingStack`, which adds the pids and the process
+faults they need.
 """
 
 from __future__ import annotations
@@ -282,13 +284,17 @@ class Stack:
 
     def _start_s3(self) -> None:
         port = free_port()
+        self._spawn_s3(port)
+        self.s3_url = f"http://127.0.0.1:{port}"
+        self._wait_for_bucket()
+
+    def _spawn_s3(self, port: int) -> None:
+        """Start the local S3 endpoint on ``port`` and wait until it accepts connections."""
         proc = self._spawn(
             "s3",
             [sys.executable, "-m", "ai_handler_dagster.devstack.s3", "--port", str(port)],
         )
         wait_for_port("127.0.0.1", port, 60, proc)
-        self.s3_url = f"http://127.0.0.1:{port}"
-        self._wait_for_bucket()
 
     def s3_client(self) -> Any:
         """A boto3 client for the stack's local S3 endpoint (it accepts any credentials)."""
@@ -308,17 +314,6 @@ class Stack:
                     raise
                 time.sleep(0.2)
 
-    def restart_s3(self) -> None:
-        """Stop and start the local S3 endpoint on the same port (chaos: an S3 outage)."""
-        port = int(self.s3_url.rsplit(":", 1)[1])
-        self._terminate("s3")
-        proc = self._spawn(
-            "s3",
-            [sys.executable, "-m", "ai_handler_dagster.devstack.s3", "--port", str(port)],
-        )
-        wait_for_port("127.0.0.1", port, 60, proc)
-        self._wait_for_bucket()
-
     def _dagster_bin(self, name: str) -> str:
         candidate = Path(sys.executable).with_name(name)
         return str(candidate) if candidate.exists() else (shutil.which(name) or name)
@@ -335,11 +330,6 @@ class Stack:
                 str(instance.WORKSPACE_FILE),
             ],
         )
-
-    def restart_daemon(self) -> None:
-        """Kill the daemon hard and start it again (chaos: a daemon crash)."""
-        self._terminate("daemon", sig=signal.SIGKILL)
-        self._start_daemon()
 
     def _start_dagster_dev(self) -> None:
         assert self.config.webserver_port is not None
@@ -373,17 +363,3 @@ class Stack:
         # Children that left the group's leader behind (run workers of the code server).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-
-    def pids(self) -> list[int]:
-        """Pids of every live process of the stack, children included (for memory figures)."""
-        found: list[int] = []
-        groups = {p.pid for p in self.processes.values() if p.poll() is None}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(entry.name)) in groups:
-                    found.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-        return found

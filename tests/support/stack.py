@@ -29,6 +29,7 @@ from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
 from ai_handler_dagster.devstack.emulator.control import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, RunTag
+from ai_handler_dagster.proving.stack import ProvingStack
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 T = TypeVar("T")
@@ -93,12 +94,15 @@ def log_tails(stack: Stack, lines: int = 60, notable: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def running_stack(config: StackConfig) -> Iterator[Stack]:
+def running_stack(config: StackConfig) -> Iterator[ProvingStack]:
     """A started stack, always stopped afterwards (so no process outlives the test module).
+
+    It is a :class:`ProvingStack`: the tests drive it from outside as the chaos soak does (they
+    kill its run workers, and check first that a pid is one of its processes).
 
     If starting it, or the fixture's setup around it, fails, the tails of its logs are printed
     (a failing test gets them attached to its report by the conftest instead)."""
-    stack = Stack(config)
+    stack = ProvingStack(config)
     try:
         stack.start()
         yield stack
@@ -326,7 +330,7 @@ class App:
 class StackUnderTest:
     """A running stack and the app database it serves."""
 
-    stack: Stack
+    stack: ProvingStack
     app: App
 
 

@@ -14,6 +14,7 @@ executor and Dagster's way of starting runs (a fresh interpreter each, no warm p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,10 +32,9 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.db.engine import dispose_engines, make_engine, session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorControl
-from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.devstack.stack import StackConfig
 from ai_handler_dagster.domain import TERMINAL
-
-DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
 
 
 @dataclass
@@ -98,7 +98,7 @@ class _RssSampler(threading.Thread):
     """Samples the stack's processes: the peak of their summed resident memory, and the CPU
     seconds each kind of process (emulator, S3, daemon, run workers, ...) used while sampling."""
 
-    def __init__(self, stack: Stack, interval_s: float = 0.5) -> None:
+    def __init__(self, stack: ProvingStack, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.stack = stack
         self.interval_s = interval_s
@@ -322,30 +322,26 @@ def _stack_config(
 
 def run_bench(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one benchmark on a fresh stack and return its report (keys: ``REPORT_KEYS``)."""
-    from ai_handler_dagster.devstack.pg import drop_database, new_database
-
     state = Path(tempfile.mkdtemp(prefix="ai-handler-bench-"))
-    created: list[str] = []
-    if config.storage == "postgres":
-        app_url = new_database(config.pg_admin_url, "aih_bench_app")
-        dagster_db = new_database(config.pg_admin_url, "aih_bench_dagster")
-        dagster_url: str | None = dagster_db
-        created = [app_url, dagster_db]
-    elif config.storage == "sqlite":
-        app_url, dagster_url = f"sqlite:///{state / 'app.db'}", None
-    else:
-        raise ValueError(f"--storage must be postgres or sqlite, got {config.storage!r}")
-    stack = Stack(_stack_config(config, state, app_url, dagster_url))
-    try:
+    with contextlib.ExitStack() as cleanup:
+        dagster_url: str | None
+        if config.storage == "postgres":
+            app_url, dagster_url = cleanup.enter_context(
+                scratch_databases(config.pg_admin_url, "aih_bench")
+            )
+        elif config.storage == "sqlite":
+            app_url, dagster_url = f"sqlite:///{state / 'app.db'}", None
+            cleanup.callback(dispose_engines)
+        else:
+            raise ValueError(f"--storage must be postgres or sqlite, got {config.storage!r}")
+        stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
         with stack:
             return _measure(config, stack, app_url, progress)
-    finally:
-        dispose_engines()
-        for url in created:
-            drop_database(config.pg_admin_url, url)
 
 
-def _measure(config: BenchConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+def _measure(
+    config: BenchConfig, stack: ProvingStack, app_url: str, progress: bool
+) -> dict[str, Any]:
     engine = make_engine(app_url)
     users = [f"bench-{i}" for i in range(config.users)]
     with session_scope(engine) as session:

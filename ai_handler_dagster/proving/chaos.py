@@ -13,7 +13,7 @@ faults land on a schedule derived from ``--seed``:
   run workers go with it), an outage of the S3 endpoint (it keeps its objects, as real S3 does),
   and every connection to the app database terminated with ``pg_terminate_backend``.
 
-When every generation has ended, :mod:`ai_handler_dagster.chaos_audit` checks the money, the
+When every generation has ended, :mod:`ai_handler_dagster.proving.audit` checks the money, the
 outputs and the provider's side independently of the code that moved them. The result is a table
 (or one JSON object with ``--json``); the exit code is 1 on any violation, including a fault the
 schedule promised but could not inject.
@@ -45,14 +45,14 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from ai_handler_dagster import chaos_audit
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.instance import WORKSPACE_FILE
+from ai_handler_dagster.proving import audit
+from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
-DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 MODEL = "demo/pixel-sketch"
 #: The name the emulator answers creates of MODEL with, as Replicate does for some official
 #: models: adoption must learn it.
@@ -257,7 +257,7 @@ class FaultLog:
             self.events.append(text)
 
 
-def live_workers(instance: Any, stack: Stack) -> dict[str, int]:
+def live_workers(instance: Any, stack: ProvingStack) -> dict[str, int]:
     """Run id -> pid of every generation run whose worker is a live process of this stack."""
     from dagster import DagsterRunStatus, RunsFilter
 
@@ -294,7 +294,7 @@ class FaultDriver(threading.Thread):
     def __init__(
         self,
         plan: Plan,
-        stack: Stack,
+        stack: ProvingStack,
         app_db_url: str,
         pg_admin_url: str,
         started: float,
@@ -697,30 +697,23 @@ def _fetcher() -> tuple[httpx.Client, Callable[[str], bytes | None]]:
 
 def run_chaos(config: ChaosConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one soak on fresh databases and a fresh stack; return its report."""
-    from ai_handler_dagster.db.engine import dispose_engines
-    from ai_handler_dagster.devstack.pg import drop_database, new_database
-
     state = Path(tempfile.mkdtemp(prefix="ai-handler-chaos-"))
-    app_url = new_database(config.pg_admin_url, "aih_chaos_app")
-    dagster_url = new_database(config.pg_admin_url, "aih_chaos_dagster")
-    stack = Stack(_stack_config(config, state, app_url, dagster_url))
     report: dict[str, Any] | None = None
     try:
-        with stack:
-            report = _soak(config, stack, app_url, progress)
-        return report
+        with scratch_databases(config.pg_admin_url, "aih_chaos", keep=config.keep) as urls:
+            app_url, dagster_url = urls
+            stack = ProvingStack(_stack_config(config, state, app_url, dagster_url))
+            with stack:
+                report = _soak(config, stack, app_url, progress)
+            return report
     finally:
-        dispose_engines()
-        if not config.keep:
-            drop_database(config.pg_admin_url, app_url)
-            drop_database(config.pg_admin_url, dagster_url)
         if report is not None and report["violations"] == 0 and not config.keep:
             shutil.rmtree(state, ignore_errors=True)
         elif progress:
             sys.stderr.write(f"chaos: stack state and logs kept in {state}\n")
 
 
-def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> dict[str, Any]:
+def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool) -> dict[str, Any]:
     from ai_handler_dagster.db.engine import make_engine
     from ai_handler_dagster.pricing import load_pricing
 
@@ -788,10 +781,10 @@ def _soak(config: ChaosConfig, stack: Stack, app_url: str, progress: bool) -> di
     s3 = stack.s3_client()
     http, fetch = _fetcher()
     try:
-        result = chaos_audit.audit(
+        result = audit.audit(
             engine,
             predictions=predictions,
-            s3_objects=chaos_audit.list_s3_objects(s3, DEFAULT_BUCKET),
+            s3_objects=audit.list_s3_objects(s3, DEFAULT_BUCKET),
             fetch_output=fetch,
         )
     finally:
@@ -882,7 +875,7 @@ def _report(
     plan: Plan,
     log: FaultLog,
     stats: dict[str, Any],
-    result: chaos_audit.AuditReport,
+    result: audit.AuditReport,
     duration: float,
 ) -> dict[str, Any]:
     faults = _emulator_faults(stats)
@@ -984,7 +977,7 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         "invariants",
     ]
-    for name, description in chaos_audit.CHECKS.items():
+    for name, description in audit.CHECKS.items():
         n = report["checks"].get(name, 0)
         verdict = "ok" if n == 0 else f"{n} VIOLATION(S)"
         lines.append(f"  {description:70} {verdict}")
