@@ -8,6 +8,7 @@ chain at run time, so they never appear in run config, logs or metadata.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -92,9 +93,15 @@ def build_definitions(executor_def: ExecutorDefinition = in_process_executor) ->
 
 
 def _executor_from_settings() -> ExecutorDefinition:
-    # AI_HANDLER_EXECUTOR=multiprocess: Dagster's default executor, a process per op (the bench's
-    # naive design). Read here, when the code location loads, not where the job is defined.
-    return multiprocess_executor if settings.executor() == "multiprocess" else in_process_executor
+    # Read when the code location loads, not where the job is defined.
+    if settings.executor() == "in_process":
+        return in_process_executor
+    logging.getLogger(__name__).warning(
+        "AI_HANDLER_EXECUTOR=multiprocess is deprecated and will be removed: the naive design "
+        "it measured is its own code location now (ai_handler_dagster.proving.naive, loaded "
+        "by `ai-handler bench --naive`)"
+    )
+    return multiprocess_executor
 
 
 defs = build_definitions(_executor_from_settings())

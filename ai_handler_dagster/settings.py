@@ -120,8 +120,8 @@ def executor() -> str:
     """Executor of the generation job (``AI_HANDLER_EXECUTOR``, default ``in_process``).
 
     ``in_process`` runs the ops of a run in its one process (about 2 s per run);
-    ``multiprocess`` is Dagster's default (a process per op, about 7-8 s per run), kept for
-    measuring the naive design against this one (``ai-handler bench --naive``).
+    ``multiprocess`` is Dagster's default (a process per op, about 7-8 s per run). Deprecated:
+    the bench measures the naive design with its own code location (``proving/naive.py``).
     """
     value = os.environ.get("AI_HANDLER_EXECUTOR", "in_process").strip().lower()
     if value not in ("in_process", "multiprocess"):

@@ -11,10 +11,12 @@ did not run.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -157,3 +159,43 @@ def test_bench_lists_its_instance_options(capsys: pytest.CaptureFixture[str]) ->
     assert "override a setting of the shipped dagster.yaml" in text
     assert "concurrency.runs.max_concurrent_runs" in text
     assert "run_launcher.config.warm_start" in text
+
+
+def test_the_naive_bench_loads_its_own_code_location(tmp_path: Path) -> None:
+    # The naive design used to be chosen by AI_HANDLER_EXECUTOR, read when the job module was
+    # imported: the bench changed the project's job through the environment.
+    app, pg = f"sqlite:///{tmp_path / 'app.db'}", "postgresql+psycopg2://u@h/db"
+    naive = bench._stack_config(bench.BenchConfig(naive=True), tmp_path, app, pg)
+    batched = bench._stack_config(bench.BenchConfig(), tmp_path, app, pg)
+    assert batched.workspace == instance.WORKSPACE_FILE
+    assert "AI_HANDLER_EXECUTOR" not in naive.extra_env
+    loaded = yaml.safe_load(naive.workspace.read_text())["load_from"][0]["python_module"]
+    assert loaded == {
+        "module_name": "ai_handler_dagster.proving.naive",
+        "attribute": "defs",
+        "location_name": "ai_handler",
+    }
+    from ai_handler_dagster.definitions import defs
+    from ai_handler_dagster.proving.naive import defs as naive_defs
+
+    def shape(d: Any) -> tuple[set[str], set[str]]:
+        return {j.name for j in d.resolve_all_job_defs()}, {s.name for s in d.sensors or []}
+
+    assert shape(naive_defs) == shape(defs)
+    assert naive_defs.get_job_def("generation_job").executor_def.name == "multiprocess"
+    assert defs.get_job_def("generation_job").executor_def.name == "in_process"
+
+
+def test_the_executor_setting_still_works_and_says_it_is_deprecated(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ai_handler_dagster import definitions
+
+    monkeypatch.setenv("AI_HANDLER_EXECUTOR", "multiprocess")
+    with caplog.at_level(logging.WARNING):
+        assert definitions._executor_from_settings().name == "multiprocess"
+    assert "deprecated" in caplog.text and "proving.naive" in caplog.text
+    monkeypatch.delenv("AI_HANDLER_EXECUTOR")
+    caplog.clear()
+    assert definitions._executor_from_settings().name == "in_process"
+    assert caplog.text == ""

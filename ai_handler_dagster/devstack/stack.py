@@ -75,6 +75,9 @@ class StackConfig:
     log_to_files: bool = True
     #: Run the webhook receiver and have creates ask for completion webhooks (else poll only).
     webhooks: bool = True
+    #: The workspace Dagster loads; the default, the repository's ``workspace.yaml``, runs the
+    #: project's code location.
+    workspace: Path = instance.WORKSPACE_FILE
 
 
 class Stack:
@@ -327,7 +330,7 @@ class Stack:
                 "ai_handler_dagster.runtime.daemon",
                 "run",
                 "-w",
-                str(instance.WORKSPACE_FILE),
+                str(self.config.workspace),
             ],
         )
 
@@ -339,7 +342,7 @@ class Stack:
                 self._dagster_bin("dagster"),
                 "dev",
                 "-w",
-                str(instance.WORKSPACE_FILE),
+                str(self.config.workspace),
                 "-h",
                 "127.0.0.1",
                 "-p",

@@ -34,6 +34,7 @@ from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import StackConfig
 from ai_handler_dagster.domain import TERMINAL
+from ai_handler_dagster.instance import WORKSPACE_FILE
 from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
 
 
@@ -275,6 +276,16 @@ INSTANCE_OPTIONS = {
 }
 
 
+#: The naive design's code location (``proving/naive.py``), under the project's location name.
+NAIVE_WORKSPACE = """\
+load_from:
+  - python_module:
+      module_name: ai_handler_dagster.proving.naive
+      attribute: defs
+      location_name: ai_handler
+"""
+
+
 def instance_overrides(config: BenchConfig) -> dict[str, Any]:
     """The instance settings this benchmark changes (none by default: production's)."""
     overrides: dict[str, Any] = {}
@@ -290,11 +301,14 @@ def _stack_config(
     config: BenchConfig, state_dir: Path, app_url: str, dagster_url: str | None
 ) -> StackConfig:
     env = {"AI_HANDLER_SENSOR_INTERVAL_S": "1", **config.extra_env}
+    workspace = WORKSPACE_FILE
     if config.naive:
-        # One generation per run, Dagster's default executor: the design this project replaces.
+        # One generation per run on Dagster's default executor (its own code location,
+        # proving/naive.py): the design this project replaces.
+        workspace = state_dir / "naive-workspace.yaml"
+        workspace.write_text(NAIVE_WORKSPACE)
         env.update(
             {
-                "AI_HANDLER_EXECUTOR": "multiprocess",
                 "AI_HANDLER_MAX_BATCH": "1",
                 "AI_HANDLER_SMALL_BACKLOG": str(10**9),
                 "AI_HANDLER_MAX_IN_FLIGHT": str(config.max_in_flight),
@@ -317,6 +331,7 @@ def _stack_config(
         instance_overrides=instance_overrides(config),
         webhooks=config.webhooks,
         extra_env=env,
+        workspace=workspace,
     )
 
 
@@ -351,6 +366,8 @@ def _measure(
     say = (lambda text: sys.stderr.write(text + "\n")) if progress else (lambda text: None)
     mode = "naive" if config.naive else "batched"
     overrides = stack.overrides()
+    if config.naive:
+        overrides["code_location"] = {"module": "ai_handler_dagster.proving.naive"}
     say(f"[{mode}] overrides of production's settings: {json.dumps(overrides)}")
     say(f"[{mode}] stack up; warming up (the first run also waits for the daemon)")
 
