@@ -23,9 +23,9 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import instance, ledger
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
-from ai_handler_dagster.domain import TERMINAL
 from ai_handler_dagster.devstack.emulator.control import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
+from ai_handler_dagster.domain import TERMINAL
 from ai_handler_dagster.orchestration.recovery import BATCH_TAG
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
@@ -278,9 +278,7 @@ class App:
 
         def settled() -> dict[int, Generation] | None:
             rows = self.rows(ids)
-            done = len(rows) == len(ids) and all(
-                r.status in TERMINAL for r in rows.values()
-            )
+            done = len(rows) == len(ids) and all(r.status in TERMINAL for r in rows.values())
             return rows if done else None
 
         return wait_for(
