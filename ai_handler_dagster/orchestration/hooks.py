@@ -26,7 +26,7 @@ def refund_on_failure(context: HookContext) -> None:
         code=RUN_FAILED,
         message=f"step {context.step_key} failed: {reason}"[:1000],
         status="canceled" if terminated else "failed",
-        cancel_prediction=context.resources.replicate.cancel,
+        cancel_prediction=context.resources.replicate.get_client().cancel,
     )
     if refunded:
         context.log.warning(f"refunded generations {refunded} after step {context.step_key} failed")

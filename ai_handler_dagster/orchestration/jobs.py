@@ -220,13 +220,13 @@ def reconcile(
                 status="canceled"
                 if runs and runs[0].status == DagsterRunStatus.CANCELED
                 else "failed",
-                cancel_prediction=replicate.cancel,
+                cancel_prediction=replicate.get_client().cancel,
             )
         )
     # 3. Orphans: running predictions one of our attempts made that no attempt owns.
     try:
         orphans = adoption.cancel_orphans(
-            engine, replicate, since=now - ORPHAN_LOOKBACK, log=context.log.warning
+            engine, replicate.get_client(), since=now - ORPHAN_LOOKBACK, log=context.log.warning
         )
     except GenerationError as exc:  # the provider's list is unreadable now: next time
         context.log.warning(f"orphan sweep skipped: {exc}")
@@ -251,7 +251,7 @@ def refund_unfinished_one(engine: sa.Engine, replicate: ReplicateResource, gid: 
     if prediction_id:
         # Best effort: reconciliation tries again on its next run.
         with contextlib.suppress(Exception):
-            replicate.cancel(prediction_id)
+            replicate.get_client().cancel(prediction_id)
     with session_scope(engine) as session:
         gens.fail(session, gid, code=DEADLINE_EXCEEDED, message="credit hold expired")
 

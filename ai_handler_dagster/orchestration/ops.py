@@ -46,12 +46,11 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
+from ai_handler_dagster.replicate.snapshot import snapshot_error
+from ai_handler_dagster.replicate.waiting import ListSweep, wait_many
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
-from ai_handler_dagster.resources.replicate import (
-    ReplicateResource,
-    snapshot_error,
-)
+from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import AttemptFiles
 from ai_handler_dagster.webhooks.config import public_webhook_url
@@ -313,7 +312,7 @@ def create_predictions(
         try:
             snapshot, was_lost = adoption.obtain(
                 engine,
-                replicate,
+                replicate.get_client(),
                 attempt,
                 webhook=webhook,
                 cancel_after_s=lifetimes.cancel_after_s(prices.find(row.model)),
@@ -333,7 +332,9 @@ def create_predictions(
     results = _in_parallel(list(rows), start)
     if lost:
         with contextlib.suppress(GenerationError):  # reconciliation sweeps again later
-            adoption.cancel_orphans(engine, replicate, since=step_started, log=context.log.warning)
+            adoption.cancel_orphans(
+                engine, replicate.get_client(), since=step_started, log=context.log.warning
+            )
     created = [Held(gid, attempts[gid]) for gid, pid, _ in results if pid]
     failed = {gid: code for gid, pid, code in results if not pid}
     context.add_output_metadata(
@@ -391,16 +392,17 @@ def await_predictions(
     webhooks = public_webhook_url() is not None
     ids = list(by_prediction)
     lookup = make_batched_lookup(engine, ids) if webhooks else None
+    client = replicate.get_client()
     # Without webhooks, listing recent predictions answers for a page of them per request.
-    sweep = None if webhooks else replicate.list_sweep(ids)
+    sweep = None if webhooks else ListSweep(client, ids)
     first_creates = _first_creates(engine, attempts)
     deadlines = {
         pid: first_creates.get(gid, time.time())
         + lifetimes.prediction_deadline_s(prices.find(rows[gid].model))
         for pid, gid in by_prediction.items()
     }
-    waiting = replicate.wait_many(
-        ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep, deadlines=deadlines
+    waiting = wait_many(
+        client, ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep, deadlines=deadlines
     )
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
@@ -426,7 +428,7 @@ def await_predictions(
             if snapshot.unreadable is not None:
                 # It may still be running at the provider: stop paying for it if we can.
                 with contextlib.suppress(GenerationError):
-                    replicate.cancel(snapshot.id)
+                    client.cancel(snapshot.id)
         if done == total or done % 10 == 0:
             context.log.info(f"{done}/{total} predictions finished ({len(failed)} failed)")
     metadata: dict[str, Any] = {

@@ -215,7 +215,7 @@ def _refund_run(
         code=RUN_FAILED,
         message=f"run {run.run_id} ended {run.status.value} before this generation finished",
         status=status,
-        cancel_prediction=replicate.cancel,
+        cancel_prediction=replicate.get_client().cancel,
     )
     if refunded:
         context.log.warning(f"run {run.run_id} {run.status.value}: refunded {refunded}")

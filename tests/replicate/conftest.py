@@ -1,4 +1,5 @@
-"""Fixtures for resource tests: a real Replicate emulator on a free local port, per test.
+"""Fixtures for the Replicate client tests: a real Replicate emulator on a free local port, per
+test.
 
 Each test gets its own emulator, so its ``stats()`` and ``predictions()`` count only what that
 test did.
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from ai_handler_dagster.devstack.emulator import EmulatorConfig, start_emulator
-from ai_handler_dagster.resources.replicate import ReplicateResource
+from ai_handler_dagster.replicate.client import ReplicateClient, ReplicateSettings
 
 
 @pytest.fixture
@@ -26,10 +27,10 @@ def emulator() -> Iterator[Any]:
 
 
 @pytest.fixture
-def make_replicate(emulator: Any) -> Callable[..., ReplicateResource]:
-    """Build a ReplicateResource pointed at the emulator, with test-speed timings."""
+def make_client(emulator: Any) -> Callable[..., ReplicateClient]:
+    """Build a ReplicateClient pointed at the emulator, with test-speed timings."""
 
-    def build(**overrides: Any) -> ReplicateResource:
+    def build(**overrides: Any) -> ReplicateClient:
         settings: dict[str, Any] = {
             "api_token": emulator.token,
             "base_url": emulator.base_url,
@@ -39,6 +40,6 @@ def make_replicate(emulator: Any) -> Callable[..., ReplicateResource]:
             "poll_max_s": 0.3,
         }
         settings.update(overrides)
-        return ReplicateResource(**settings)
+        return ReplicateClient(ReplicateSettings(**settings))
 
     return build
