@@ -41,7 +41,7 @@ from dagster import (
 from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
-from ai_handler_dagster import adoption, ledger, lifetimes
+from ai_handler_dagster import adoption, ledger, lifetimes, retries
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
@@ -89,8 +89,10 @@ def ends_when_terminated(fn: F) -> F:
     return cast(F, wrapper)
 
 
-#: Tries per output download when the file host answers with a transient error.
+#: Tries per output download when the file host answers with a transient error, and the
+#: first backoff (``retries.py``'s policy doubles it per try).
 DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_BACKOFF_S = 0.5
 
 #: Upper bound on threads one op uses for a batch (I/O bound work: HTTP calls and small
 #: transactions).
@@ -475,22 +477,18 @@ def store_outputs(
     staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
 
     def stage(item: AwaitedPrediction) -> tuple[int, AttemptFiles | None]:
-        for try_number in range(1, DOWNLOAD_ATTEMPTS + 1):
-            try:
-                files = output_policy.stage(item.output, policy, staging)
-                return item.generation_id, AttemptFiles(item.attempt, files)
-            except GenerationError as error:
-                if error.retryable and try_number < DOWNLOAD_ATTEMPTS:
-                    # A passing network error or 5xx from the file host: try again shortly.
-                    time.sleep(0.5 * 2 ** (try_number - 1))
-                    continue
-                _fail(engine, item.generation_id, error, attempt=item.attempt)
-                context.log.warning(
-                    f"generation {item.generation_id} output not stored: "
-                    f"{error.code}: {error.message}"
-                )
-                return item.generation_id, None
-        raise AssertionError("unreachable")
+        try:
+            # A passing network error or 5xx from the file host: try again shortly.
+            files = retries.retrying(attempts=DOWNLOAD_ATTEMPTS, base_s=DOWNLOAD_BACKOFF_S)(
+                output_policy.stage, item.output, policy, staging
+            )
+        except GenerationError as error:
+            _fail(engine, item.generation_id, error, attempt=item.attempt)
+            context.log.warning(
+                f"generation {item.generation_id} output not stored: {error.code}: {error.message}"
+            )
+            return item.generation_id, None
+        return item.generation_id, AttemptFiles(item.attempt, files)
 
     try:
         results = _in_parallel(awaited, stage)

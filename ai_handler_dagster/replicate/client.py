@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import re
 import threading
 import time
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import replicate
 
-from ai_handler_dagster import errors
+from ai_handler_dagster import errors, retries
 from ai_handler_dagster.domain import InvalidModelRef, ModelRef, parse_model_ref
 from ai_handler_dagster.errors import GenerationError
 from ai_handler_dagster.replicate.failures import (
@@ -45,8 +44,6 @@ from ai_handler_dagster.replicate.failures import (
 )
 from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, parse_time
 
-#: Upper bound of any single backoff sleep, whatever the attempt number or Retry-After says.
-_MAX_SLEEP_S = 60.0
 #: Pages of ``GET /v1/predictions`` (100 each) scanned when looking for a lost create: a few
 #: minutes of an account creating at Replicate's limit of about 600 a minute.
 _ADOPT_MAX_PAGES = 50
@@ -167,21 +164,15 @@ class ReplicateClient:
         redacted from the message."""
         return _redacted(classify(exc), self.settings.api_token or "")
 
-    def _backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Sleep before retry number ``attempt`` (1-based): Retry-After, else jittered doubling."""
-        if retry_after_s is not None:
-            # A small jitter keeps many throttled workers from retrying in the same instant.
-            return min(_MAX_SLEEP_S, retry_after_s + random.uniform(0, 0.1 + retry_after_s / 10))
-        base = min(_MAX_SLEEP_S, self.settings.retry_backoff_s * (2 ** (attempt - 1)))
-        return random.uniform(base / 2, base)
-
     def _request_json(
         self, method: str, path: str, *, attempts: int | None = None
     ) -> dict[str, Any]:
-        """One idempotent request (GET, cancel) with retries of transient errors; raw JSON."""
+        """One idempotent request (GET, cancel) with retries of transient errors (the project's
+        policy, ``retries.py``: up to ``attempts`` tries, default ``request_attempts``); raw
+        JSON."""
         client = self._client()
-        attempts = attempts or self.settings.request_attempts
-        for attempt in range(1, attempts + 1):
+
+        def once() -> dict[str, Any]:
             try:
                 # The client's request method: the public models drop fields we need (see top).
                 response = client._request(method, path)
@@ -192,11 +183,13 @@ class ReplicateClient:
                     )
                 return data
             except Exception as exc:
-                err = _with_cause(self.classify(exc), exc)
-                if not err.retryable or attempt == attempts:
-                    raise err  # noqa: B904 - the cause is set above
-                time.sleep(self._backoff(attempt, err.retry_after_s))
-        raise AssertionError("unreachable")  # pragma: no cover
+                raise _with_cause(self.classify(exc), exc)  # noqa: B904 - the cause is set
+
+        policy = retries.retrying(
+            attempts=attempts or self.settings.request_attempts,
+            base_s=self.settings.retry_backoff_s,
+        )
+        return policy(once)
 
     # ---- create -----------------------------------------------------------------------------
 
@@ -244,7 +237,15 @@ class ReplicateClient:
         error: GenerationError | None = None
         for attempt in range(1, self.settings.create_attempts + 1):
             if error is not None:
-                time.sleep(self._backoff(attempt - 1, error.retry_after_s))
+                # Not tenacity's loop: adoption runs between tries, and a lost answer changes
+                # what the next try does. The wait is the project's policy all the same.
+                time.sleep(
+                    retries.backoff_s(
+                        attempt - 1,
+                        base_s=self.settings.retry_backoff_s,
+                        retry_after_s=error.retry_after_s,
+                    )
+                )
             if maybe_created:
                 if adopt is None:
                     break

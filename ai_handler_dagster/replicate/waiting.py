@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ai_handler_dagster import errors
+from ai_handler_dagster import errors, retries
 from ai_handler_dagster.domain import PredictionStatus
 from ai_handler_dagster.errors import GenerationError
 from ai_handler_dagster.replicate.client import ReplicateClient
@@ -223,6 +223,7 @@ def wait_many(
             that could not be canceled at its deadline.
     """
     settings = client.settings
+    backoff = settings.retry_backoff_s
     ordered = list(dict.fromkeys(ids))
     if not ordered:
         return
@@ -331,9 +332,12 @@ def wait_many(
                                 f"canceled: {err.message}",
                                 retryable=True,
                             ) from err
-                        schedule(pid, client._backoff(watch.cancel_failures))
+                        schedule(pid, retries.backoff_s(watch.cancel_failures, base_s=backoff))
                     else:
-                        schedule(pid, max(grow(watch), client._backoff(1, err.retry_after_s)))
+                        pause = retries.backoff_s(
+                            1, base_s=backoff, retry_after_s=err.retry_after_s
+                        )
+                        schedule(pid, max(grow(watch), pause))
                     continue
                 if kind == "cancel" or snapshot.is_terminal:
                     del watches[pid]

@@ -1,6 +1,6 @@
 """The Replicate client never pays twice.
 
-Pure units (no network): model references, pagination cursors, backoff.
+Pure units (no network): model references, pagination cursors (backoff: ``tests/test_retries.py``).
 
 Over real HTTP against the Replicate emulator started in-process: create by model and by
 version, 422/404/401 mapping, 429 retried into exactly one prediction, a create whose response
@@ -43,14 +43,6 @@ def test_cursor_never_leaves_base_origin() -> None:
     assert rc._cursor_path("https://evil.test/v1/predictions?cursor=a", base) == (
         "/v1/predictions?cursor=a"
     )
-
-
-def test_backoff_honours_retry_after_and_grows() -> None:
-    client = ReplicateClient(ReplicateSettings(api_token="t", retry_backoff_s=0.1))
-    assert 2.0 <= client._backoff(1, 2.0) <= 2.5
-    assert 0.05 <= client._backoff(1) <= 0.1
-    assert 0.4 <= client._backoff(4) <= 0.8
-    assert client._backoff(50) <= rc._MAX_SLEEP_S
 
 
 def test_create_by_model_and_by_version(emulator: Any, make_client: MakeClient) -> None:

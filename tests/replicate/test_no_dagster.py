@@ -1,4 +1,5 @@
-"""The Replicate package is plain Python: importing any of its modules imports no Dagster."""
+"""The Replicate package and the retry policy are plain Python: importing any of their modules
+imports no Dagster."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ MODULES = [
     "ai_handler_dagster.replicate.failures",
     "ai_handler_dagster.replicate.client",
     "ai_handler_dagster.replicate.waiting",
+    "ai_handler_dagster.retries",
 ]
 
 
