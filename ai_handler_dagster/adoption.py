@@ -10,7 +10,7 @@ create attempt ever made (``create_attempts``):
   of the model names creates of this reference were answered with (Replicate answers some
   official models under another name; with none known yet, input and time alone decide), and
   was created at or after the attempt's first create, minus a clock allowance
-  (``ReplicateResource.adopt_window_s``). The nearest in time is tried first.
+  (``adopt_window_s`` of the client's settings). The nearest in time is tried first.
 - Nobody else owns it: a prediction id is owned by one attempt, ever, enforced by a unique index;
   a requeue starts a new attempt and never forgets the old one's prediction. Taking a candidate
   is that unique write, so two attempts racing for the same one cannot both win.
@@ -39,11 +39,8 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, utcnow
 from ai_handler_dagster.domain import PREDICTION_RUNNING, AttemptState, parse_model_ref
 from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
-from ai_handler_dagster.resources.replicate import (
-    PredictionSnapshot,
-    ReplicateResource,
-    parse_time,
-)
+from ai_handler_dagster.replicate.client import ReplicateClient
+from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, parse_time
 
 #: Seconds beyond the client's read timeout that a sibling's in-flight create is waited for.
 CREATE_GRACE_S = 5.0
@@ -64,24 +61,24 @@ class Attempt:
 
 
 class _Adopter:
-    """``adopt()`` for :meth:`ReplicateResource.create`: finds and takes the prediction a lost
+    """``adopt()`` for :meth:`ReplicateClient.create`: finds and takes the prediction a lost
     create of this attempt made, or returns None."""
 
     def __init__(
         self,
         engine: sa.Engine,
-        replicate: ReplicateResource,
+        client: ReplicateClient,
         attempt: Attempt,
         started_at: datetime,
         log: Log,
     ) -> None:
         self.engine = engine
-        self.replicate = replicate
+        self.client = client
         self.attempt = attempt
         self.started_at = started_at
         self.log = log
         self.adopted: PredictionSnapshot | None = None
-        self.grace_s = replicate.timeout_s + CREATE_GRACE_S
+        self.grace_s = client.settings.timeout_s + CREATE_GRACE_S
 
     def __call__(self) -> PredictionSnapshot | None:
         a = self.attempt
@@ -92,7 +89,7 @@ class _Adopter:
             # Still looking, as of now (the wait may have taken the whole grace).
             gens.create_lost(session, a.generation_id, a.attempt)
             names = gens.learned_model_names(session, a.model)
-        candidates = self.replicate.lost_create_candidates(
+        candidates = self.client.lost_create_candidates(
             a.model,
             a.input,
             started_at=self.started_at.timestamp(),
@@ -144,7 +141,7 @@ class _Adopter:
 
 def obtain(
     engine: sa.Engine,
-    replicate: ReplicateResource,
+    client: ReplicateClient,
     attempt: Attempt,
     *,
     webhook: str | None,
@@ -160,13 +157,13 @@ def obtain(
     """
     with session_scope(engine) as session:
         earlier = gens.begin_create(session, attempt.generation_id, attempt=attempt.attempt)
-    adopter = _Adopter(engine, replicate, attempt, earlier or utcnow(), log)
+    adopter = _Adopter(engine, client, attempt, earlier or utcnow(), log)
 
     def in_flight() -> None:
         with session_scope(engine) as session:
             gens.create_in_flight(session, attempt.generation_id, attempt.attempt)
 
-    snapshot = replicate.create(
+    snapshot = client.create(
         attempt.model,
         attempt.input,
         webhook=webhook,
@@ -202,7 +199,7 @@ def obtain(
         return adopted, True
     except gens.InvalidTransition:
         # The generation ended meanwhile: this prediction is ours and nobody's use.
-        replicate.cancel(snapshot.id)
+        client.cancel(snapshot.id)
         raise
     return snapshot, lost
 
@@ -230,17 +227,17 @@ def _model_matches(model_ref: str, item: dict[str, Any], names: set[str]) -> boo
 
 def cancel_orphans(
     engine: sa.Engine,
-    replicate: ReplicateResource,
+    client: ReplicateClient,
     *,
     since: datetime,
     log: Log,
 ) -> list[str]:
     """Cancel running predictions that one of our attempts started since ``since`` could have
     made and that no attempt owns; return their ids (see the module docstring)."""
-    window = timedelta(seconds=replicate.adopt_window_s)
+    window = timedelta(seconds=client.settings.adopt_window_s)
     items = [
         item
-        for item in replicate.recent_predictions(
+        for item in client.recent_predictions(
             (since - window).timestamp(), max_pages=ORPHAN_MAX_PAGES
         )
         if item.get("status") in PREDICTION_RUNNING
@@ -258,7 +255,7 @@ def cancel_orphans(
         by_sha.pop("", None)
         attempts = _attempts(session, since - window, by_sha)
         names = {a.model: gens.learned_model_names(session, a.model) for a in attempts}
-    grace = timedelta(seconds=replicate.timeout_s + CREATE_GRACE_S)
+    grace = timedelta(seconds=client.settings.timeout_s + CREATE_GRACE_S)
     busy_after = utcnow() - grace
     canceled: list[str] = []
     for sha, group in by_sha.items():
@@ -283,7 +280,7 @@ def cancel_orphans(
                 for a in could_be
             ):
                 continue  # an attempt may still take it (an answer in flight, a search)
-            replicate.cancel(str(item["id"]))
+            client.cancel(str(item["id"]))
             canceled.append(str(item["id"]))
             log(f"canceled orphan prediction {item['id']}: one of ours, owned by no attempt")
     return canceled

@@ -30,7 +30,7 @@ from ai_handler_dagster.domain import (
 )
 from ai_handler_dagster.errors import AiHandlerError, GenerationError
 from ai_handler_dagster.pricing import parse_pricing
-from ai_handler_dagster.resources import replicate as rr
+from ai_handler_dagster.replicate import client as rr
 
 
 def test_model_ref_parsing() -> None:

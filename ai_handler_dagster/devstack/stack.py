@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from ai_handler_dagster import instance, settings
+from ai_handler_dagster import instance, retries, settings
 
 #: Token the emulator accepts (not a secret: the emulator only listens on loopback).
 EMULATOR_TOKEN = "r8_emulator_token"
@@ -260,14 +260,10 @@ class Stack:
         """The webhook receiver; only it holds the signing secret (fetched like on Replicate)."""
         from ai_handler_dagster.webhooks.config import SECRET_VAR, fetch_secret
 
-        for attempt in range(5):  # the emulator may be injecting 500s already
-            try:
-                secret = fetch_secret(self.emulator_url, EMULATOR_TOKEN)
-                break
-            except Exception:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5)
+        # The emulator may be injecting 500s already.
+        secret = retries.retrying(attempts=5, base_s=0.5, retry_on=Exception)(
+            fetch_secret, self.emulator_url, EMULATOR_TOKEN
+        )
         port = free_port()
         proc = self._spawn(
             "webhooks",
@@ -307,15 +303,9 @@ class Stack:
 
     def _wait_for_bucket(self) -> None:
         client = self.s3_client()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.head_bucket(Bucket=settings.DEFAULT_BUCKET)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        retries.polling(timeout_s=30, interval_s=0.2, retry_on=Exception)(
+            client.head_bucket, Bucket=settings.DEFAULT_BUCKET
+        )
 
     def _dagster_bin(self, name: str) -> str:
         candidate = Path(sys.executable).with_name(name)

@@ -46,19 +46,18 @@ from dagster import (
 )
 from pydantic import Field
 
-from ai_handler_dagster import adoption, ledger, lifetimes
+from ai_handler_dagster import adoption, ledger, lifetimes, retries
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.domain import GenerationStatus, PredictionStatus, RunTag
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.orchestration.recovery import refund_on_failure
+from ai_handler_dagster.replicate.snapshot import snapshot_error
+from ai_handler_dagster.replicate.waiting import ListSweep, wait_many
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.outputs import OutputPolicyResource
-from ai_handler_dagster.resources.replicate import (
-    ReplicateResource,
-    snapshot_error,
-)
+from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.storage.io_manager import GenerationOutputsIOManager
 from ai_handler_dagster.storage.objects import AttemptFiles
 from ai_handler_dagster.webhooks.config import public_webhook_url
@@ -97,8 +96,10 @@ def ends_when_terminated(fn: F) -> F:
     return cast(F, wrapper)
 
 
-#: Tries per output download when the file host answers with a transient error.
+#: Tries per output download when the file host answers with a transient error, and the
+#: first backoff (``retries.py``'s policy doubles it per try).
 DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_BACKOFF_S = 0.5
 
 #: Upper bound on threads one op uses for a batch (I/O bound work: HTTP calls and small
 #: transactions).
@@ -323,7 +324,7 @@ def create_predictions(
         try:
             snapshot, was_lost = adoption.obtain(
                 engine,
-                replicate,
+                replicate.get_client(),
                 attempt,
                 webhook=webhook,
                 cancel_after_s=lifetimes.cancel_after_s(prices.find(row.model)),
@@ -343,7 +344,9 @@ def create_predictions(
     results = _in_parallel(list(rows), start)
     if lost:
         with contextlib.suppress(GenerationError):  # reconciliation sweeps again later
-            adoption.cancel_orphans(engine, replicate, since=step_started, log=context.log.warning)
+            adoption.cancel_orphans(
+                engine, replicate.get_client(), since=step_started, log=context.log.warning
+            )
     created = [Held(gid, attempts[gid]) for gid, pid, _ in results if pid]
     failed = {gid: code for gid, pid, code in results if not pid}
     context.add_output_metadata(
@@ -401,16 +404,17 @@ def await_predictions(
     webhooks = public_webhook_url() is not None
     ids = list(by_prediction)
     lookup = make_batched_lookup(engine, ids) if webhooks else None
+    client = replicate.get_client()
     # Without webhooks, listing recent predictions answers for a page of them per request.
-    sweep = None if webhooks else replicate.list_sweep(ids)
+    sweep = None if webhooks else ListSweep(client, ids)
     first_creates = _first_creates(engine, attempts)
     deadlines = {
         pid: first_creates.get(gid, time.time())
         + lifetimes.prediction_deadline_s(prices.find(rows[gid].model))
         for pid, gid in by_prediction.items()
     }
-    waiting = replicate.wait_many(
-        ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep, deadlines=deadlines
+    waiting = wait_many(
+        client, ids, lookup=lookup, expect_webhooks=webhooks, sweep=sweep, deadlines=deadlines
     )
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
@@ -436,7 +440,7 @@ def await_predictions(
             if snapshot.unreadable is not None:
                 # It may still be running at the provider: stop paying for it if we can.
                 with contextlib.suppress(GenerationError):
-                    replicate.cancel(snapshot.id)
+                    client.cancel(snapshot.id)
         if done == total or done % 10 == 0:
             context.log.info(f"{done}/{total} predictions finished ({len(failed)} failed)")
     metadata: dict[str, Any] = {
@@ -483,22 +487,18 @@ def store_outputs(
     staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
 
     def stage(item: AwaitedPrediction) -> tuple[int, AttemptFiles | None]:
-        for try_number in range(1, DOWNLOAD_ATTEMPTS + 1):
-            try:
-                files = output_policy.stage(item.output, policy, staging)
-                return item.generation_id, AttemptFiles(item.attempt, files)
-            except GenerationError as error:
-                if error.retryable and try_number < DOWNLOAD_ATTEMPTS:
-                    # A passing network error or 5xx from the file host: try again shortly.
-                    time.sleep(0.5 * 2 ** (try_number - 1))
-                    continue
-                _fail(engine, item.generation_id, error, attempt=item.attempt)
-                context.log.warning(
-                    f"generation {item.generation_id} output not stored: "
-                    f"{error.code}: {error.message}"
-                )
-                return item.generation_id, None
-        raise AssertionError("unreachable")
+        try:
+            # A passing network error or 5xx from the file host: try again shortly.
+            files = retries.retrying(attempts=DOWNLOAD_ATTEMPTS, base_s=DOWNLOAD_BACKOFF_S)(
+                output_policy.stage, item.output, policy, staging
+            )
+        except GenerationError as error:
+            _fail(engine, item.generation_id, error, attempt=item.attempt)
+            context.log.warning(
+                f"generation {item.generation_id} output not stored: {error.code}: {error.message}"
+            )
+            return item.generation_id, None
+        return item.generation_id, AttemptFiles(item.attempt, files)
 
     try:
         results = _in_parallel(awaited, stage)

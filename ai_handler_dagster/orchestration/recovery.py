@@ -180,7 +180,7 @@ def refund_on_failure(context: HookContext) -> None:
         code=RUN_FAILED,
         message=f"step {context.step_key} failed: {reason}"[:1000],
         status=GenerationStatus.CANCELED if terminated else GenerationStatus.FAILED,
-        cancel_prediction=context.resources.replicate.cancel,
+        cancel_prediction=context.resources.replicate.get_client().cancel,
     )
     if refunded:
         context.log.warning(f"refunded generations {refunded} after step {context.step_key} failed")
@@ -207,7 +207,7 @@ def _refund_run(
         code=RUN_FAILED,
         message=f"run {run.run_id} ended {run.status.value} before this generation finished",
         status=status,
-        cancel_prediction=replicate.cancel,
+        cancel_prediction=replicate.get_client().cancel,
     )
     if refunded:
         context.log.warning(f"run {run.run_id} {run.status.value}: refunded {refunded}")
@@ -285,7 +285,7 @@ def _settle_batches(
                 code=RUN_FAILED,
                 message=f"run of batch {batch_key} is {ended}; settled by reconciliation",
                 status=GenerationStatus.CANCELED if canceled else GenerationStatus.FAILED,
-                cancel_prediction=replicate.cancel,
+                cancel_prediction=replicate.get_client().cancel,
             )
         )
     return settled, resumed_count
@@ -306,7 +306,7 @@ def reconcile(
         expired = ledger.expire(session)
         expired_gens = [h.generation_id for h in expired if h.generation_id is not None]
     for generation_id in expired_gens:
-        refund_expired(engine, generation_id, replicate.cancel)
+        refund_expired(engine, generation_id, replicate.get_client().cancel)
 
     # 2. Unfinished generations whose run is over or missing.
     settled, resumed = _settle_batches(context, engine, replicate, now)
@@ -314,7 +314,7 @@ def reconcile(
     # 3. Orphans: running predictions one of our attempts made that no attempt owns.
     try:
         orphans = adoption.cancel_orphans(
-            engine, replicate, since=now - ORPHAN_LOOKBACK, log=context.log.warning
+            engine, replicate.get_client(), since=now - ORPHAN_LOOKBACK, log=context.log.warning
         )
     except GenerationError as exc:  # the provider's list is unreadable now: next time
         context.log.warning(f"orphan sweep skipped: {exc}")

@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from ai_handler_dagster import retries
 from ai_handler_dagster.devstack.emulator import EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
@@ -552,15 +553,9 @@ class Submitter(threading.Thread):
                 self.regenerated.append(gid)
 
     def _retrying(self, action: Callable[[], Any]) -> Any:
-        for attempt in range(1, 6):
-            try:
-                return action()
-            except sa.exc.OperationalError:
-                # The soak terminates database connections on purpose: try again.
-                if attempt == 5:
-                    raise
-                time.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
+        # The soak terminates database connections on purpose: try again.
+        policy = retries.retrying(attempts=5, base_s=0.2, retry_on=sa.exc.OperationalError)
+        return policy(action)
 
 
 # --- the soak ------------------------------------------------------------------------------
@@ -678,19 +673,24 @@ def launch_reconcile(stack: Stack) -> None:
 def _fetcher() -> tuple[httpx.Client, Callable[[str], bytes | None]]:
     client = httpx.Client(timeout=15, trust_env=False)
 
+    def fetch_once(url: str) -> bytes | None:
+        response = client.get(url)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise httpx.HTTPStatusError(
+                f"HTTP {response.status_code}", request=response.request, response=response
+            )
+        return response.content
+
     def fetch(url: str) -> bytes | None:
-        for attempt in range(3):
-            try:
-                response = client.get(url)
-            except httpx.HTTPError:
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            if response.status_code == 200:
-                return response.content
-            if response.status_code == 404:
-                return None
-            time.sleep(0.2 * (attempt + 1))
-        return None
+        """The object's bytes, None if it is gone (404) or still unreadable after 3 tries."""
+        try:
+            return retries.retrying(attempts=3, base_s=0.2, retry_on=httpx.HTTPError)(
+                fetch_once, url
+            )
+        except httpx.HTTPError:
+            return None
 
     return client, fetch
 

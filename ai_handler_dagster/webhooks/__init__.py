@@ -8,7 +8,7 @@ only slowly, as a fallback.
 
 - ``receiver``: ``verify``, ``handle``, ``start_receiver``, ``serve``.
 - ``store``: the deduplicating, monotonic writes (one transaction per delivery) and ``prune``.
-- ``lookup``: ``make_lookup`` / ``make_batched_lookup`` for ``ReplicateResource.wait_many``
+- ``lookup``: ``make_lookup`` / ``make_batched_lookup`` for ``replicate.waiting.wait_many``
   (imported from its module: it needs Dagster, the receiver process does not).
 - ``config``: ``AI_HANDLER_WEBHOOK_SECRET``, ``AI_HANDLER_WEBHOOK_URL``, ``fetch_secret``.
 - ``commands``: ``ai-handler webhooks serve|prune``; ``python -m ai_handler_dagster.webhooks``.

@@ -1,6 +1,6 @@
 """Prediction states recorded by the webhook receiver, as ``wait_many`` lookups.
 
-``ReplicateResource.wait_many(ids, lookup=..., expect_webhooks=True)`` asks the lookup first and
+``wait_many(client, ids, lookup=..., expect_webhooks=True)`` asks the lookup first and
 yields a terminal state without any API request; the API is then polled only every
 ``poll_max_s`` as a fallback for a webhook that never came. Two shapes:
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from ai_handler_dagster import errors
 from ai_handler_dagster.db.models import PredictionState
 from ai_handler_dagster.errors import GenerationError
-from ai_handler_dagster.resources.replicate import PredictionSnapshot
+from ai_handler_dagster.replicate.snapshot import PredictionSnapshot
 
 Lookup = Callable[[str], PredictionSnapshot | None]
 

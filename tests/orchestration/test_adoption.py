@@ -38,6 +38,7 @@ from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import Held, create_predictions
 from ai_handler_dagster.pricing import load_pricing
+from ai_handler_dagster.replicate.client import ReplicateClient
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from tests.support.orchestration import grant, run_pending, submit
@@ -143,7 +144,7 @@ def test_an_orphan_is_canceled_and_nothing_else(
             gens.begin_create(session, gid, attempt=1)
     with session_scope(engine) as session:
         gens.create_lost(session, lost, 1)
-    resource: ReplicateResource = make_replicate_for()
+    resource: ReplicateClient = make_replicate_for()
     mine = resource.create(SKETCH, same)
     orphan = resource.create(SKETCH, same)
     with session_scope(engine) as session:
@@ -204,9 +205,9 @@ def test_a_retried_create_step_creates_nothing_for_failed_generations(
 
 @pytest.fixture
 def make_replicate_for(emulator: EmulatorHandle) -> Any:
-    def build() -> ReplicateResource:
+    def build() -> ReplicateClient:
         return ReplicateResource(
             api_token=emulator.token, base_url=emulator.base_url, adopt_window_s=5.0
-        )
+        ).get_client()
 
     return build

@@ -24,6 +24,8 @@ from ai_handler_dagster.devstack.emulator import (
     EmulatorHandle,
     start_emulator,
 )
+from ai_handler_dagster.replicate.client import ReplicateClient
+from ai_handler_dagster.replicate.waiting import wait_many
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.webhooks import start_receiver
 from ai_handler_dagster.webhooks.config import fetch_secret
@@ -44,7 +46,7 @@ def _client(emulator: EmulatorHandle) -> replicate.Client:
 
 def _resource(
     emulator: EmulatorHandle, poll_max_s: float, webhook_fallback_s: float = 30.0
-) -> ReplicateResource:
+) -> ReplicateClient:
     return ReplicateResource(
         api_token=emulator.token,
         base_url=emulator.base_url,
@@ -52,7 +54,7 @@ def _resource(
         poll_initial_s=0.05,
         poll_max_s=poll_max_s,
         webhook_fallback_s=webhook_fallback_s,
-    )
+    ).get_client()
 
 
 def _gets(emulator: EmulatorHandle) -> int:
@@ -82,7 +84,8 @@ def test_webhooks_land_in_the_database_and_replace_polling(
         resource = _resource(emulator, poll_max_s=30.0)
         started = time.monotonic()
         finished = list(
-            resource.wait_many(
+            wait_many(
+                resource,
                 list(made),
                 lookup=make_batched_lookup(engine, made, max_age_s=0.05),
                 expect_webhooks=True,
@@ -119,8 +122,12 @@ def test_refused_webhooks_fall_back_to_polling(engine: sa.Engine, emulator: Emul
         made = _create(_client(emulator), receiver.webhook_url, 3)
         resource = _resource(emulator, poll_max_s=0.3, webhook_fallback_s=0.3)
         finished = list(
-            resource.wait_many(
-                list(made), lookup=make_lookup(engine), expect_webhooks=True, deadline_s=20
+            wait_many(
+                resource,
+                list(made),
+                lookup=make_lookup(engine),
+                expect_webhooks=True,
+                deadline_s=20,
             )
         )
         assert sorted(s.id for s in finished) == sorted(made)
