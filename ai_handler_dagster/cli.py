@@ -1,8 +1,9 @@
 """``ai-handler``: the command line of the project.
 
 Each subcommand is a small function; ``main`` parses arguments and maps known errors to a clear
-``error: ...`` message and an exit code: 2 for bad input (a usage error, a refused request, an
-unknown user), 1 for a failed check or an unusable database.
+``error: ...`` message and an exit code: 2 for bad input (any ``AiHandlerError``: a usage
+error, a refused request, an unknown user), 1 for a failed check, an unusable database or a
+``GenerationError`` (the provider or a step failed). Anything else is a bug: its traceback shows.
 
 Commands of this module: ``db upgrade``, ``ledger verify``, ``credits grant|show``, ``submit``,
 ``status``, ``demo`` and ``instance write``. The other parts keep their commands in their own
@@ -30,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ai_handler_dagster.errors import AiHandlerError
+from ai_handler_dagster.errors import AiHandlerError, GenerationError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -316,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except GenerationError as exc:  # the provider or a step failed: not the input's fault
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except AiHandlerError as exc:  # the project's own refusals; anything else is a bug
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -107,7 +107,9 @@ class RunTag:
     MODEL: Final = "ai_handler/model"
     #: ``generation`` on every run of the generation job.
     KIND: Final = "ai_handler/kind"
-    #: Shows the run worker's pid (never trusted: tags can be set from the Launchpad).
+    #: Shows the pid of a run's worker process (forked runs only), for people and filters.
+    #: Never trusted for signals or health: anyone can set a tag from the Launchpad, and a
+    #: retried run copies its parent's tags.
     WORKER_PID: Final = "ai_handler/worker_pid"
 
 

@@ -93,7 +93,6 @@ __all__ = [
 MAX_INPUT_BYTES = 64 * 1024
 #: Deepest accepted nesting of the input (guards the validator and the provider alike).
 MAX_INPUT_DEPTH = 32
-MAX_TEXT_LENGTH = 255
 MAX_ERROR_MESSAGE_LENGTH = 4000
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -160,7 +159,7 @@ def _lock(session: Session, generation_id: int) -> Generation:
 
 
 def _text(value: object, what: str) -> str:
-    return check_identifier(value, what, max_length=MAX_TEXT_LENGTH, error=InvalidRequest)
+    return check_identifier(value, what, error=InvalidRequest)
 
 
 def _check_string(value: str, where: str) -> None:

@@ -67,8 +67,6 @@ __all__ = [
 DEFAULT_HOLD_TTL = timedelta(hours=2)
 #: Largest single amount accepted: far above any real grant, far below 64-bit overflow.
 MAX_AMOUNT = 10**15
-MAX_KEY_LENGTH = 255
-MAX_USER_ID_LENGTH = 255
 
 _ENDING_STATUS: dict[str, HoldStatus] = {
     EntryKind.CAPTURE: HoldStatus.CAPTURED,
@@ -276,9 +274,9 @@ def grant(
     Idempotent by ``key``: a repeat returns the first entry; the same key for a different user or
     amount raises ``IdempotencyConflict``.
     """
-    check_identifier(user_id, "user id", max_length=MAX_USER_ID_LENGTH)
+    check_identifier(user_id, "user id")
     _check_amount(amount)
-    check_identifier(key, "idempotency key", max_length=MAX_KEY_LENGTH)
+    check_identifier(key, "idempotency key")
     entry_key = f"grant:{key}"
 
     def same_or_conflict(existing: LedgerEntry) -> LedgerEntry:
@@ -330,9 +328,9 @@ def hold(
     used for a different hold, ``IdempotencyConflict``. A repeat with the same key returns the
     existing hold, even if it has ended since or the credits are now spent elsewhere.
     """
-    check_identifier(user_id, "user id", max_length=MAX_USER_ID_LENGTH)
+    check_identifier(user_id, "user id")
     _check_amount(amount)
-    check_identifier(key, "idempotency key", max_length=MAX_KEY_LENGTH)
+    check_identifier(key, "idempotency key")
     if ttl <= timedelta(0):
         raise ValueError(f"hold ttl must be positive, got {ttl}")
 

@@ -26,6 +26,8 @@ import sqlalchemy as sa
 
 from ai_handler_dagster import cli, db
 from ai_handler_dagster.db.engine import dispose_engines, make_engine
+from ai_handler_dagster.domain import InvalidText
+from ai_handler_dagster.errors import GenerationError
 
 
 @pytest.fixture
@@ -295,3 +297,31 @@ def test_ledger_verify_catches_a_deleted_entry(
     code, out, _ = run(capsys, "ledger", "verify")
     assert code == 1
     assert "cached balance 100 != 0, the sum of its ledger entries" in out
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (GenerationError("provider_unavailable", "Replicate answered HTTP 503"), 1),
+        (InvalidText("user id contains control character U+0001 at position 3"), 2),
+        (RuntimeError("a bug"), None),
+    ],
+)
+def test_the_project_s_errors_map_to_exit_codes_and_bugs_keep_their_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    code: int | None,
+) -> None:
+    # One base class (AiHandlerError) replaced a hand-kept tuple of exception classes; a
+    # provider failure is not the input's fault (1), a refusal is (2), anything else is a bug.
+    def failing(_args: argparse.Namespace) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_status", failing)
+    if code is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.main(["status", "1"])
+        return
+    assert cli.main(["status", "1"]) == code
+    assert capsys.readouterr().err.strip() == f"error: {error}"

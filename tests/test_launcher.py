@@ -21,8 +21,8 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 
 from ai_handler_dagster import instance
+from ai_handler_dagster.domain import RunTag
 from ai_handler_dagster.runtime.launcher import (
-    WORKER_PID_TAG,
     LocalRunLauncher,
     source_fingerprint,
 )
@@ -153,7 +153,7 @@ def test_a_pid_tag_or_a_reused_pid_is_never_signalled() -> None:
                 instance,
                 job_name="tiny_job",
                 status=DagsterRunStatus.STARTED,
-                tags={WORKER_PID_TAG: str(bystander.pid)},
+                tags={RunTag.WORKER_PID: str(bystander.pid)},
             )
             # No worker recorded it: the tag is not taken for one (the code-server path runs).
             assert launcher._worker_pid(tagged) is None

@@ -606,8 +606,8 @@ def batch_run_config(generation_ids: Sequence[int]) -> RunConfig:
 
 def build_generation_job(executor_def: ExecutorDefinition = in_process_executor) -> JobDefinition:
     """The generation job. The design runs its ops in the run's own process, one after another
-    (``in_process_executor``); Dagster's default, a process per op, exists only to measure the
-    naive design (``AI_HANDLER_EXECUTOR=multiprocess``, see ``definitions.py``)."""
+    (``in_process_executor``); another executor serves only to measure the naive design (Dagster's
+    default, a process per op: ``proving/naive.py``)."""
 
     @job(
         name=GENERATION_JOB,

@@ -217,15 +217,16 @@ def refund_sensors(generation_job: JobDefinition) -> list[SensorDefinition]:
     """The sensors that refund the unfinished generations of ``generation_job``'s runs that
     failed (or crashed: run monitoring fails them) and of those that were canceled."""
 
-    def refund_sensor(name: str, ended: RunStatus, status: GenerationStatus) -> SensorDefinition:
+    def refund_sensor(
+        name: str, ended: RunStatus, status: GenerationStatus, description: str
+    ) -> SensorDefinition:
         @run_status_sensor(
             name=name,
             run_status=ended,
             monitored_jobs=[generation_job],
             default_status=DefaultSensorStatus.RUNNING,
             minimum_interval_seconds=5,
-            description=f"Refunds the unfinished generations of {ended.value.lower()} "
-            "generation runs.",
+            description=description,
         )
         def refund(
             context: RunStatusSensorContext,
@@ -237,8 +238,18 @@ def refund_sensors(generation_job: JobDefinition) -> list[SensorDefinition]:
         return refund
 
     return [
-        refund_sensor("refund_failed_runs", RunStatus.FAILURE, GenerationStatus.FAILED),
-        refund_sensor("refund_canceled_runs", RunStatus.CANCELED, GenerationStatus.CANCELED),
+        refund_sensor(
+            "refund_failed_runs",
+            RunStatus.FAILURE,
+            GenerationStatus.FAILED,
+            "Refunds the unfinished generations of failed or crashed generation runs.",
+        ),
+        refund_sensor(
+            "refund_canceled_runs",
+            RunStatus.CANCELED,
+            GenerationStatus.CANCELED,
+            "Refunds the unfinished generations of canceled generation runs.",
+        ),
     ]
 
 

@@ -4,7 +4,7 @@ fault would, and throwaway PostgreSQL databases for it.
 :class:`ProvingStack` is the :class:`~ai_handler_dagster.devstack.stack.Stack` of ``ai-handler
 dev`` and ``demo``, plus what only the benchmark, the chaos soak and the fault-injecting tests use:
 the pids of every process it runs (memory and CPU figures, which run workers to kill) and process
-faults (a daemon crash, an S3 restart). :func:`scratch_databases` makes the app's database and
+faults (a daemon crash). :func:`scratch_databases` makes the app's database and
 Dagster's storage on a PostgreSQL server (``--pg-url``) and drops them afterwards.
 """
 
@@ -45,13 +45,6 @@ def scratch_databases(
 
 class ProvingStack(Stack):
     """A :class:`Stack` that can be measured and disturbed."""
-
-    def restart_s3(self) -> None:
-        """Stop and start the local S3 endpoint on the same port (chaos: an S3 outage)."""
-        port = int(self.s3_url.rsplit(":", 1)[1])
-        self._terminate("s3")
-        self._spawn_s3(port)
-        self._wait_for_bucket()
 
     def restart_daemon(self) -> None:
         """Kill the daemon hard and start it again (chaos: a daemon crash)."""

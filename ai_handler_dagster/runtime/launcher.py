@@ -57,10 +57,6 @@ from ai_handler_dagster.domain import RunTag
 
 log = logging.getLogger(__name__)
 
-#: Run tag showing the pid of a run's worker process (forked runs only), for people and
-#: filters. Never trusted for signals or health: anyone can set a tag from the Launchpad, and a
-#: retried run copies its parent's tags.
-WORKER_PID_TAG = RunTag.WORKER_PID
 
 #: Modules the fork server imports once, so that runs start with them loaded.
 DEFAULT_PRELOAD = (
@@ -368,7 +364,7 @@ class LocalRunLauncher(DefaultRunLauncher):
                 worker = self._start_worker(run.run_id, serialize_value(ref))
             self._workers[run.run_id] = worker
         assert worker.pid is not None
-        self._instance.add_run_tags(run.run_id, {WORKER_PID_TAG: str(worker.pid)})
+        self._instance.add_run_tags(run.run_id, {RunTag.WORKER_PID: str(worker.pid)})
 
     def _start_worker(self, run_id: str, ref: str) -> multiprocessing.process.BaseProcess:
         worker = self._context().Process(

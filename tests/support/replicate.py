@@ -1,4 +1,4 @@
-"""What the Replicate client tests share: the model they create, and readings of the emulator."""
+"""The Replicate client tests' shared parts: the model they create, and readings of the emulator."""
 
 from __future__ import annotations
 

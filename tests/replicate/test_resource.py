@@ -1,6 +1,6 @@
 """The Replicate resource is Dagster config for the client: its fields are the client's settings
 (the same names and defaults), the token stays out of its repr, and the client it makes works
-inside a Dagster job. What the client itself does is tested in ``tests/replicate``."""
+inside a Dagster job. What the client itself does is tested in the other modules of this folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from ai_handler_dagster.replicate.client import ReplicateClient, ReplicateSettings
 from ai_handler_dagster.replicate.waiting import wait
 from ai_handler_dagster.resources.replicate import ReplicateResource
-from tests.replicate.support import IMAGE, SMALL
+from tests.support.replicate import IMAGE, SMALL
 
 #: The resource's config fields: public (Definitions, the Launchpad), never renamed.
 CONFIG_FIELDS = [
