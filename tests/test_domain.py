@@ -7,6 +7,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import warnings
 
 import pytest
 import sqlalchemy as sa
@@ -119,7 +120,9 @@ def _project_exceptions() -> list[type[BaseException]]:
     for info in pkgutil.walk_packages(ai_handler_dagster.__path__, "ai_handler_dagster."):
         if ".devstack.emulator" in info.name or info.name.endswith("__main__"):
             continue  # the emulator stands in for the provider; its errors are not ours
-        module = importlib.import_module(info.name)
+        with warnings.catch_warnings():  # the deprecated launcher name warns when imported
+            warnings.simplefilter("ignore", FutureWarning)
+            module = importlib.import_module(info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if (
                 issubclass(obj, Exception)
