@@ -26,8 +26,14 @@ from ai_handler_dagster.replicate import client as rc
 from ai_handler_dagster.replicate.client import ReplicateClient, ReplicateSettings
 from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, snapshot_error
 from ai_handler_dagster.replicate.waiting import wait, wait_many
-
-from .support import IMAGE, SMALL, MakeClient, emulated_by_id, lift_after_first, requests_to
+from tests.support.replicate import (
+    IMAGE,
+    SMALL,
+    MakeClient,
+    emulated_by_id,
+    lift_after_first,
+    requests_to,
+)
 
 
 def test_a_malformed_model_reference_is_model_not_found() -> None:

@@ -20,8 +20,7 @@ from ai_handler_dagster.errors import GenerationError
 from ai_handler_dagster.replicate.client import ReplicateClient, ReplicateSettings
 from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, snapshot_error
 from ai_handler_dagster.replicate.waiting import ListSweep, wait, wait_many
-
-from .support import IMAGE, SMALL, MakeClient, emulated_by_id, requests_to
+from tests.support.replicate import IMAGE, SMALL, MakeClient, emulated_by_id, requests_to
 
 
 def test_wait_many_returns_all_and_marks_failures(emulator: Any, make_client: MakeClient) -> None:
