@@ -32,8 +32,14 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
 from tests.support.db import emptied, migrated_database, race
 
 T = TypeVar("T")
-SKETCH = "demo/pixel-sketch"  # fixed 5 credits
-HAIKU = "demo/haiku-text"  # 2 credits/s, hold 60
+SKETCH = "demo/pixel-sketch"  # 5 credits per output, one by default (hold 5)
+HAIKU = "demo/haiku-text"  # per token, hold 60 with the default max_tokens
+#: The two older kinds, on the same model names: fixed 5 credits, and 2 credits/s up to 30 s.
+FIXED_AND_METERED = parse_pricing(
+    f'[models."{SKETCH}"]\ncredits = 5\n'
+    f'[models."{HAIKU}"]\ncredits_per_second = 2\nmax_seconds = 30\n',
+    source="test table",
+)
 OUTPUT = {
     "key": "outputs/1/a1/0.png",
     "uri": "s3://bucket/outputs/1/a1/0.png",
@@ -355,7 +361,8 @@ def test_status_and_money_commit_together(engine: sa.Engine, prices: PriceBook) 
 # --- succeed ----------------------------------------------------------------------------------
 
 
-def test_succeed_captures_the_fixed_price(engine: sa.Engine, prices: PriceBook) -> None:
+def test_succeed_captures_the_fixed_price(engine: sa.Engine) -> None:
+    prices = FIXED_AND_METERED
     fund(engine)
     gid = submit(engine, prices).id
     start(engine, prices, gid)
@@ -371,7 +378,8 @@ def test_succeed_captures_the_fixed_price(engine: sa.Engine, prices: PriceBook) 
     assert_consistent(engine)
 
 
-def test_succeed_captures_the_metered_charge(engine: sa.Engine, prices: PriceBook) -> None:
+def test_succeed_captures_the_metered_charge(engine: sa.Engine) -> None:
+    prices = FIXED_AND_METERED
     fund(engine)
     gid = submit(engine, prices, model=HAIKU).id
     assert start(engine, prices, gid).amount_held == 60

@@ -1,15 +1,15 @@
 """Prices turn into the right holds and charges, and a bad price table fails loudly.
 
-Proves: the shipped table prices the emulator's models (pixel-sketch fixed 5, haiku-text metered
-2 credits/s up to 30 s, hold 60); metered charges are ceil(seconds * rate) in exact decimal
-arithmetic and capped at the hold; per-output holds are the rate times the outputs the input asks
-for and charges count the outputs stored; per-token holds cover the input-token cap and the
-input's max_tokens, and charges are the ceiling of the reported counts (the hold when a count is
-missing or malformed), never above the hold; a count field out of its declared range is refused;
-versioned references use the model's price unless the table prices that version; unpriced
-models and malformed references are refused with clear messages;
-``AI_HANDLER_PRICING_FILE`` replaces the table; malformed files raise ConfigError naming the file,
-model and field.
+Proves: the shipped table prices the emulator's models (pixel-sketch 5 per image, haiku-text per
+token, hold 60 with the default max_tokens); metered charges are ceil(seconds * rate) in exact
+decimal arithmetic and capped at the hold; per-output holds are the rate times the outputs the
+input asks for and charges count the outputs stored; per-token holds cover the input-token cap and
+the input's max_tokens, and charges are the ceiling of the reported counts (the hold when a count
+is missing or malformed), never above the hold; a count field out of its declared range is
+refused; versioned references use the model's price unless the table prices that version;
+unpriced models and malformed references are refused with clear messages;
+``AI_HANDLER_PRICING_FILE`` replaces the table; malformed files (each kind, mixed kinds) raise
+ConfigError naming the file, model and field.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ import pytest
 from ai_handler_dagster.pricing import UnpricedModel, load_pricing, parse_pricing
 from ai_handler_dagster.settings import ConfigError
 
+#: The two older kinds: 5 credits per generation, and 2 credits/s up to 30 s (hold 60).
+METERED = parse_pricing(
+    '[models."a/fixed"]\ncredits = 5\n'
+    '[models."a/metered"]\ncredits_per_second = 2\nmax_seconds = 30\n'
+)
+
 
 @pytest.fixture(autouse=True)
 def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,15 +36,16 @@ def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_table_prices_the_emulator_models() -> None:
     book = load_pricing()
     sketch = book.price_for("demo/pixel-sketch")
-    assert (
-        sketch.hold_amount({}),
-        sketch.charge_for(12.3, input={}),
-        sketch.charge_for(None, input={}),
-    ) == (5, 5, 5)
+    assert sketch.kind == "per_output"
+    assert [sketch.hold_amount({"num_outputs": n}) for n in (1, 2, 4)] == [5, 10, 20]
+    assert sketch.hold_amount({}) == 5
+    assert sketch.charge_for(12.3, input={"num_outputs": 2}, stored_outputs=2) == 10
     haiku = book.price_for("demo/haiku-text")
-    assert haiku.metered
-    assert haiku.hold_amount({}) == 60
-    assert haiku.describe() == "2 credits/s, at most 30 s (hold 60)"
+    assert haiku.kind == "per_token"
+    assert haiku.hold_amount({}) == 60  # ceil(0.02 * 1000 + 0.625 * 64)
+    assert haiku.hold_amount({"max_tokens": 512}) == 340
+    counts = {"input_token_count": 6, "output_token_count": 10, "predict_time": 1.2}
+    assert haiku.charge_for(1.2, input={}, metrics=counts) == 7  # ceil(0.12 + 6.25)
     assert book.models() == ["demo/haiku-text", "demo/pixel-sketch"]
 
 
@@ -47,7 +54,7 @@ def test_default_table_prices_the_emulator_models() -> None:
     [(0.0, 0), (0.2, 1), (1.0, 2), (1.5, 3), (1.51, 4), (29.99, 60), (30.0, 60), (600.0, 60)],
 )
 def test_metered_charge_is_ceiling_capped_at_the_hold(seconds: float, credits: int) -> None:
-    assert load_pricing().price_for("demo/haiku-text").charge_for(seconds, input={}) == credits
+    assert METERED.price_for("a/metered").charge_for(seconds, input={}) == credits
 
 
 def test_metered_arithmetic_is_decimal() -> None:
@@ -60,7 +67,8 @@ def test_metered_arithmetic_is_decimal() -> None:
 
 
 def test_metered_charge_without_time_is_the_hold_and_bad_times_are_refused() -> None:
-    haiku = load_pricing().price_for("demo/haiku-text")
+    haiku = METERED.price_for("a/metered")
+    assert haiku.metered and haiku.describe() == "2 credits/s, at most 30 s (hold 60)"
     assert haiku.charge_for(None, input={}) == 60
     for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="predict_time"):
@@ -229,7 +237,9 @@ def test_a_count_out_of_range_is_a_problem_and_never_held(bad: object) -> None:
         assert "'max_tokens'" in (chat.input_problem({"max_tokens": bad}) or "")
     assert chat.input_problem({"max_tokens": 513}) is not None
     # Fixed and metered prices do not read the input.
-    assert load_pricing().price_for("demo/pixel-sketch").input_problem({"num_outputs": bad}) is None
+    for other in ("a/fixed", "a/metered"):
+        assert METERED.price_for(other).input_problem({"num_outputs": bad}) is None
+        assert METERED.price_for(other).input_problem({"max_tokens": bad}) is None
 
 
 @pytest.mark.parametrize(
