@@ -289,9 +289,13 @@ def submit(
         if existing is not None:
             return _same_request(existing, user_id, model, payload)
     try:
-        needed = prices.price_for(model).hold_amount()
+        price = prices.price_for(model)
     except UnpricedModel as exc:
         raise InvalidRequest(str(exc)) from None
+    problem = price.input_problem(payload)
+    if problem is not None:
+        raise InvalidRequest(problem)
+    needed = price.hold_amount(payload)
     try:
         balance = ledger.balance(session, user_id)
     except ledger.UnknownAccount:
@@ -478,11 +482,18 @@ def start_attempt(
         session.flush()
         return row
     try:
-        amount = prices.price_for(row.model).hold_amount()
+        price = prices.price_for(row.model)
     except (UnpricedModel, ValueError) as exc:
         _finish(row, GenerationStatus.FAILED, UNPRICED_MODEL, str(exc), now)
         session.flush()
         return row
+    # A count the price reads (outputs, tokens) out of the declared range: never hold more.
+    problem = price.input_problem(row.input)
+    if problem is not None:
+        _finish(row, GenerationStatus.FAILED, INVALID_REQUEST, problem, now)
+        session.flush()
+        return row
+    amount = price.hold_amount(row.input)
     try:
         held = ledger.hold(
             session,
@@ -758,6 +769,7 @@ def succeed(
     outputs: list[dict[str, Any]],
     predict_time: float | None,
     prices: PriceBook,
+    metrics: Mapping[str, Any] | None = None,
     attempt: int | None = None,
     prediction_id: str | None = None,
     now: datetime | None = None,
@@ -768,13 +780,15 @@ def succeed(
     with that prediction (``AttemptMismatch`` / ``InvalidTransition`` otherwise): a run of an
     earlier attempt can never capture a newer attempt's hold with its own output.
 
-    The charge is the model's price for ``predict_time`` (metered) or its fixed price, never more
-    than what was held (a price raised mid-run, or removed, or a ``predict_time`` that is not a
-    duration, charges the hold). ``outputs`` is a list of ``{key, uri, size, sha256,
-    content_type}`` (extra keys are kept). Idempotent: a succeeded row is returned as is. A
-    generation that already failed raises ``InvalidTransition``; a hold that was already released
-    or expired raises ``ledger.HoldAlreadyEnded``; no outputs, for a model whose price does not
-    say ``allow_empty_output``, raises ``EmptyOutput``; in each case nothing is written.
+    The charge is the model's price for what the prediction used (``predict_time`` if metered,
+    the number of ``outputs`` stored if per output, the token counts in ``metrics`` if per
+    token) or its fixed price, never more than what was held (a price raised mid-run, or
+    removed, or a ``predict_time`` that is not a duration, charges the hold). ``outputs`` is a
+    list of ``{key, uri, size, sha256, content_type}`` (extra keys are kept). Idempotent: a
+    succeeded row is returned as is. A generation that already failed raises
+    ``InvalidTransition``; a hold that was already released or expired raises
+    ``ledger.HoldAlreadyEnded``; no outputs, for a model whose price does not say
+    ``allow_empty_output``, raises ``EmptyOutput``; in each case nothing is written.
     """
     row = _lock(session, generation_id)
     _check_attempt(row, attempt)
@@ -799,11 +813,17 @@ def succeed(
         charge = (
             row.amount_held
             if price is None
-            else min(price.charge_for(predict_time), row.amount_held)
+            else min(
+                price.charge_for(
+                    predict_time, input=row.input, metrics=metrics, stored_outputs=len(stored)
+                ),
+                row.amount_held,
+            )
         )
     except ValueError:
-        # The provider reported a time that is no time (negative, NaN, infinite): as if it had
-        # reported none, the hold is charged. Raising here failed the whole batch's finalize.
+        # The provider reported a time that is no time (negative, NaN, infinite), or the price
+        # changed mid-run so that the input no longer fits its count: as if nothing had been
+        # reported, the hold is charged. Raising here failed the whole batch's finalize.
         charge = row.amount_held
     ledger.capture(session, row.hold_id, charge, now=now)
     _finish(row, GenerationStatus.SUCCEEDED, None, None, now or utcnow())

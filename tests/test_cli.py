@@ -177,6 +177,12 @@ def test_submit_reads_input_from_a_file(
         ("alice", "demo/nope", "{}", "has no price"),
         ("nobody", "demo/pixel-sketch", "{}", "unknown user 'nobody'"),
         ("poor", "demo/haiku-text", "{}", "3 available, 60 needed"),
+        (
+            "alice",
+            "demo/pixel-sketch",
+            '{"prompt": "x", "num_outputs": 9}',
+            "input field 'num_outputs' must be a whole number from 1 to 4",
+        ),
     ],
 )
 def test_submit_errors(

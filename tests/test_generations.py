@@ -4,10 +4,13 @@ Proves, on real SQLite and PostgreSQL: ``submit`` refuses each kind of bad reque
 naming the problem and writes nothing, and deduplicates by request_id (also under a concurrent
 race); ``claim_pending`` hands each pending row to exactly one batch; ``start_attempt`` holds the
 price once per attempt (op retries reuse it) or fails the generation with
-``insufficient_credits``; ``succeed`` captures the fixed or metered charge; ``fail`` refunds
-exactly once even when several refund paths race; ``requeue`` starts a fresh attempt with its own
-hold; predictions cannot be adopted twice; a rolled-back transaction leaves neither status nor
-money behind; and ``verify`` notices a generation whose hold disagrees with its status.
+``insufficient_credits``; a per-output or per-token price is held from the input, and a count out
+of range is refused at submit (nothing written) or fails an inserted row with
+``invalid_request``; ``succeed`` captures the fixed, metered, per-output or per-token charge,
+never more than the hold; ``fail`` refunds exactly once even when several refund paths race;
+``requeue`` starts a fresh attempt with its own hold; predictions cannot be adopted twice; a
+rolled-back transaction leaves neither status nor money behind; and ``verify`` notices a
+generation whose hold disagrees with its status.
 """
 
 from __future__ import annotations
@@ -29,8 +32,14 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
 from tests.support.db import emptied, migrated_database, race
 
 T = TypeVar("T")
-SKETCH = "demo/pixel-sketch"  # fixed 5 credits
-HAIKU = "demo/haiku-text"  # 2 credits/s, hold 60
+SKETCH = "demo/pixel-sketch"  # 5 credits per output, one by default (hold 5)
+HAIKU = "demo/haiku-text"  # per token, hold 60 with the default max_tokens
+#: The two older kinds, on the same model names: fixed 5 credits, and 2 credits/s up to 30 s.
+FIXED_AND_METERED = parse_pricing(
+    f'[models."{SKETCH}"]\ncredits = 5\n'
+    f'[models."{HAIKU}"]\ncredits_per_second = 2\nmax_seconds = 30\n',
+    source="test table",
+)
 OUTPUT = {
     "key": "outputs/1/a1/0.png",
     "uri": "s3://bucket/outputs/1/a1/0.png",
@@ -352,7 +361,8 @@ def test_status_and_money_commit_together(engine: sa.Engine, prices: PriceBook) 
 # --- succeed ----------------------------------------------------------------------------------
 
 
-def test_succeed_captures_the_fixed_price(engine: sa.Engine, prices: PriceBook) -> None:
+def test_succeed_captures_the_fixed_price(engine: sa.Engine) -> None:
+    prices = FIXED_AND_METERED
     fund(engine)
     gid = submit(engine, prices).id
     start(engine, prices, gid)
@@ -368,7 +378,8 @@ def test_succeed_captures_the_fixed_price(engine: sa.Engine, prices: PriceBook) 
     assert_consistent(engine)
 
 
-def test_succeed_captures_the_metered_charge(engine: sa.Engine, prices: PriceBook) -> None:
+def test_succeed_captures_the_metered_charge(engine: sa.Engine) -> None:
+    prices = FIXED_AND_METERED
     fund(engine)
     gid = submit(engine, prices, model=HAIKU).id
     assert start(engine, prices, gid).amount_held == 60
@@ -412,6 +423,155 @@ def test_succeed_refuses_to_charge_for_nothing(engine: sa.Engine, prices: PriceB
     allowing = parse_pricing(f'[models."{SKETCH}"]\ncredits = 5\nallow_empty_output = true\n')
     done = tx(engine, lambda s: gens.succeed(s, gid, outputs=[], predict_time=1.0, prices=allowing))
     assert (done.status, done.amount_charged, done.outputs) == ("succeeded", 5, [])
+    assert_consistent(engine)
+
+
+# --- counted prices (per output, per token) ----------------------------------------------------
+
+COUNTED = parse_pricing(
+    '[models."img/multi"]\ncredits_per_output = 5\noutputs_field = "num_outputs"\n'
+    "outputs_default = 1\noutputs_max = 4\n"
+    '[models."llm/chat"]\ncredits_per_input_token = 0.01\ncredits_per_output_token = 0.5\n'
+    'max_tokens_field = "max_tokens"\nmax_tokens_default = 64\nmax_tokens_max = 512\n'
+    "max_input_tokens = 1000\n",
+    source="test table",
+)
+
+
+def outputs(n: int) -> list[dict[str, Any]]:
+    return [{**OUTPUT, "key": f"outputs/1/a1/{i}.png"} for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "hold"),
+    [
+        ("img/multi", {}, 5),
+        ("img/multi", {"num_outputs": 4}, 20),
+        ("llm/chat", {}, 42),  # ceil(0.01 * 1000 + 0.5 * 64)
+        ("llm/chat", {"max_tokens": 512}, 266),
+    ],
+)
+def test_submit_holds_a_counted_price_from_the_input(
+    engine: sa.Engine, model: str, extra: dict[str, Any], hold: int
+) -> None:
+    fund(engine, amount=300)
+    created = submit(engine, COUNTED, model=model, input={"prompt": "p", **extra})
+    assert created.amount_held == hold
+    assert balance(engine).held == hold
+    assert_consistent(engine)
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "bad"),
+    [
+        ("img/multi", "num_outputs", 5),
+        ("img/multi", "num_outputs", 0),
+        ("img/multi", "num_outputs", "2"),
+        ("img/multi", "num_outputs", 2.5),
+        ("llm/chat", "max_tokens", 513),
+        ("llm/chat", "max_tokens", True),
+    ],
+)
+def test_submit_refuses_a_count_out_of_range_and_writes_nothing(
+    engine: sa.Engine, model: str, field: str, bad: Any
+) -> None:
+    """Regression guard: a count above the declared maximum must be refused, not held at a
+    larger amount than the table declares (or at the default) and run."""
+    fund(engine, amount=10_000)
+    with pytest.raises(gens.InvalidRequest, match=f"input field '{field}' must be a whole number"):
+        submit(engine, COUNTED, model=model, input={"prompt": "p", field: bad})
+    assert count(engine, Generation) == 0
+    assert balance(engine) == ledger.Balance(balance=10_000, held=0, available=10_000)
+
+
+def test_start_attempt_fails_an_inserted_row_whose_count_is_out_of_range(
+    engine: sa.Engine,
+) -> None:
+    """Regression guard: a row an application wrote straight into the table, asking for more
+    outputs than the price allows, fails with invalid_request and holds nothing."""
+    fund(engine)
+
+    def add(session: Session, payload: dict[str, Any]) -> int:
+        new = Generation(user_id="alice", model="img/multi", input=payload, status="pending")
+        session.add(new)
+        session.flush()
+        return new.id
+
+    bad = tx(engine, lambda s: add(s, {"prompt": "p", "num_outputs": 9}))
+    good = tx(engine, lambda s: add(s, {"prompt": "p", "num_outputs": 3}))
+    refused = start(engine, COUNTED, bad)
+    assert (refused.status, refused.error_code) == ("failed", "invalid_request")
+    assert "'num_outputs'" in (refused.error_message or "")
+    assert balance(engine).held == 0
+    assert start(engine, COUNTED, good).amount_held == 15
+    assert balance(engine).held == 15
+    assert_consistent(engine)
+
+
+@pytest.mark.parametrize(
+    ("asked", "stored", "charged"),
+    [(3, 3, 15), (3, 2, 10), (1, 1, 5)],
+)
+def test_succeed_charges_per_output_stored(
+    engine: sa.Engine, asked: int, stored: int, charged: int
+) -> None:
+    fund(engine)
+    gid = submit(engine, COUNTED, model="img/multi", input={"prompt": "p", "num_outputs": asked}).id
+    assert start(engine, COUNTED, gid).amount_held == 5 * asked
+    done = tx(
+        engine,
+        lambda s: gens.succeed(
+            s, gid, outputs=outputs(stored), predict_time=1.0, metrics={}, prices=COUNTED
+        ),
+    )
+    assert done.amount_charged == charged
+    assert balance(engine) == ledger.Balance(balance=100 - charged, held=0, available=100 - charged)
+    assert_consistent(engine)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "charged"),
+    [
+        ({"input_token_count": 6, "output_token_count": 10, "predict_time": 0.1}, 6),
+        ({"input_token_count": 3000, "output_token_count": 64}, 42),  # capped at the hold
+        ({"predict_time": 0.1}, 42),  # no token counts: the hold
+        (None, 42),  # an AwaitedPrediction pickled before metrics existed
+    ],
+)
+def test_succeed_charges_per_token_from_the_reported_counts(
+    engine: sa.Engine, metrics: dict[str, Any] | None, charged: int
+) -> None:
+    fund(engine)
+    gid = submit(engine, COUNTED, model="llm/chat").id
+    assert start(engine, COUNTED, gid).amount_held == 42
+    done = tx(
+        engine,
+        lambda s: gens.succeed(
+            s, gid, outputs=[OUTPUT], predict_time=0.1, metrics=metrics, prices=COUNTED
+        ),
+    )
+    assert done.amount_charged == charged
+    assert balance(engine).balance == 100 - charged
+    assert_consistent(engine)
+
+
+def test_succeed_charges_the_hold_when_the_price_changed_under_a_counted_input(
+    engine: sa.Engine,
+) -> None:
+    """Regression guard: a price table whose maximum shrank mid-run must not fail finalize; the
+    generation is charged what was held, as for a time that is no time."""
+    fund(engine)
+    gid = submit(engine, COUNTED, model="img/multi", input={"prompt": "p", "num_outputs": 4}).id
+    start(engine, COUNTED, gid)
+    smaller = parse_pricing(
+        '[models."img/multi"]\ncredits_per_output = 5\noutputs_field = "num_outputs"\n'
+        "outputs_default = 1\noutputs_max = 2\n"
+    )
+    done = tx(
+        engine,
+        lambda s: gens.succeed(s, gid, outputs=outputs(4), predict_time=None, prices=smaller),
+    )
+    assert done.amount_charged == 20
     assert_consistent(engine)
 
 

@@ -62,6 +62,20 @@ def test_step_outputs_pickled_before_the_ops_moved_still_load() -> None:
         assert pickle.loads(old) == value
 
 
+def test_an_awaited_prediction_pickled_before_it_carried_metrics_still_loads() -> None:
+    """Regression guard: a run retried after the upgrade reads the await step's output written
+    before ``AwaitedPrediction.metrics`` existed; it must load (metrics None, so a per-token
+    price charges the hold) rather than fail the retried step."""
+    from ai_handler_dagster.orchestration.generation import AwaitedPrediction
+
+    new = AwaitedPrediction(7, 2, "p1", ["x"], 1.5, metrics={"predict_time": 1.5})
+    before = object.__new__(AwaitedPrediction)
+    before.__dict__.update({k: v for k, v in vars(new).items() if k != "metrics"})
+    loaded = pickle.loads(pickle.dumps(before, protocol=2))
+    assert loaded == AwaitedPrediction(7, 2, "p1", ["x"], 1.5)
+    assert loaded.metrics is None
+
+
 def test_a_deployment_written_before_the_move_still_starts(tmp_path: Path) -> None:
     # dagster.yaml files written by `ai-handler instance write` before runtime/ existed name
     # ai_handler_dagster.launcher, and process managers run `python -m ai_handler_dagster.daemon`.

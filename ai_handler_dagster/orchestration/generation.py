@@ -136,6 +136,9 @@ class AwaitedPrediction:
     output: Any
     predict_time: float | None
     web_url: str | None = None
+    #: The prediction's ``metrics`` (token counts for a per-token price). Defaulted, so that an
+    #: AwaitedPrediction pickled before the field existed still loads (and charges the hold).
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass
@@ -428,6 +431,7 @@ def await_predictions(
                     output=snapshot.output,
                     predict_time=snapshot.predict_time,
                     web_url=snapshot.web_url,
+                    metrics=dict(snapshot.metrics),
                 )
             )
         else:
@@ -545,6 +549,7 @@ def finalize(
                     generation_id,
                     outputs=[obj.to_json() for obj in objects],
                     predict_time=item.predict_time,
+                    metrics=item.metrics,
                     prices=prices,
                     attempt=item.attempt,
                     prediction_id=item.prediction_id,

@@ -598,7 +598,7 @@ def _price_table() -> str:
     from ai_handler_dagster.pricing import DEFAULT_PRICING_RESOURCE, load_pricing
 
     shipped = resources.files("ai_handler_dagster").joinpath(DEFAULT_PRICING_RESOURCE)
-    price = load_pricing().price_for(MODEL).hold_amount()
+    price = load_pricing().price_for(MODEL).hold_amount({})
     return shipped.read_text(encoding="utf-8") + f'\n[models."{EMPTY_MODEL}"]\ncredits = {price}\n'
 
 
@@ -723,7 +723,8 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
             sys.stderr.flush()
 
     begun = time.monotonic()
-    price = load_pricing().price_for(MODEL).hold_amount()
+    # The plan asks for at most two images a request: grants in units of that never fall short.
+    price = load_pricing().price_for(MODEL).hold_amount({"num_outputs": 2})
     plan = make_plan(config, price)
     engine = make_engine(
         sa.make_url(app_url).update_query_dict({"application_name": APPLICATION_NAME})

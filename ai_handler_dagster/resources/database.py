@@ -68,7 +68,7 @@ def _price_book(path: str | None) -> PriceBook:
 
 
 class PricingResource(ConfigurableResource):
-    """Credits charged per model (fixed per generation or metered per second)."""
+    """Credits charged per model: fixed, per second, per output or per token (``pricing``)."""
 
     pricing_file: str | None = Field(
         default=None,

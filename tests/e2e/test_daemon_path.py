@@ -43,8 +43,8 @@ from tests.support.stack import (
 pytestmark = pytest.mark.e2e
 
 GRANT = 500
-PIXEL_PRICE = 5  # pricing.toml: demo/pixel-sketch is 5 credits per generation
-HAIKU_MAX = 60  # demo/haiku-text: 2 credits per second for at most 30 s
+PIXEL_PRICE = 5  # pricing.toml: demo/pixel-sketch is 5 credits per image stored
+HAIKU_MAX = 60  # demo/haiku-text: per token, holding 60 with the default max_tokens
 
 #: (model, input, file names expected under generations/{id}/a1/)
 REQUESTS = [
@@ -147,7 +147,7 @@ def test_inserted_rows_succeed_with_their_outputs_in_s3(submitted: Submitted) ->
         )
         assert app.entry_kinds(hold.id) == ["hold", "capture"]
         if row.model == "demo/pixel-sketch":
-            assert row.amount_charged == PIXEL_PRICE
+            assert row.amount_charged == PIXEL_PRICE * len(row.outputs or [])
         else:
             assert 1 <= row.amount_charged <= HAIKU_MAX
 

@@ -4,12 +4,15 @@ PostgreSQL.
 Proves that one run carries a batch in which each generation succeeds or fails on its own: the
 model failure is refunded and its neighbours are charged and stored under their exact keys; an
 unaffordable generation is refused without a charge; re-running the finished batch changes nothing;
-and an op that fails for good refunds the unfinished generations through the failure hook.
+an op that fails for good refunds the unfinished generations through the failure hook; and
+per-output and per-token prices capture exactly what the emulator reported (outputs stored, token
+counts).
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -23,6 +26,7 @@ from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
 from ai_handler_dagster.orchestration.request_sensor import batch_key_for
+from ai_handler_dagster.resources.database import PricingResource
 from tests.support.orchestration import grant, job_resources, submit
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -80,8 +84,10 @@ def test_a_batch_settles_each_generation_on_its_own(
             assert hashlib.sha256(body).hexdigest() == obj["sha256"]
             assert len(body) == obj["size"]
     charged = sum(rows[i].amount_charged for i in ids)
-    assert charged == 5 + 5 + rows[ids[2]].amount_charged
-    assert 1 <= rows[ids[2]].amount_charged < 60  # metered: less than the 60 held
+    # 5 per image stored; the haiku: 1 input token and 10 output tokens, ceil(0.02 + 6.25) of
+    # the 60 held.
+    assert [rows[i].amount_charged for i in ids] == [5, 0, 7, 10]
+    assert charged == 22
     with session_scope(make_engine(app_db)) as session:
         assert ledger.verify(session) == []
         bal = ledger.balance(session, "ada")
@@ -162,3 +168,72 @@ def test_an_op_that_fails_for_good_refunds_the_batch_through_the_hook(
         bal = ledger.balance(session, "cy")
         assert (bal.balance, bal.held) == (50, 0)
         assert ledger.verify(session) == []
+
+
+COUNTED_PRICES = """
+[models."demo/pixel-sketch"]
+credits_per_output = 5
+outputs_field = "num_outputs"
+outputs_default = 1
+outputs_max = 4
+
+[models."demo/haiku-text"]
+credits_per_input_token = 0.25
+credits_per_output_token = 0.5
+max_tokens_field = "max_tokens"
+max_tokens_default = 64
+max_tokens_max = 512
+max_input_tokens = 100
+"""
+
+
+def test_per_output_and_per_token_prices_charge_what_the_emulator_reported(
+    app_db: str,
+    emulator: EmulatorHandle,
+    local_s3: LocalS3,
+    bucket: str,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression guard: the token counts in a prediction's metrics must reach the capture
+    (through the pickled AwaitedPrediction), and a per-output price must count the objects
+    stored; had they not, each generation would be charged its whole hold."""
+    table = tmp_path / "prices.toml"
+    table.write_text(COUNTED_PRICES)
+    monkeypatch.setenv("AI_HANDLER_PRICING_FILE", str(table))
+    grant(app_db, "di", 500)
+    ids = submit(
+        app_db,
+        "di",
+        [
+            ("demo/pixel-sketch", {"prompt": "three moons", "num_outputs": 3, "seed": 2}),
+            ("demo/pixel-sketch", {"prompt": "one moon", "seed": 2}),
+            ("demo/haiku-text", {"prompt": "autumn rain on a tin roof"}),
+            ("demo/haiku-text", {"prompt": "the sea at night", "max_tokens": 4}),
+        ],
+    )
+    rows = rows_by_id(app_db)
+    # Holds: 5 per output asked; ceil(0.25 * 100 + 0.5 * max_tokens).
+    assert [rows[i].amount_held for i in ids] == [15, 5, 57, 27]
+    claim(app_db)
+    resources = job_resources(app_db, emulator, local_s3, bucket)
+    resources["pricing"] = PricingResource(pricing_file=str(table))
+    result = generation_job.execute_in_process(
+        run_config=batch_run_config(ids), resources=resources, instance=instance
+    )
+    assert result.success
+    rows = rows_by_id(app_db)
+    assert [rows[i].status for i in ids] == ["succeeded"] * 4
+    assert [len(rows[i].outputs or []) for i in ids] == [3, 1, 1, 1]
+    reported = {p["input"]["prompt"]: p["metrics"] for p in emulator.predictions()}
+    rain, sea = reported["autumn rain on a tin roof"], reported["the sea at night"]
+    # What the emulator's haiku model reports: prompt words in, chunks out (at most max_tokens).
+    assert (rain["input_token_count"], rain["output_token_count"]) == (6, 10)
+    assert (sea["input_token_count"], sea["output_token_count"]) == (4, 4)
+    # ceil(0.25 * 6 + 0.5 * 10) = 7 and 0.25 * 4 + 0.5 * 4 = 3 exactly.
+    assert [rows[i].amount_charged for i in ids] == [15, 5, 7, 3]
+    with session_scope(make_engine(app_db)) as session:
+        assert ledger.verify(session) == []
+        bal = ledger.balance(session, "di")
+    assert (bal.balance, bal.held) == (500 - 30, 0)
