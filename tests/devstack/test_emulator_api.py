@@ -468,3 +468,29 @@ def test_raw_http_edge_cases(emulator: EmulatorHandle, http: httpx.Client) -> No
     assert int(head.headers["content-length"]) > 0
     assert head.content == b""
     assert http.get(done["urls"]["web"]).headers["content-type"].startswith("text/html")
+
+
+def test_a_burst_of_one_lets_one_create_through_then_paces_them(
+    make_emulator, http: httpx.Client
+) -> None:
+    # The bucket used to hold a full minute's worth: at 6 creates a minute, six went through at
+    # once, so the emulator could not stand for an account with little credit (a few creates a
+    # minute, one at a time).
+    emulator = make_emulator(rate_limit=True, creates_per_minute=6, creates_burst=1)
+    client = client_for(emulator)
+    client.models.predictions.create(model="demo/haiku-text", input={"prompt": "x"})
+    response = http.post(
+        f"{emulator.base_url}/v1/models/demo/haiku-text/predictions",
+        json={"input": {"prompt": "x"}},
+        headers={"Authorization": f"Bearer {emulator.token}"},
+    )
+    assert response.status_code == 429
+    # One token refills every 10 s at 6 a minute; the bucket is full again then too.
+    assert 9 <= int(response.headers["Retry-After"]) <= 10
+    assert 9 <= int(response.headers["ratelimit-reset"]) <= 10
+    assert emulator.stats()["rate_limited"] == 1
+    # Reconfigured at runtime, the larger burst applies at once (after the bucket refills).
+    emulator.configure(creates_burst=3, creates_per_minute=6000)
+    time.sleep(0.05)
+    for _ in range(3):
+        client.models.predictions.create(model="demo/haiku-text", input={"prompt": "x"})

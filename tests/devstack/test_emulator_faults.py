@@ -260,3 +260,16 @@ def test_invalid_settings_are_refused(emulator: EmulatorHandle) -> None:
     with pytest.raises(ValueError, match="token"):
         emulator.configure(token="other")
     assert emulator.config.faults.failure_rate == 0.0
+
+
+def test_token_bucket_burst_and_refill() -> None:
+    from ai_handler_dagster.devstack.emulator.ratelimit import TokenBucket
+
+    default = TokenBucket(6)
+    assert [default.take(6, enforce=True).allowed for _ in range(7)] == [True] * 6 + [False]
+    one = TokenBucket(6, burst=1)
+    first, second = one.take(6, enforce=True, burst=1), one.take(6, enforce=True, burst=1)
+    assert (first.allowed, second.allowed) == (True, False)
+    assert second.retry_after_s == 10 and second.remaining == 0
+    # Unenforced, nothing is refused; the headers still tell.
+    assert one.take(6, enforce=False, burst=1).allowed

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", action="store_true", help="enforce per-minute limits")
     p.add_argument("--creates-per-minute", type=int, default=600)
     p.add_argument("--requests-per-minute", type=int, default=3000)
+    p.add_argument(
+        "--creates-burst", type=int, default=None, help="most creates at once (default: a minute's)"
+    )
+    p.add_argument(
+        "--requests-burst",
+        type=int,
+        default=None,
+        help="most other requests at once (default: a minute's)",
+    )
     p.add_argument("--failure-rate", type=float, default=0.0)
     p.add_argument("--http-500-rate", type=float, default=0.0)
     p.add_argument("--http-429-rate", type=float, default=0.0)
@@ -84,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         rate_limit=args.rate_limit,
         creates_per_minute=args.creates_per_minute,
         requests_per_minute=args.requests_per_minute,
+        creates_burst=args.creates_burst,
+        requests_burst=args.requests_burst,
         public_base_url=args.public_base_url,
         official_models=tuple(args.official_model),
     )

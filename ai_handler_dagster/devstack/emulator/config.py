@@ -94,6 +94,10 @@ class EmulatorConfig:
     """Enforce the per-minute limits below with real 429s (headers are always sent)."""
     creates_per_minute: int = 600
     requests_per_minute: int = 3000
+    creates_burst: int | None = None
+    """Most creates let through at once (the bucket's size); default: a minute's worth."""
+    requests_burst: int | None = None
+    """Most other requests let through at once; default: a minute's worth."""
     public_base_url: str | None = None
     """Base URL written into prediction URLs, output URLs and cursors (default: bound address)."""
     official_models: tuple[str, ...] = ()

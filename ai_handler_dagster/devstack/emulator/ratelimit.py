@@ -21,39 +21,43 @@ class Budget:
 
 
 class TokenBucket:
-    """A token bucket refilled at ``per_minute / 60`` tokens a second, holding a minute's worth.
+    """A token bucket refilled at ``per_minute / 60`` tokens a second, holding ``burst`` tokens
+    (default: a minute's worth).
 
     A bucket rather than fixed windows: Replicate lets short bursts through and throttles
-    sustained excess, and so does a bucket.
+    sustained excess, and so does a bucket. Accounts with little credit get a small limit and
+    almost no burst (a few creates a minute, one at a time): ``burst=1`` is that. Both values
+    are passed on every call, so a reconfigured emulator applies them at once.
     """
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, burst: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._per_minute = max(1, per_minute)
-        self._tokens = float(self._per_minute)
+        self._tokens = float(_capacity(per_minute, burst))
         self._last = time.monotonic()
 
-    def take(self, per_minute: int, *, enforce: bool) -> Budget:
+    def take(self, per_minute: int, *, enforce: bool, burst: int | None = None) -> Budget:
         """Spend one token. Unenforced buckets never refuse; they only report."""
-        return self._update(per_minute, spend=True, enforce=enforce)
+        return self._update(per_minute, burst, spend=True, enforce=enforce)
 
-    def peek(self, per_minute: int) -> Budget:
+    def peek(self, per_minute: int, *, burst: int | None = None) -> Budget:
         """The budget as it stands, spending nothing (for answers outside the API)."""
-        return self._update(per_minute, spend=False, enforce=False)
+        return self._update(per_minute, burst, spend=False, enforce=False)
 
-    def _update(self, per_minute: int, *, spend: bool, enforce: bool) -> Budget:
+    def _update(self, per_minute: int, burst: int | None, *, spend: bool, enforce: bool) -> Budget:
         with self._lock:
             now = time.monotonic()
             per_minute = max(1, per_minute)
-            if per_minute != self._per_minute:
-                self._tokens = min(self._tokens, float(per_minute))
-                self._per_minute = per_minute
+            capacity = float(_capacity(per_minute, burst))
             rate = per_minute / 60.0
-            self._tokens = min(float(per_minute), self._tokens + (now - self._last) * rate)
+            self._tokens = min(capacity, self._tokens + (now - self._last) * rate)
             self._last = now
             allowed = self._tokens >= 1.0 or not enforce
             if spend and self._tokens >= 1.0:
                 self._tokens -= 1.0
             retry_after = 0 if self._tokens >= 1.0 else math.ceil((1.0 - self._tokens) / rate)
-            reset = math.ceil((per_minute - self._tokens) / rate)
+            reset = math.ceil((capacity - self._tokens) / rate)
             return Budget(allowed, int(self._tokens), reset, max(1, retry_after))
+
+
+def _capacity(per_minute: int, burst: int | None) -> int:
+    return max(1, per_minute) if burst is None else max(1, burst)

@@ -183,8 +183,9 @@ class App:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._create_bucket = TokenBucket(engine.config.creates_per_minute)
-        self._other_bucket = TokenBucket(engine.config.requests_per_minute)
+        cfg = engine.config
+        self._create_bucket = TokenBucket(cfg.creates_per_minute, cfg.creates_burst)
+        self._other_bucket = TokenBucket(cfg.requests_per_minute, cfg.requests_burst)
 
     # ------------------------------------------------------------------------ dispatch
 
@@ -226,7 +227,9 @@ class App:
             log.exception("emulator route %s crashed", label)
             response = Response.problem(ApiError(500, "Internal server error", "Unexpected error"))
         if budget is None:
-            budget = self._other_bucket.peek(self.engine.config.requests_per_minute)
+            budget = self._other_bucket.peek(
+                self.engine.config.requests_per_minute, burst=self.engine.config.requests_burst
+            )
         response.headers.setdefault("ratelimit-remaining", str(budget.remaining))
         response.headers.setdefault("ratelimit-reset", str(budget.reset_s))
         self.engine.record_request(label, response.status)
@@ -238,9 +241,13 @@ class App:
             raise ApiError(401, "Unauthenticated", "You did not pass a valid authentication token")
         self._fault_500()
         if route.creates:
-            budget = self._create_bucket.take(cfg.creates_per_minute, enforce=cfg.rate_limit)
+            budget = self._create_bucket.take(
+                cfg.creates_per_minute, enforce=cfg.rate_limit, burst=cfg.creates_burst
+            )
         else:
-            budget = self._other_bucket.take(cfg.requests_per_minute, enforce=cfg.rate_limit)
+            budget = self._other_bucket.take(
+                cfg.requests_per_minute, enforce=cfg.rate_limit, burst=cfg.requests_burst
+            )
         if not budget.allowed:
             self.engine.count("rate_limited")
             raise self._throttled(budget.retry_after_s, budget)
