@@ -138,10 +138,10 @@ class Price:
 
     def _count_field(self) -> tuple[str, int, int] | None:
         """The counted kinds' input field, its default and its maximum; None for the others."""
-        if self.credits_per_output is not None:
+        if self.kind == PER_OUTPUT:
             assert self.outputs_field and self.outputs_default and self.outputs_max
             return self.outputs_field, self.outputs_default, self.outputs_max
-        if self.credits_per_input_token is not None:
+        if self.kind == PER_TOKEN:
             assert self.max_tokens_field and self.max_tokens_default and self.max_tokens_max
             return self.max_tokens_field, self.max_tokens_default, self.max_tokens_max
         return None
@@ -178,12 +178,15 @@ class Price:
 
         A count field out of range raises ``ValueError`` (see ``input_problem``).
         """
-        if self.credits is not None:
+        kind = self.kind
+        if kind == FIXED:
+            assert self.credits is not None
             return self.credits
-        if self.credits_per_second is not None:
-            assert self.max_seconds is not None
+        if kind == METERED:
+            assert self.credits_per_second is not None and self.max_seconds is not None
             return math.ceil(self.credits_per_second * self.max_seconds)
-        if self.credits_per_output is not None:
+        if kind == PER_OUTPUT:
+            assert self.credits_per_output is not None
             return self.credits_per_output * self._count(input)
         assert self.credits_per_input_token is not None
         assert self.credits_per_output_token is not None and self.max_input_tokens is not None
@@ -209,10 +212,13 @@ class Price:
         ``input_token_count`` and ``output_token_count``. A missing time or count, or a token
         count that is not a whole number >= 0, charges the hold.
         """
-        if self.credits is not None:
+        kind = self.kind
+        if kind == FIXED:
+            assert self.credits is not None
             return self.credits
         hold = self.hold_amount(input)
-        if self.credits_per_second is not None:
+        if kind == METERED:
+            assert self.credits_per_second is not None
             if predict_time is None:
                 return hold
             if (
@@ -226,7 +232,8 @@ class Price:
             # 1.100000000000000088.
             seconds = Decimal(repr(float(predict_time)))
             return min(math.ceil(self.credits_per_second * seconds), hold)
-        if self.credits_per_output is not None:
+        if kind == PER_OUTPUT:
+            assert self.credits_per_output is not None
             if not _is_count(stored_outputs):
                 return hold
             assert stored_outputs is not None
@@ -243,14 +250,15 @@ class Price:
 
     def describe(self) -> str:
         """A one-line human description, for the CLI and run metadata."""
-        if self.credits is not None:
+        kind = self.kind
+        if kind == FIXED:
             return f"{self.credits} credits per generation"
-        if self.credits_per_second is not None:
+        if kind == METERED:
             return (
                 f"{self.credits_per_second} credits/s, at most {self.max_seconds} s "
                 f"(hold {self.hold_amount({})})"
             )
-        if self.credits_per_output is not None:
+        if kind == PER_OUTPUT:
             return (
                 f"{self.credits_per_output} credits per output, {self.outputs_field} "
                 f"(default {self.outputs_default}, at most {self.outputs_max})"
