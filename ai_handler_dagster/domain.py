@@ -102,7 +102,8 @@ class RunTag:
     #: The batch key (the request sensor's run key) of the generations a run processes.
     BATCH: Final = "ai_handler/batch"
     BATCH_SIZE: Final = "ai_handler/batch_size"
-    #: The user (or ``mixed``) and the model (``owner/name``, or ``mixed``) of a batch.
+    #: The user (or ``mixed``) and the model (``owner/name``, ``deployment:owner/name``, or
+    #: ``mixed``) of a batch.
     USER: Final = "ai_handler/user"
     MODEL: Final = "ai_handler/model"
     #: ``generation`` on every run of the generation job.
@@ -240,3 +241,13 @@ def parse_model_ref(ref: object) -> ModelRef:
             f"model {ref!r} is not {_FORMS} (letters, digits, '.', '_' and '-' only){hint}"
         )
     return ModelRef(match["owner"], match["name"], match["version"])
+
+
+def model_base(ref: str) -> str:
+    """``ref`` without its version (:attr:`ModelRef.base`). Never raises: text that is no
+    reference loses what follows its first ``:``, since run tags are built from rows nobody
+    has checked yet."""
+    try:
+        return parse_model_ref(ref).base
+    except InvalidModelRef:
+        return str(ref).split(":")[0]

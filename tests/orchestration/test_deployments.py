@@ -14,7 +14,8 @@ that prices the deployments apart from their model. It proves that:
   the plain model's prediction: the generation fails and is refunded, one prediction was made
   (never a second), and that prediction is neither adopted nor canceled;
 - an orphan of a deployment attempt is canceled, and the plain model's prediction of the same
-  input is not.
+  input is not;
+- a batch's run is tagged with the deployment's reference.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
+from ai_handler_dagster.domain import RunTag
+from ai_handler_dagster.orchestration.request_sensor import run_request_for
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from tests.support.orchestration import grant, run_pending, submit
@@ -64,7 +67,7 @@ credits = 4
 """
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def deployments(
     emulator: EmulatorHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
@@ -99,6 +102,7 @@ def _balance(app_db: str, user: str) -> int:
         return ledger.balance(session, user).balance
 
 
+@pytest.mark.usefixtures("deployments")
 def test_a_generation_through_a_deployment_is_charged_the_deployments_price(
     app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
@@ -128,6 +132,7 @@ def test_a_generation_through_a_deployment_is_charged_the_deployments_price(
     _verified(app_db)
 
 
+@pytest.mark.usefixtures("deployments")
 def test_a_lost_deployment_create_is_adopted_exactly_once(
     app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
@@ -156,6 +161,7 @@ def test_a_lost_deployment_create_is_adopted_exactly_once(
     _verified(app_db)
 
 
+@pytest.mark.usefixtures("deployments")
 def test_a_lost_create_that_cannot_be_told_apart_is_refunded_not_repeated(
     app_db: str, emulator: EmulatorHandle, local_s3: LocalS3, bucket: str, instance: DagsterInstance
 ) -> None:
@@ -178,6 +184,7 @@ def test_a_lost_create_that_cannot_be_told_apart_is_refunded_not_repeated(
     _verified(app_db)
 
 
+@pytest.mark.usefixtures("deployments")
 def test_an_orphan_of_a_deployment_attempt_is_canceled_and_the_models_is_not(
     app_db: str, emulator: EmulatorHandle
 ) -> None:
@@ -208,3 +215,24 @@ def test_an_orphan_of_a_deployment_attempt_is_canceled_and_the_models_is_not(
     assert status[orphan.id] == "canceled"
     for kept in (mine.id, other_fleet.id, plain.id):
         assert status[kept] in ("starting", "processing"), kept
+
+
+@pytest.mark.parametrize(
+    ("models", "tag"),
+    [
+        ([SKETCHER], SKETCHER),
+        ([SKETCHER, SKETCHER], SKETCHER),
+        ([f"{SKETCH}:abc", SKETCH], SKETCH),
+        ([SKETCHER, SKETCH], "mixed"),
+        (["not a model:v"], "not a model"),
+    ],
+)
+def test_a_batch_run_is_tagged_with_the_deployment(models: list[str], tag: str) -> None:
+    """Regression: the model tag cut every reference at its first ':', so each deployment's
+    run was tagged ``deployment``."""
+    rows = [
+        Generation(id=i + 1, attempt=1, user_id="ed", model=model, input={})
+        for i, model in enumerate(models)
+    ]
+    request = run_request_for("gen-1-a1", rows)
+    assert request.tags[RunTag.MODEL] == tag
