@@ -140,8 +140,10 @@ def listed_match(
     model = item.get("model")
     if ref.deployment:
         if named is not None:
-            return MATCH if named == ref.path else OTHER
-        if model_names is not None and model not in set(model_names):
+            # "owner/name"; a bare "name" too, in case the API ever leaves the owner out (the
+            # list holds only the account's own predictions, so the name is the account's).
+            return MATCH if named in (ref.path, ref.name) else OTHER
+        if model_names is not None and not (isinstance(model, str) and model in model_names):
             return OTHER
         return INDISTINCT
     if named is not None:

@@ -44,13 +44,18 @@ def deployed(emulator: Any) -> Any:
         # A deployment's prediction: its name decides, whatever the model.
         (SKETCHER, {"model": IMAGE, "deployment": "acme/sketcher"}, None, MATCH),
         (SKETCHER, {"model": "x/y", "deployment": "acme/sketcher"}, {IMAGE}, MATCH),
+        (SKETCHER, {"model": IMAGE, "deployment": "sketcher"}, None, MATCH),
         (SKETCHER, {"model": IMAGE, "deployment": "acme/other-fleet"}, None, OTHER),
+        (SKETCHER, {"model": IMAGE, "deployment": "other-fleet"}, None, OTHER),
+        (SKETCHER, {"model": IMAGE, "deployment": "other/sketcher"}, None, OTHER),
         # Named by none: the plain model's, or this deployment's on a list that left it out.
         (SKETCHER, {"model": IMAGE}, None, INDISTINCT),
         (SKETCHER, {"model": IMAGE, "deployment": None}, {IMAGE}, INDISTINCT),
         (SKETCHER, {"model": IMAGE, "deployment": ""}, None, INDISTINCT),
         # ... unless the deployment's creates were answered under other names.
         (SKETCHER, {"model": IMAGE}, {"demo/haiku-text"}, OTHER),
+        (SKETCHER, {"model": ["not", "a", "name"]}, {IMAGE}, OTHER),
+        (SKETCHER, {"model": ["not", "a", "name"]}, None, INDISTINCT),
         # A model reference never takes a deployment's prediction.
         (IMAGE, {"model": IMAGE, "deployment": "acme/sketcher"}, None, OTHER),
         (f"{IMAGE}:{VERSION}", {"version": VERSION, "deployment": "acme/sketcher"}, None, OTHER),
