@@ -14,6 +14,12 @@ create attempt ever made (``create_attempts``):
 - Nobody else owns it: a prediction id is owned by one attempt, ever, enforced by a unique index;
   a requeue starts a new attempt and never forgets the old one's prediction. Taking a candidate
   is that unique write, so two attempts racing for the same one cannot both win.
+- A deployment's prediction names its deployment (``deployment: "owner/name"``) and reports the
+  model and version the deployment runs. A deployment attempt takes only a prediction that
+  names its deployment, a model attempt never one that names a deployment. A listed prediction
+  of the input that names none could be a lost deployment create's (should the provider leave
+  the field out) as well as the plain model's: it is never taken, and while it is owned by no
+  attempt nothing is created again either; the attempt fails (refunded) instead.
 - While another attempt of the same model and input has a create in flight (state ``creating``,
   at most ``timeout_s`` plus a grace), its answer may name one of the candidates: the attempt that
   lost its answer waits for it rather than guess.
@@ -38,8 +44,8 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, utcnow
 from ai_handler_dagster.domain import PREDICTION_RUNNING, AttemptState, parse_model_ref
-from ai_handler_dagster.errors import INTERNAL_ERROR, GenerationError
-from ai_handler_dagster.replicate.client import ReplicateClient
+from ai_handler_dagster.errors import INTERNAL_ERROR, PROVIDER_UNAVAILABLE, GenerationError
+from ai_handler_dagster.replicate.client import MATCH, ReplicateClient, listed_match
 from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, parse_time
 
 #: Seconds beyond the client's read timeout that a sibling's in-flight create is waited for.
@@ -89,16 +95,19 @@ class _Adopter:
             # Still looking, as of now (the wait may have taken the whole grace).
             gens.create_lost(session, a.generation_id, a.attempt)
             names = gens.learned_model_names(session, a.model)
-        candidates = self.client.lost_create_candidates(
+        search = self.client.lost_create_search(
             a.model,
             a.input,
             started_at=self.started_at.timestamp(),
             model_names=names or None,
         )
-        if not candidates:
+        candidates = search.candidates
+        if not candidates and not search.indistinct:
             return None
         with session_scope(self.engine) as session:
-            owned = gens.owned_predictions(session, [c.id for c in candidates])
+            owned = gens.owned_predictions(
+                session, [c.id for c in (*candidates, *search.indistinct)]
+            )
         for candidate in candidates:
             if candidate.id in owned:
                 continue
@@ -121,6 +130,17 @@ class _Adopter:
             )
             self.adopted = candidate
             return candidate
+        unowned = [c.id for c in search.indistinct if c.id not in owned]
+        if unowned:
+            # It may be the lost create's prediction, or the plain model's (another
+            # application's): neither taking it nor creating another is safe.
+            raise GenerationError(
+                PROVIDER_UNAVAILABLE,
+                f"the create's answer was lost, and the provider's list shows "
+                f"{len(unowned)} prediction(s) of this input that name no deployment "
+                f"({', '.join(unowned[:3])}): one may be this attempt's, but it cannot be told "
+                f"apart from another's, so none is adopted and nothing is created again",
+            )
         return None
 
     def _wait_for_siblings(self) -> None:
@@ -218,11 +238,8 @@ def _after_first(action: Callable[[], None]) -> Callable[[], None]:
 
 
 def _model_matches(model_ref: str, item: dict[str, Any], names: set[str]) -> bool:
-    ref = parse_model_ref(model_ref)
-    if ref.version is not None:
-        return bool(item.get("version") == ref.version)
-    model = item.get("model")
-    return not names or (isinstance(model, str) and model in {ref.base, *names})
+    # Only a clear match: a deployment's prediction that does not say so is never canceled.
+    return listed_match(parse_model_ref(model_ref), item, names or None) == MATCH
 
 
 def cancel_orphans(

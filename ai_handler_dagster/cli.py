@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="submit a generation request (prints its id)")
     submit.add_argument("--user", required=True)
-    submit.add_argument("--model", required=True, help="owner/name or owner/name:version")
+    submit.add_argument(
+        "--model", required=True, help="owner/name, owner/name:version or deployment:owner/name"
+    )
     submit.add_argument(
         "--input",
         required=True,

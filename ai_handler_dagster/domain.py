@@ -102,7 +102,8 @@ class RunTag:
     #: The batch key (the request sensor's run key) of the generations a run processes.
     BATCH: Final = "ai_handler/batch"
     BATCH_SIZE: Final = "ai_handler/batch_size"
-    #: The user (or ``mixed``) and the model (``owner/name``, or ``mixed``) of a batch.
+    #: The user (or ``mixed``) and the model (``owner/name``, ``deployment:owner/name``, or
+    #: ``mixed``) of a batch.
     USER: Final = "ai_handler/user"
     MODEL: Final = "ai_handler/model"
     #: ``generation`` on every run of the generation job.
@@ -172,41 +173,81 @@ def check_identifier(
 
 
 class InvalidModelRef(AiHandlerError, ValueError):
-    """A model reference that is not ``owner/name`` or ``owner/name:version``."""
+    """A model reference that is not ``owner/name``, ``owner/name:version`` or
+    ``deployment:owner/name``."""
 
+
+#: The prefix of a reference to a Replicate deployment: ``deployment:owner/name``.
+DEPLOYMENT_PREFIX: Final = "deployment:"
 
 # Replicate's names: letters, digits, '.', '_' and '-', starting with a letter or digit.
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_MODEL_REF = re.compile(
-    rf"(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}))?"
-)
+_VERSION = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_MODEL_REF = re.compile(rf"(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>{_VERSION}))?")
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A parsed ``owner/name[:version]`` reference."""
+    """A parsed reference: a model, ``owner/name[:version]``, or a deployment,
+    ``deployment:owner/name`` (``deployment`` set; a deployment has no version: it runs its
+    current release, which its owner may change at any time)."""
 
     owner: str
     name: str
     version: str | None = None
+    deployment: bool = False
+
+    @property
+    def path(self) -> str:
+        """``owner/name``: the model's or the deployment's name, as the API's paths spell it."""
+        return f"{self.owner}/{self.name}"
 
     @property
     def base(self) -> str:
-        """``owner/name`` without the version."""
-        return f"{self.owner}/{self.name}"
+        """The reference without its version: ``owner/name``, or ``deployment:owner/name``."""
+        return f"{DEPLOYMENT_PREFIX}{self.path}" if self.deployment else self.path
 
     def __str__(self) -> str:
         return self.base if self.version is None else f"{self.base}:{self.version}"
 
 
+_FORMS = "'owner/name', 'owner/name:version' or 'deployment:owner/name'"
+
+
 def parse_model_ref(ref: object) -> ModelRef:
-    """Parse ``owner/name`` or ``owner/name:version``; ``InvalidModelRef`` says what is wrong."""
+    """Parse ``owner/name``, ``owner/name:version`` or ``deployment:owner/name``;
+    ``InvalidModelRef`` says what is wrong."""
     if not isinstance(ref, str):
-        raise InvalidModelRef(f"model must be a string 'owner/name[:version]', got {ref!r}")
+        raise InvalidModelRef(f"model must be a string {_FORMS}, got {ref!r}")
+    if ref.startswith(DEPLOYMENT_PREFIX):
+        match = _MODEL_REF.fullmatch(ref.removeprefix(DEPLOYMENT_PREFIX))
+        if match is None:
+            raise InvalidModelRef(
+                f"model {ref!r} is not 'deployment:owner/name' (letters, digits, '.', '_' and "
+                "'-' only)"
+            )
+        if match["version"] is not None:
+            raise InvalidModelRef(
+                f"model {ref!r}: a deployment has no ':version' (it runs its current release); "
+                f"use 'deployment:{match['owner']}/{match['name']}'"
+            )
+        return ModelRef(match["owner"], match["name"], deployment=True)
     match = _MODEL_REF.fullmatch(ref)
     if match is None:
+        hint = ""
+        if ref.partition(":")[0].lower() == DEPLOYMENT_PREFIX[:-1]:
+            hint = f"; a deployment is named with the lower-case prefix {DEPLOYMENT_PREFIX!r}"
         raise InvalidModelRef(
-            f"model {ref!r} is not 'owner/name' or 'owner/name:version' (letters, digits, "
-            "'.', '_' and '-' only)"
+            f"model {ref!r} is not {_FORMS} (letters, digits, '.', '_' and '-' only){hint}"
         )
     return ModelRef(match["owner"], match["name"], match["version"])
+
+
+def model_base(ref: str) -> str:
+    """``ref`` without its version (:attr:`ModelRef.base`). Never raises: text that is no
+    reference loses what follows its first ``:``, since run tags are built from rows nobody
+    has checked yet."""
+    try:
+        return parse_model_ref(ref).base
+    except InvalidModelRef:
+        return str(ref).split(":")[0]

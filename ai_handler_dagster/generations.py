@@ -275,7 +275,10 @@ def submit(
     """
     user_id = _text(user_id, "user_id")
     if not isinstance(model, str):
-        raise InvalidRequest(f"model must be a string 'owner/name[:version]', got {model!r}")
+        raise InvalidRequest(
+            f"model must be a string 'owner/name[:version]' or 'deployment:owner/name', "
+            f"got {model!r}"
+        )
     try:
         parse_model_ref(model)
     except InvalidModelRef as exc:

@@ -28,8 +28,10 @@ A succeeded prediction with nothing to store is charged nothing and fails its ge
 (``empty_output``), unless its price says ``allow_empty_output = true``.
 
 A model is priced by ``owner/name``; a request for ``owner/name:version`` uses the price of that
-exact version if the table has one, else the ``owner/name`` price. A model without a price raises
-``UnpricedModel``: nothing is ever run for free by accident.
+exact version if the table has one, else the ``owner/name`` price. A deployment is priced by its
+own key, ``deployment:owner/name``, never by the price of the model it runs (a team's deployment
+runs on hardware of its choosing). A model without a price raises ``UnpricedModel``: nothing is
+ever run for free by accident.
 """
 
 from __future__ import annotations
@@ -283,7 +285,8 @@ class PriceBook:
         self.source = source
 
     def price_for(self, model_ref: str) -> Price:
-        """The price of ``owner/name[:version]``; ``UnpricedModel`` if there is none.
+        """The price of ``owner/name[:version]`` or ``deployment:owner/name``;
+        ``UnpricedModel`` if there is none.
 
         A malformed reference raises ``ValueError``.
         """

@@ -207,6 +207,12 @@ CASES: list[Case] = [
     ),
     Case("api-unknown-model", "api", Refused("has no price"), model="nobody/no-such-model"),
     Case("api-malformed-model", "api", Refused("is not 'owner/name'"), model="pixel sketch"),
+    Case(
+        "api-deployment-with-version",
+        "api",
+        Refused("a deployment has no ':version'"),
+        model="deployment:acme/sketcher:v1",
+    ),
     Case("api-input-list", "api", Refused("input must be a JSON object, got list"), input=["a"]),
     Case("api-input-string", "api", Refused("input must be a JSON object, got str"), input="fox"),
     Case(
@@ -419,6 +425,18 @@ CASES: list[Case] = [
         "row",
         Fails("invalid_request", "is not 'owner/name'", held=False),
         model="pixel sketch",
+    ),
+    Case(
+        "row-deployment-with-version",
+        "row",
+        Fails("invalid_request", "a deployment has no ':version'", held=False),
+        model="deployment:acme/sketcher:v1",
+    ),
+    Case(
+        "row-unpriced-deployment",
+        "row",
+        Fails("unpriced_model", "'deployment:acme/sketcher' has no price", held=False),
+        model="deployment:acme/sketcher",
     ),
     Case(
         "row-input-list",

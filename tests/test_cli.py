@@ -174,6 +174,10 @@ def test_submit_reads_input_from_a_file(
         ("alice", "demo/pixel-sketch", '["a"]', "input must be a JSON object"),
         ("alice", "demo/pixel-sketch", '{"prompt": "\\u0007"}', "control character U+0007"),
         ("alice", "pixel-sketch", "{}", "is not 'owner/name'"),
+        ("alice", "deployment:acme/sketcher:v1", "{}", "a deployment has no ':version'"),
+        ("alice", "deployment:acme", "{}", "is not 'deployment:owner/name'"),
+        # Parsed, then refused by the default table, which prices no deployment.
+        ("alice", "deployment:acme/sketcher", "{}", "'deployment:acme/sketcher' has no price"),
         ("alice", "demo/nope", "{}", "has no price"),
         ("nobody", "demo/pixel-sketch", "{}", "unknown user 'nobody'"),
         ("poor", "demo/haiku-text", "{}", "3 available, 60 needed"),
@@ -201,6 +205,31 @@ def test_submit_errors(
     assert out == ""
     with make_engine(migrated).connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM generations").scalar() == 0
+
+
+def test_submit_names_a_deployment_priced_by_the_table(
+    migrated: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = tmp_path / "prices.toml"
+    table.write_text('[models."deployment:acme/sketcher"]\ncredits = 7\n')
+    monkeypatch.setenv("AI_HANDLER_PRICING_FILE", str(table))
+    run(capsys, "credits", "grant", "alice", "10")
+    code, out, err = run(
+        capsys,
+        "submit",
+        "--user",
+        "alice",
+        "--model",
+        "deployment:acme/sketcher",
+        "--input",
+        '{"prompt": "a fox"}',
+    )
+    assert (code, err) == (0, "")
+    data = json.loads(run(capsys, "status", out.strip())[1])
+    assert (data["model"], data["amount_held"]) == ("deployment:acme/sketcher", 7)
 
 
 def test_missing_arguments_are_usage_errors(

@@ -64,6 +64,56 @@ def test_a_malformed_reference_is_refused_by_both(ref: str) -> None:
         rr.checked_model_ref(ref)
 
 
+def test_a_deployment_reference_names_the_deployment() -> None:
+    ref = parse_model_ref("deployment:acme/sketcher-v2.1")
+    assert (ref.owner, ref.name, ref.version, ref.deployment) == (
+        "acme",
+        "sketcher-v2.1",
+        None,
+        True,
+    )
+    assert (ref.path, ref.base, str(ref)) == (
+        "acme/sketcher-v2.1",
+        "deployment:acme/sketcher-v2.1",
+        "deployment:acme/sketcher-v2.1",
+    )
+    # The model of the same name is another reference.
+    assert parse_model_ref("acme/sketcher-v2.1") != ref
+    assert not parse_model_ref("acme/sketcher-v2.1").deployment
+
+
+@pytest.mark.parametrize("ref", ["deployment:acme/sketcher", "deployment:a_b/c.d"])
+def test_every_parser_accepts_a_deployment_reference(ref: str) -> None:
+    parse_pricing(f'[models."{ref}"]\ncredits = 1\n')
+    assert rr.checked_model_ref(ref) == parse_model_ref(ref)
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [
+        ("deployment:acme/sketcher:abc123", "a deployment has no ':version'"),
+        ("deployment:acme/sketcher:", "is not 'deployment:owner/name'"),
+        ("deployment:acme", "is not 'deployment:owner/name'"),
+        ("deployment:", "is not 'deployment:owner/name'"),
+        ("deployment:acme/sketcher/x", "is not 'deployment:owner/name'"),
+        ("deployment: acme/sketcher", "is not 'deployment:owner/name'"),
+        ("deployment:acme/sketcher ", "is not 'deployment:owner/name'"),
+        ("deployment:_acme/sketcher", "is not 'deployment:owner/name'"),
+        ("deployment:deployment:acme/sketcher", "is not 'deployment:owner/name'"),
+        ("Deployment:acme/sketcher", "the lower-case prefix 'deployment:'"),
+        ("deployments:acme/sketcher", "is not 'owner/name'"),
+        ("model:acme/sketcher", "is not 'owner/name'"),
+    ],
+)
+def test_a_malformed_deployment_reference_is_refused_with_its_reason(ref: str, says: str) -> None:
+    with pytest.raises(InvalidModelRef, match=re.escape(says)):
+        parse_model_ref(ref)
+    with pytest.raises(GenerationError, match=re.escape(says)):
+        rr.checked_model_ref(ref)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_pricing(f'[models."{ref}"]\ncredits = 1\n')
+
+
 @pytest.mark.parametrize(
     ("value", "says"),
     [

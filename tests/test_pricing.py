@@ -82,6 +82,20 @@ def test_versions_use_the_model_price_unless_priced_themselves() -> None:
     assert load_pricing().price_for("demo/pixel-sketch:" + "a" * 64).hold_amount({}) == 5
 
 
+def test_a_deployment_has_its_own_price_never_its_models() -> None:
+    book = parse_pricing(
+        '[models."acme/sketcher"]\ncredits = 3\n'
+        '[models."deployment:acme/sketcher"]\ncredits_per_second = 2\nmax_seconds = 10\n'
+    )
+    assert book.price_for("deployment:acme/sketcher").hold_amount({}) == 20
+    assert book.price_for("acme/sketcher").hold_amount({}) == 3
+    # A deployment without a price of its own is unpriced, whatever its model costs.
+    only_model = parse_pricing('[models."acme/sketcher"]\ncredits = 3\n')
+    with pytest.raises(UnpricedModel, match="'deployment:acme/sketcher' has no price"):
+        only_model.price_for("deployment:acme/sketcher")
+    assert only_model.find("deployment:acme/sketcher") is None
+
+
 def test_unpriced_and_malformed_models_are_refused() -> None:
     book = load_pricing()
     with pytest.raises(UnpricedModel, match=r"'demo/unknown' has no price in the default"):

@@ -25,7 +25,7 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.domain import IN_FLIGHT, GenerationStatus, RunTag
+from ai_handler_dagster.domain import IN_FLIGHT, GenerationStatus, RunTag, model_base
 from ai_handler_dagster.orchestration.generation import GENERATION_JOB, batch_run_config
 from ai_handler_dagster.resources.database import DatabaseResource
 
@@ -105,7 +105,7 @@ def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
             RunTag.BATCH: batch_key,
             RunTag.BATCH_SIZE: str(len(rows)),
             RunTag.USER: _common({r.user_id for r in rows}),
-            RunTag.MODEL: _common({r.model.split(":")[0] for r in rows}),
+            RunTag.MODEL: _common({model_base(r.model) for r in rows}),
         },
     )
 

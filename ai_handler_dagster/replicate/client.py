@@ -113,6 +113,62 @@ def _normalize_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+#: How a listed prediction relates to a reference (:func:`listed_match`).
+MATCH, INDISTINCT, OTHER = "match", "indistinct", "other"
+
+
+def listed_match(
+    ref: ModelRef, item: Mapping[str, Any], model_names: Collection[str] | None
+) -> str:
+    """Whether a listed prediction could have been made by a create of ``ref`` (its input,
+    source and time aside): ``match``, ``other``, or for a deployment ``indistinct``.
+
+    A prediction made through a deployment names it (``deployment: "owner/name"``) and reports
+    the model and version the deployment ran, as a plain create of that model would; one made
+    any other way names none. So an entry that names a deployment is never a model
+    reference's, and one that names another deployment never this deployment's. An entry that
+    names none may still be this deployment's if the provider left the field out of its list:
+    it cannot be told apart from the plain model's (or another application's) prediction of
+    the same input, and is ``indistinct``, unless the deployment's creates were answered under
+    other model names (``model_names``), which rules it out.
+
+    For a model reference: the requested version, else the reference's name or one of
+    ``model_names`` (``None``: no answer seen yet, any name).
+    """
+    named = item.get("deployment")
+    named = named if isinstance(named, str) and named else None
+    model = item.get("model")
+    if ref.deployment:
+        if named is not None:
+            # "owner/name"; a bare "name" too, in case the API ever leaves the owner out (the
+            # list holds only the account's own predictions, so the name is the account's).
+            return MATCH if named in (ref.path, ref.name) else OTHER
+        if model_names is not None and not (isinstance(model, str) and model in model_names):
+            return OTHER
+        return INDISTINCT
+    if named is not None:
+        return OTHER
+    if ref.version is not None:
+        return MATCH if item.get("version") == ref.version else OTHER
+    if model_names is None:
+        return MATCH
+    return MATCH if isinstance(model, str) and model in {ref.base, *model_names} else OTHER
+
+
+@dataclass(frozen=True)
+class LostCreateSearch:
+    """What :meth:`ReplicateClient.lost_create_search` found, each list nearest in time first.
+
+    ``candidates`` may be taken. ``indistinct`` are predictions a lost deployment create may
+    have made that do not say so (the entry names no deployment): never taken, since they may
+    be someone else's, and while one is unowned nothing may be created either, since it may be
+    ours (the caller fails the attempt instead).
+    """
+
+    candidates: list[PredictionSnapshot]
+    indistinct: list[PredictionSnapshot] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class ReplicateSettings:
     """How to reach Replicate and how patiently; the Dagster resource's config fields, which
@@ -205,7 +261,9 @@ class ReplicateClient:
         cancel_after_s: float | None = None,
         before_try: Callable[[], None] | None = None,
     ) -> PredictionSnapshot:
-        """Start a prediction of ``model_ref`` (``owner/name`` or ``owner/name:version``).
+        """Start a prediction of ``model_ref``: ``owner/name`` (the model's endpoint),
+        ``owner/name:version`` (by version) or ``deployment:owner/name`` (the deployment's
+        endpoint; its answer names the model and version the deployment runs).
 
         Transient failures are retried up to ``create_attempts`` times with backoff (429 waits
         ``Retry-After``). When an attempt's answer was lost after the server may have accepted
@@ -261,7 +319,11 @@ class ReplicateClient:
             if before_try is not None:
                 before_try()
             try:
-                if ref.version is not None:
+                if ref.deployment:
+                    prediction = client.deployments.predictions.create(
+                        ref.path, input=payload, **params
+                    )
+                elif ref.version is not None:
                     prediction = client.predictions.create(
                         version=ref.version, input=payload, **params
                     )
@@ -306,40 +368,56 @@ class ReplicateClient:
         started_at: float,
         model_names: Collection[str] | None,
     ) -> list[PredictionSnapshot]:
+        """The candidates of :meth:`lost_create_search` (what a lost create could have made)."""
+        return self.lost_create_search(
+            model_ref, payload, started_at=started_at, model_names=model_names
+        ).candidates
+
+    def lost_create_search(
+        self,
+        model_ref: str,
+        payload: Mapping[str, Any],
+        *,
+        started_at: float,
+        model_names: Collection[str] | None,
+    ) -> LostCreateSearch:
         """Listed predictions a create of ``model_ref`` with ``payload``, first tried at
         ``started_at`` (epoch seconds), could have started; the nearest in time first.
 
         A candidate was made through the API (``source: api``; predictions made on the
         website are never ours), with an equal input, at or after ``started_at`` minus
-        ``adopt_window_s`` (clock skew between us and the provider). Its model must be the
-        requested version, or for an ``owner/name`` reference one of ``model_names`` (the names
-        creates of this reference were answered with: the provider answers some official
-        models under another name); ``None`` (no answer ever seen) matches on input and time
-        alone. Whether a candidate is already owned is the caller's to check.
+        ``adopt_window_s`` (clock skew between us and the provider), and its model is the one
+        asked for (:func:`listed_match`): the requested version; for an ``owner/name``
+        reference one of ``model_names`` (the names creates of this reference were answered
+        with: the provider answers some official models under another name), ``None`` (no
+        answer ever seen) matching on input and time alone; for a deployment, the deployment's
+        name in the entry's ``deployment`` field. Entries that could be a deployment's but do
+        not name one are ``indistinct`` (see :class:`LostCreateSearch`). Whether a candidate is
+        already owned is the caller's to check.
         """
         ref = checked_model_ref(model_ref)
         since = started_at - self.settings.adopt_window_s
         wanted_input = _normalize_json(payload)
-        names = None if model_names is None else {ref.base, *model_names}
-        found: list[tuple[float, PredictionSnapshot]] = []
+        names = None if model_names is None else set(model_names)
+        found: dict[str, list[tuple[float, PredictionSnapshot]]] = {MATCH: [], INDISTINCT: []}
         for item in self.recent_predictions(since, max_pages=_ADOPT_MAX_PAGES, complete=True):
             if item.get("source", "api") != "api":
                 continue
-            if ref.version is not None:
-                if item.get("version") != ref.version:
-                    continue
-            elif names is not None and not (
-                isinstance(item.get("model"), str) and item["model"] in names
-            ):
+            verdict = listed_match(ref, item, names)
+            if verdict == OTHER:
                 continue
             if _normalize_json(item.get("input")) != wanted_input:
                 continue
             created = parse_time(item.get("created_at"))
             distance = abs(created - started_at) if created is not None else float("inf")
             with contextlib.suppress(Exception):  # an entry we cannot read is nobody's to take
-                found.append((distance, PredictionSnapshot.from_json(item)))
-        found.sort(key=lambda pair: pair[0])
-        return [snapshot for _, snapshot in found]
+                found[verdict].append((distance, PredictionSnapshot.from_json(item)))
+        for pairs in found.values():
+            pairs.sort(key=lambda pair: pair[0])
+        return LostCreateSearch(
+            candidates=[snapshot for _, snapshot in found[MATCH]],
+            indistinct=[snapshot for _, snapshot in found[INDISTINCT]],
+        )
 
     def recent_predictions(
         self, since: float, *, max_pages: int | None = None, complete: bool = False

@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="owner/name answering version 'hidden' when run by model path (repeatable)",
     )
+    p.add_argument(
+        "--deployment",
+        action="append",
+        default=[],
+        metavar="OWNER/NAME=MODEL",
+        help="serve a deployment running a demo model, e.g. acme/sketcher=demo/pixel-sketch "
+        "(repeatable)",
+    )
     p.add_argument("--rate-limit", action="store_true", help="enforce per-minute limits")
     p.add_argument("--creates-per-minute", type=int, default=600)
     p.add_argument("--requests-per-minute", type=int, default=3000)
@@ -81,6 +89,12 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         retry_after_s=args.retry_after,
         seed=args.seed,
     )
+    deployments: dict[str, str] = {}
+    for option in args.deployment:
+        name, sep, target = option.partition("=")
+        if not sep:
+            raise ValueError(f"--deployment takes OWNER/NAME=MODEL, got {option!r}")
+        deployments[name.strip()] = target.strip()
     return EmulatorConfig(
         latency_s=args.latency,
         latency_jitter=args.latency_jitter,
@@ -97,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         requests_burst=args.requests_burst,
         public_base_url=args.public_base_url,
         official_models=tuple(args.official_model),
+        deployments=deployments,
     )
 
 

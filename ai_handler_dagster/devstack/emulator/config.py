@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .models import MODELS, DemoModel
 
 DEFAULT_TOKEN = "r8_emulator_token"
 
@@ -54,6 +57,22 @@ class Faults:
             raise ValueError("Faults.slow_factor must be >= 1")
         if self.retry_after_s < 0:
             raise ValueError("Faults.retry_after_s must be >= 0")
+
+
+_DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def deployment_target(target: object) -> DemoModel:
+    """The demo model a deployment's ``owner/name[:version]`` names; ``ValueError`` if none."""
+    model_ref, _, version = str(target).partition(":")
+    model = MODELS.get(model_ref)
+    if model is None or (version and version != model.version_id):
+        known = ", ".join(sorted(MODELS))
+        raise ValueError(
+            f"a deployment runs one of the demo models ({known}), optionally with its version; "
+            f"got {target!r}"
+        )
+    return model
 
 
 def default_webhook_secret(token: str) -> str:
@@ -106,6 +125,15 @@ class EmulatorConfig:
     model_aliases: dict[str, str] = field(default_factory=dict)
     """Model -> the name predictions created by its model path answer with, as Replicate does
     for some official models (``{"demo/pixel-sketch": "demo/pixel-sketch-official"}``)."""
+    deployments: dict[str, str] = field(default_factory=dict)
+    """Deployment ``owner/name`` -> the demo model it runs, ``owner/name`` or
+    ``owner/name:version`` (``{"acme/sketcher": "demo/pixel-sketch"}``). Its predictions report
+    that model and its version (never ``hidden``, never an alias), as Replicate's do; changing
+    the model of a deployment at runtime makes a new release."""
+    name_deployments: bool = True
+    """Predictions made through a deployment name it (``deployment: "owner/name"``) in every
+    answer, list and webhook, as Replicate's API describes; ``False`` leaves the field out, as
+    a provider whose answers do not say would."""
     garbled: dict[str, str] = field(default_factory=dict)
     """Prediction id -> how its ``GET`` is answered instead of the prediction, as a broken proxy
     or API could: ``html`` (200 with an HTML page), ``no-id`` (200 JSON without ``id`` and
@@ -143,6 +171,11 @@ class EmulatorConfig:
             raise ValueError(f"garbled answers must be one of {GARBLED_ANSWERS}: {unknown}")
         if isinstance(self.faults, dict):
             object.__setattr__(self, "faults", Faults(**self.faults))
+        object.__setattr__(self, "deployments", dict(self.deployments))
+        for name, target in self.deployments.items():
+            if not _DEPLOYMENT_NAME.fullmatch(str(name)):
+                raise ValueError(f"deployment name {name!r} is not owner/name")
+            deployment_target(target)  # raises ValueError for an unknown model
 
     @property
     def signing_secret(self) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .config import EmulatorConfig
+from .config import EmulatorConfig, deployment_target
 from .models import MODELS, DemoModel, OutputFile
 from .scheduler import ScheduledCall, Scheduler
 from .webhooks import WEBHOOK_EVENTS, WebhookDispatcher
@@ -141,6 +141,8 @@ class Prediction:
     shown_model: str | None = None
     #: ``api``, or ``web`` for a prediction made on the website (not by this account's code).
     source: str = "api"
+    #: The deployment (``owner/name``) it was made through, if any.
+    deployment: str | None = None
     canceled_by: str | None = None
     preview: list[str] | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -193,6 +195,8 @@ class Engine:
         self._requests: Counter[str] = Counter()
         self._responses: Counter[str] = Counter()
         self._faults_applied: Counter[str] = Counter()
+        #: Deployment -> (the model it runs, its release number, the release's time).
+        self._releases: dict[str, tuple[str, int, str | None]] = {}
         self._stopped = False
         self.scheduler = Scheduler()
         self.webhooks = WebhookDispatcher(lambda: self._config, self.scheduler)
@@ -249,6 +253,7 @@ class Engine:
         deadline_s: float | None = None,
         by_model_path: bool = False,
         source: str = "api",
+        deployment: str | None = None,
     ) -> tuple[Prediction, dict[str, Any], bool]:
         """Validate and enqueue a prediction.
 
@@ -256,7 +261,8 @@ class Engine:
         must drop the response (the ``drop_create`` fault). ``by_model_path``: created through
         ``/v1/models/{owner}/{name}/predictions`` (official models then hide their version, and
         a model with an alias answers under it). ``source="web"``: made on the website, never
-        dropped.
+        dropped. ``deployment``: made through that deployment (``owner/name``), which runs
+        ``model``.
         """
         inputs, problems = model.validate(raw_input)
         if problems:
@@ -296,6 +302,7 @@ class Engine:
                 hide_version=by_model_path and model.ref in self._config.official_models,
                 shown_model=self._config.model_aliases.get(model.ref) if by_model_path else None,
                 source=source,
+                deployment=deployment,
             )
             self._predictions[pred.id] = pred
             self._order.append(pred)
@@ -498,7 +505,7 @@ class Engine:
             "cancel": f"{self.base_url}/v1/predictions/{pred.id}/cancel",
             "web": f"{self.base_url}/p/{pred.id}",
         }
-        return {
+        doc = {
             "id": pred.id,
             "model": pred.shown_model or pred.model.ref,
             # Replicate's official models answer "hidden" instead of a version id.
@@ -516,6 +523,44 @@ class Engine:
             "metrics": dict(pred.metrics),
             "urls": urls,
         }
+        if pred.deployment is not None and self._config.name_deployments:
+            doc["deployment"] = pred.deployment
+        return doc
+
+    def deployment(self, owner: str, name: str) -> tuple[DemoModel, dict[str, Any]]:
+        """The model deployment ``owner/name`` runs and the deployment's JSON, or a 404 problem
+        (Replicate answers 404 for a deployment the account does not have)."""
+        key = f"{owner}/{name}"
+        with self._lock:
+            target = self._config.deployments.get(key)
+            if target is None:
+                raise not_found(f"Deployment {key} does not exist.")
+            model = deployment_target(target)
+            release = self._releases.get(key)
+            if release is None or release[0] != target:
+                number = 1 if release is None else release[1] + 1
+                release = (target, number, iso(now()))
+                self._releases[key] = release
+            _, number, created_at = release
+            concurrency = self._config.concurrency
+        account = {"type": "organization", "username": owner, "name": owner, "github_url": None}
+        doc = {
+            "owner": owner,
+            "name": name,
+            "current_release": {
+                "number": number,
+                "model": model.ref,
+                "version": model.version_id,
+                "created_at": created_at,
+                "created_by": account,
+                "configuration": {
+                    "hardware": "cpu",
+                    "min_instances": 0,
+                    "max_instances": max(1, concurrency),
+                },
+            },
+        }
+        return model, doc
 
     # ----------------------------------------------------------------------------- lifecycle
 

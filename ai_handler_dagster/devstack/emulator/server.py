@@ -118,6 +118,15 @@ ROUTES: tuple[Route, ...] = (
         creates=True,
         throttle_fault=True,
     ),
+    _route(
+        "POST",
+        "/v1/deployments/{owner}/{name}/predictions",
+        "create_for_deployment",
+        creates=True,
+        throttle_fault=True,
+    ),
+    _route("GET", "/v1/deployments", "list_deployments"),
+    _route("GET", "/v1/deployments/{owner}/{name}", "get_deployment"),
     _route("GET", "/v1/models", "list_models"),
     _route("GET", "/v1/models/{owner}/{name}", "get_model"),
     _route("GET", "/v1/models/{owner}/{name}/versions", "list_versions"),
@@ -297,6 +306,26 @@ class App:
         model = model_for(f"{owner}/{name}")
         return self._create(request, self._body_object(request), model, by_model_path=True)
 
+    def create_for_deployment(self, request: Request, owner: str, name: str) -> Response:
+        """``POST /v1/deployments/{owner}/{name}/predictions``: the deployment's model and
+        version run it, and the prediction names the deployment; unknown deployment -> 404."""
+        model, _ = self.engine.deployment(owner, name)
+        return self._create(
+            request, self._body_object(request), model, deployment=f"{owner}/{name}"
+        )
+
+    def get_deployment(self, request: Request, owner: str, name: str) -> Response:
+        """``GET /v1/deployments/{owner}/{name}`` with its current release; unknown -> 404."""
+        return Response.json(200, self.engine.deployment(owner, name)[1])
+
+    def list_deployments(self, request: Request) -> Response:
+        """``GET /v1/deployments``: every configured deployment, one page."""
+        results = []
+        for key in sorted(self.engine.config.deployments):
+            owner, _, name = key.partition("/")
+            results.append(self.engine.deployment(owner, name)[1])
+        return Response.json(200, {"previous": None, "next": None, "results": results})
+
     @staticmethod
     def _resolve_version(ref: str) -> DemoModel:
         invalid = ApiError(
@@ -324,7 +353,13 @@ class App:
         return body
 
     def _create(
-        self, request: Request, body: dict[str, Any], model: DemoModel, *, by_model_path: bool
+        self,
+        request: Request,
+        body: dict[str, Any],
+        model: DemoModel,
+        *,
+        by_model_path: bool = False,
+        deployment: str | None = None,
     ) -> Response:
         webhook, events = self._webhook_options(body)
         wait_s = parse_prefer_wait(request.headers.get("Prefer"))
@@ -337,6 +372,7 @@ class App:
             webhook_events=events,
             deadline_s=deadline,
             by_model_path=by_model_path,
+            deployment=deployment,
         )
         if drop:
             raise DropConnection()
