@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
-from ai_handler_dagster import ledger, lifetimes
+from ai_handler_dagster import ledger, lifetimes, priorities
 from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, utcnow
 from ai_handler_dagster.domain import (
     IN_FLIGHT,
@@ -230,12 +230,21 @@ def stored_request_problem(row: Generation) -> str | None:
 
 
 def _same_request(
-    existing: Generation, user_id: str, model: str, payload: dict[str, Any]
+    existing: Generation,
+    user_id: str,
+    model: str,
+    payload: dict[str, Any],
+    priority: int | None = None,
 ) -> Generation:
-    if existing.user_id != user_id or existing.model != model or existing.input != payload:
+    if (
+        existing.user_id != user_id
+        or existing.model != model
+        or existing.input != payload
+        or (priority is not None and existing.priority != priority)
+    ):
         raise InvalidRequest(
             f"request_id {existing.request_id!r} was already used for generation {existing.id} "
-            "with a different user, model or input"
+            "with a different user, model, input or priority"
         )
     return existing
 
@@ -261,14 +270,17 @@ def submit(
     request_id: str | None = None,
     prices: PriceBook,
     hold_ttl: timedelta | None = None,
+    priority: int | None = None,
 ) -> Generation:
     """Create a pending generation, holding its price, after validating the request.
 
     Refuses with ``InvalidRequest`` (nothing written) an unknown user, a malformed or unpriced
-    model, a bad input, or a user who cannot afford the hold (``CannotAfford``, which is also a
-    ``ledger.InsufficientCredits``): what the user's earlier requests hold counts, so a user
-    with 5 credits cannot queue two requests of 5. A repeated ``request_id`` returns the existing
-    row if user, model and input are the same, and is refused otherwise. The hold (the first
+    model, a bad input, a ``priority`` out of range or above the user's ceiling
+    (``priorities.resolve``; None means the ceiling), or a user who cannot afford the hold
+    (``CannotAfford``, which is also a ``ledger.InsufficientCredits``): what the user's earlier
+    requests hold counts, so a user with 5 credits cannot queue two requests of 5. A repeated
+    ``request_id`` returns the existing row if user, model and input (and ``priority``, when
+    given) are the same, and is refused otherwise. The hold (the first
     attempt's, ``hold_key(id, 1)``) lives ``hold_ttl``, by default
     ``lifetimes.default_hold_lifetime()``; ``start_attempt`` takes it over when the run begins.
     A row an application inserts directly is held there instead.
@@ -287,7 +299,7 @@ def submit(
             sa.select(Generation).where(Generation.request_id == request_id)
         ).first()
         if existing is not None:
-            return _same_request(existing, user_id, model, payload)
+            return _same_request(existing, user_id, model, payload, priority)
     try:
         price = prices.price_for(model)
     except UnpricedModel as exc:
@@ -302,6 +314,10 @@ def submit(
         raise InvalidRequest(
             f"unknown user {user_id!r}: the user has no credit account (grant credits first)"
         ) from None
+    try:
+        granted = priorities.resolve(session, user_id, priority)
+    except priorities.PriorityRefused as exc:
+        raise InvalidRequest(str(exc)) from None
     if balance.available < needed:
         raise CannotAfford(user_id, balance.available, needed)
 
@@ -312,6 +328,7 @@ def submit(
         input=payload,
         status=GenerationStatus.PENDING,
         attempt=1,
+        priority=granted,
     )
     ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
     try:
@@ -335,7 +352,7 @@ def submit(
         ).first()
         if winner is None:
             raise
-        return _same_request(winner, user_id, model, payload)
+        return _same_request(winner, user_id, model, payload, priority)
     return row
 
 
@@ -442,8 +459,8 @@ def start_attempt(
       while the request waited, such as one that expired past the queue allowance, fails the
       generation ``deadline_exceeded``);
     - a request that ``submit`` would have refused (a row written straight into the table with
-      a malformed user id, model reference or input): marked ``failed`` (``invalid_request``),
-      nothing held, returned;
+      a malformed user id, model reference or input, or a priority above its user's ceiling):
+      marked ``failed`` (``invalid_request``), nothing held, returned;
     - cannot afford the hold (or the user has no account), or the model lost its price: marked
       ``failed`` (``insufficient_credits`` / ``unpriced_model``), nothing held, returned;
     - already terminal: returned unchanged.
@@ -477,6 +494,12 @@ def start_attempt(
         session.flush()
         return row
     problem = stored_request_problem(row)
+    if problem is None:
+        # An inserted row names its priority itself: no higher than its user may ask for.
+        try:
+            priorities.resolve(session, row.user_id, row.priority)
+        except priorities.PriorityRefused as exc:
+            problem = str(exc)
     if problem is not None:
         _finish(row, GenerationStatus.FAILED, INVALID_REQUEST, problem, now)
         session.flush()
