@@ -619,9 +619,26 @@ def _oldest_rows(
     exclude: set[int],
 ) -> dict[str, list[int]]:
     """Each user's oldest ``wanted[user]`` pending ids of ``priority`` (after the id
-    ``after[user]``), in id order: one index range with a LIMIT per user, in few statements."""
+    ``after[user]``), in id order: one index range with a LIMIT per user, in one statement on
+    PostgreSQL (a LATERAL join over the users), in a few on SQLite (a UNION ALL of the users'
+    reads; PostgreSQL plans such a union branch by branch, tens of milliseconds for 100)."""
     found: dict[str, list[int]] = {user: [] for user in wanted}
     users = list(wanted)
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(
+            _OLDEST_ROWS_LATERAL,
+            {
+                "users": users,
+                "wanted": [wanted[user] for user in users],
+                "after": [after.get(user, 0) for user in users],
+                "exclude": sorted(exclude),
+                "pending": GenerationStatus.PENDING,
+                "priority": priority,
+            },
+        ).all()
+        for gid, user in sorted(rows):
+            found[user].append(gid)
+        return found
     for start in range(0, len(users), _USERS_PER_STATEMENT):
         parts = [
             sa.select(Generation.id, Generation.user_id)
@@ -641,6 +658,26 @@ def _oldest_rows(
         for gid, user in sorted(session.execute(sa.union_all(*parts)).all()):
             found[user].append(gid)
     return found
+
+
+# PostgreSQL's form of _oldest_rows: for each (user, wanted, after) one LIMITed range of
+# ix_generations_status_priority_user_id_id. Ids start at 1, so "after 0" is from the start.
+_OLDEST_ROWS_LATERAL = sa.text(
+    """
+    SELECT g.id, g.user_id
+    FROM unnest(
+        CAST(:users AS text[]), CAST(:wanted AS integer[]), CAST(:after AS bigint[])
+    ) AS u(user_id, wanted, after_id)
+    CROSS JOIN LATERAL (
+        SELECT generations.id, generations.user_id FROM generations
+        WHERE generations.status = :pending AND generations.priority = :priority
+          AND generations.user_id = u.user_id AND generations.id > u.after_id
+          AND generations.id <> ALL(CAST(:exclude AS bigint[]))
+        ORDER BY generations.id
+        LIMIT u.wanted
+    ) AS g
+    """
+).columns(id=sa.BigInteger(), user_id=sa.String())
 
 
 def start_attempt(
