@@ -11,7 +11,8 @@ modules, each with a ``register(subparsers)`` that adds its subparsers (each wit
 ``set_defaults(handler=...)``, a function from the parsed arguments to an exit code).
 :func:`build_parser` imports those modules by name and calls every ``register``:
 ``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
-(``webhooks serve|prune``) and ``proving.chaos`` (``chaos``). It imports them itself, not at the
+(``webhooks serve|prune``), ``proving.chaos`` (``chaos``) and ``priorities``
+(``priority set|unset|list``). It imports them itself, not at the
 top of this module, so that importing the module stays cheap; each handler imports what it runs
 (Dagster included) only when it runs.
 """
@@ -159,6 +160,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ai_handler_dagster.pricing import load_pricing
 
     payload = _parse_input(args.input)
+    priority = None
+    if args.priority is not None:
+        if not args.priority.isascii() or not args.priority.isdigit():
+            raise UsageError(f"--priority must be a whole number, got {args.priority!r}")
+        priority = int(args.priority)
     prices = load_pricing()
     with session_scope(make_engine(args.url)) as session:
         row = generations.submit(
@@ -168,6 +174,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             input=payload,
             request_id=args.request_id,
             prices=prices,
+            priority=priority,
         )
     print(row.id)
     return 0
@@ -227,6 +234,7 @@ def _with_url(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand, this module's and the other parts'."""
+    from ai_handler_dagster import priorities
     from ai_handler_dagster.devstack import commands as devstack_commands
     from ai_handler_dagster.proving import bench, chaos
     from ai_handler_dagster.webhooks import commands as webhooks_commands
@@ -277,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='model input as a JSON object, or @FILE (e.g. \'{"prompt": "a fox"}\')',
     )
     submit.add_argument("--request-id", help="client idempotency key: a repeat returns the same id")
+    submit.add_argument(
+        "--priority",
+        metavar="N",
+        help="higher is claimed first; at most the user's ceiling (default: that ceiling)",
+    )
     _with_url(submit)
     submit.set_defaults(handler=cmd_submit)
 
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     webhooks_commands.register(sub)
     chaos.register(sub)
+    priorities.register(sub)
     return parser
 
 

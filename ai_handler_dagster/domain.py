@@ -112,6 +112,20 @@ class RunTag:
     #: Never trusted for signals or health: anyone can set a tag from the Launchpad, and a
     #: retried run copies its parent's tags.
     WORKER_PID: Final = "ai_handler/worker_pid"
+    #: Dagster's own tag: its run queue starts runs with a higher value first. The request
+    #: sensor sets it to the batch's priority (``MAX_PRIORITY`` for a batch claimed by aging).
+    DAGSTER_PRIORITY: Final = "dagster/priority"
+    #: The priority the batch's generations were requested with (one per batch).
+    PRIORITY: Final = "ai_handler/priority"
+
+
+# --- priorities ---------------------------------------------------------------------------------
+
+#: A generation's priority is a whole number from ``MIN_PRIORITY`` (the default, free tier) to
+#: ``MAX_PRIORITY``; the request sensor claims higher ones first. Which a user may ask for is
+#: the operator's choice (``priorities.py``), never the requester's.
+MIN_PRIORITY: Final = 0
+MAX_PRIORITY: Final = 9
 
 
 # --- identifiers --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,10 +35,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
-from ai_handler_dagster import ledger, lifetimes
+from ai_handler_dagster import ledger, lifetimes, priorities
 from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, utcnow
 from ai_handler_dagster.domain import (
     IN_FLIGHT,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     TERMINAL,
     UNSUCCESSFUL,
     AttemptState,
@@ -230,12 +233,21 @@ def stored_request_problem(row: Generation) -> str | None:
 
 
 def _same_request(
-    existing: Generation, user_id: str, model: str, payload: dict[str, Any]
+    existing: Generation,
+    user_id: str,
+    model: str,
+    payload: dict[str, Any],
+    priority: int | None = None,
 ) -> Generation:
-    if existing.user_id != user_id or existing.model != model or existing.input != payload:
+    if (
+        existing.user_id != user_id
+        or existing.model != model
+        or existing.input != payload
+        or (priority is not None and existing.priority != priority)
+    ):
         raise InvalidRequest(
             f"request_id {existing.request_id!r} was already used for generation {existing.id} "
-            "with a different user, model or input"
+            "with a different user, model, input or priority"
         )
     return existing
 
@@ -261,14 +273,17 @@ def submit(
     request_id: str | None = None,
     prices: PriceBook,
     hold_ttl: timedelta | None = None,
+    priority: int | None = None,
 ) -> Generation:
     """Create a pending generation, holding its price, after validating the request.
 
     Refuses with ``InvalidRequest`` (nothing written) an unknown user, a malformed or unpriced
-    model, a bad input, or a user who cannot afford the hold (``CannotAfford``, which is also a
-    ``ledger.InsufficientCredits``): what the user's earlier requests hold counts, so a user
-    with 5 credits cannot queue two requests of 5. A repeated ``request_id`` returns the existing
-    row if user, model and input are the same, and is refused otherwise. The hold (the first
+    model, a bad input, a ``priority`` out of range or above the user's ceiling
+    (``priorities.resolve``; None means the ceiling), or a user who cannot afford the hold
+    (``CannotAfford``, which is also a ``ledger.InsufficientCredits``): what the user's earlier
+    requests hold counts, so a user with 5 credits cannot queue two requests of 5. A repeated
+    ``request_id`` returns the existing row if user, model and input (and ``priority``, when
+    given) are the same, and is refused otherwise. The hold (the first
     attempt's, ``hold_key(id, 1)``) lives ``hold_ttl``, by default
     ``lifetimes.default_hold_lifetime()``; ``start_attempt`` takes it over when the run begins.
     A row an application inserts directly is held there instead.
@@ -290,7 +305,7 @@ def submit(
             sa.select(Generation).where(Generation.request_id == request_id)
         ).first()
         if existing is not None:
-            return _same_request(existing, user_id, model, payload)
+            return _same_request(existing, user_id, model, payload, priority)
     try:
         price = prices.price_for(model)
     except UnpricedModel as exc:
@@ -305,6 +320,10 @@ def submit(
         raise InvalidRequest(
             f"unknown user {user_id!r}: the user has no credit account (grant credits first)"
         ) from None
+    try:
+        granted = priorities.resolve(session, user_id, priority)
+    except priorities.PriorityRefused as exc:
+        raise InvalidRequest(str(exc)) from None
     if balance.available < needed:
         raise CannotAfford(user_id, balance.available, needed)
 
@@ -315,6 +334,7 @@ def submit(
         input=payload,
         status=GenerationStatus.PENDING,
         attempt=1,
+        priority=granted,
     )
     ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
     try:
@@ -338,7 +358,7 @@ def submit(
         ).first()
         if winner is None:
             raise
-        return _same_request(winner, user_id, model, payload)
+        return _same_request(winner, user_id, model, payload, priority)
     return row
 
 
@@ -348,13 +368,18 @@ def claim_pending(
     limit: int,
     batch_key_fn: Callable[[Sequence[Generation]], str],
     per_user_limit: int | None = None,
+    aged_before: datetime | None = None,
     now: datetime | None = None,
 ) -> list[Generation]:
-    """Mark up to ``limit`` pending generations ``queued`` as one batch.
+    """Mark up to ``limit`` pending generations of one priority ``queued`` as one batch.
 
-    Without ``per_user_limit`` the oldest rows go first. With it, users take turns (each user's
-    oldest row, then each user's second oldest, ...) and no user gets more than
-    ``per_user_limit`` generations queued or running, so one user's backlog cannot starve others.
+    Which rows (see ``_choose``): with ``aged_before``, the requests pending since then or
+    earlier go first, oldest first, whatever their priority (aging: a low priority waits at
+    most that long behind higher ones). Otherwise the highest priority that has a claimable
+    row, and within it users take turns (each user's oldest row, then each user's second
+    oldest, ...). With ``per_user_limit`` no user gets more than that many generations queued
+    or running, so one user's backlog cannot starve the others. Every step reads a bounded
+    number of rows through an index, however long the queue (no scan of the backlog).
 
     ``batch_key_fn(rows)`` names the batch (the sensor's run key); every claimed row gets it with
     ``queued_at``. On PostgreSQL rows locked by another claimer are skipped (``SKIP LOCKED``), so
@@ -362,26 +387,35 @@ def claim_pending(
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
-    # The sensor needs ids, users and models only; not decoding inputs means a row holding text
-    # that is not JSON (possible on SQLite) cannot make every tick fail.
-    query = (
-        sa.select(Generation)
-        .where(Generation.status == GenerationStatus.PENDING)
-        .options(defer(Generation.input))
-    )
-    if per_user_limit is None:
-        query = query.order_by(Generation.id).limit(limit)
-    else:
-        ids = _fair_candidates(session, limit=limit, per_user_limit=per_user_limit)
+    skipped: set[int] = set()
+    for _ in range(_CLAIM_TRIES):
+        ids = _choose(
+            session,
+            limit=limit,
+            per_user_limit=per_user_limit,
+            aged_before=aged_before,
+            exclude=skipped,
+        )
         if not ids:
             return []
-        query = query.where(Generation.id.in_(ids)).order_by(Generation.id)
-    rows = list(
-        session.scalars(
-            query.with_for_update(skip_locked=True).execution_options(populate_existing=True)
+        # The sensor needs ids, users and models only; not decoding inputs means a row holding
+        # text that is not JSON (possible on SQLite) cannot make every tick fail.
+        rows = list(
+            session.scalars(
+                sa.select(Generation)
+                .where(Generation.status == GenerationStatus.PENDING, Generation.id.in_(ids))
+                .order_by(Generation.id)
+                .options(defer(Generation.input))
+                .with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True)
+            )
         )
-    )
-    if not rows:
+        if rows:
+            break
+        # Another claimer locked every row chosen (it has not committed yet, so they still
+        # look pending): choose again without them.
+        skipped.update(ids)
+    else:
         return []
     key = batch_key_fn(rows)
     now = now or utcnow()
@@ -393,35 +427,260 @@ def claim_pending(
     return rows
 
 
-def _fair_candidates(session: Session, *, limit: int, per_user_limit: int) -> list[int]:
-    """Ids of pending rows in round-robin order over users, within each user's remaining room."""
-    in_flight = (
-        sa.select(Generation.user_id, sa.func.count().label("n"))
-        .where(Generation.status.in_(IN_FLIGHT))
-        .group_by(Generation.user_id)
-        .subquery()
+#: Choices a claimer makes when concurrent claimers took every row it chose.
+_CLAIM_TRIES = 8
+#: Largest number of per-user reads in one statement (SQLite allows 500 compound selects).
+_USERS_PER_STATEMENT = 100
+
+# The distinct users of one pending priority in user-id order, one index seek each (a "skip
+# scan" over ix_generations_status_priority_user_id_id), at most :most of them; a scan of the
+# whole priority would read every pending row. Each database gets the form its planner seeks
+# with: PostgreSQL, given "status = ... AND user_id > ...", may walk ix_generations_user_id
+# instead (reading a user's every row to find one of this priority), so there the bounds are
+# row comparisons on the index's leading columns, in the index's order, which no other index
+# serves; SQLite seeks only with the equalities (with row comparisons it scans the priority).
+_SKIP_SCAN = """
+    WITH RECURSIVE users(user_id, n) AS (
+        SELECT (
+            SELECT g.user_id FROM generations g WHERE {first}
+            ORDER BY g.status, g.priority, g.user_id LIMIT 1
+        ), 1
+        UNION ALL
+        SELECT (
+            SELECT g.user_id FROM generations g WHERE {next}
+            ORDER BY g.status, g.priority, g.user_id LIMIT 1
+        ), users.n + 1
+        FROM users
+        WHERE users.user_id IS NOT NULL AND users.n < :most
     )
-    ranked = (
-        sa.select(
-            Generation.id,
-            Generation.user_id,
-            sa.func.row_number()
-            .over(partition_by=Generation.user_id, order_by=Generation.id)
-            .label("rn"),
+    SELECT user_id FROM users WHERE user_id IS NOT NULL
+"""
+_USERS_OF_PRIORITY = {
+    "postgresql": sa.text(
+        _SKIP_SCAN.format(
+            first="(g.status, g.priority, g.user_id) >= (:pending, :priority, '')"
+            " AND (g.status, g.priority) <= (:pending, :priority)",
+            next="(g.status, g.priority, g.user_id) > (:pending, :priority, users.user_id)"
+            " AND (g.status, g.priority) <= (:pending, :priority)",
         )
-        .where(Generation.status == GenerationStatus.PENDING)
-        .subquery()
-    )
-    used = sa.func.coalesce(in_flight.c.n, 0)
-    return list(
-        session.scalars(
-            sa.select(ranked.c.id)
-            .select_from(ranked.outerjoin(in_flight, in_flight.c.user_id == ranked.c.user_id))
-            .where(ranked.c.rn + used <= per_user_limit)
-            .order_by(ranked.c.rn, ranked.c.id)
-            .limit(limit)
+    ).columns(user_id=sa.String()),
+    "sqlite": sa.text(
+        _SKIP_SCAN.format(
+            first="g.status = :pending AND g.priority = :priority",
+            next="g.status = :pending AND g.priority = :priority AND g.user_id > users.user_id",
+        )
+    ).columns(user_id=sa.String()),
+}
+
+
+def _choose(
+    session: Session,
+    *,
+    limit: int,
+    per_user_limit: int | None,
+    aged_before: datetime | None,
+    exclude: set[int],
+) -> list[int]:
+    """Ids of the rows to claim as one batch (one priority), none of ``exclude``, or none.
+    Read without locks: the caller locks them with ``SKIP LOCKED`` and keeps only those still
+    pending."""
+    used = _in_flight_by_user(session) if per_user_limit is not None else {}
+
+    def room(user_id: str) -> int:
+        if per_user_limit is None:
+            return limit
+        return max(0, per_user_limit - used.get(user_id, 0))
+
+    if aged_before is not None:
+        aged = _aged(session, limit=limit, room=room, aged_before=aged_before, exclude=exclude)
+        if aged:
+            return aged
+    full = {user for user in used if room(user) == 0}
+    below: int | None = None
+    for _ in range(MAX_PRIORITY - MIN_PRIORITY + 1):
+        top = _top_priority(session, below)
+        if top is None:
+            return []
+        ids = _turns(session, priority=top, limit=limit, room=room, full=full, exclude=exclude)
+        if ids:
+            return ids
+        below = top  # every user of this priority is at their limit: the next one down
+    return []
+
+
+def _in_flight_by_user(session: Session) -> dict[str, int]:
+    """Generations queued or running per user. The sensor keeps them under
+    ``AI_HANDLER_MAX_IN_FLIGHT``, so this reads a bounded number of rows."""
+    # Counted here, not with GROUP BY: SQLite would group along ix_generations_user_id, reading
+    # every row of the table, rather than read the few in-flight rows through a status index.
+    return dict(
+        Counter(
+            session.scalars(sa.select(Generation.user_id).where(Generation.status.in_(IN_FLIGHT)))
         )
     )
+
+
+def _aged(
+    session: Session,
+    *,
+    limit: int,
+    room: Callable[[str], int],
+    aged_before: datetime,
+    exclude: set[int],
+) -> list[int]:
+    """The oldest requests pending since ``aged_before`` or earlier, of the priority of the
+    oldest one whose user has room, oldest first: a bounded look (``2 * limit`` rows) at the
+    front of ``ix_generations_status_pending_since_id``."""
+    rows = session.execute(
+        sa.select(Generation.id, Generation.user_id, Generation.priority)
+        .where(
+            Generation.status == GenerationStatus.PENDING,
+            Generation.pending_since <= aged_before,
+            *_not_in(exclude),
+        )
+        .order_by(Generation.pending_since, Generation.id)
+        .limit(2 * limit)
+    ).all()
+    taken: dict[str, int] = {}
+    chosen: list[int] = []
+    priority: int | None = None
+    for gid, user, row_priority in rows:
+        if taken.get(user, 0) >= room(user) or (priority is not None and row_priority != priority):
+            continue
+        priority = row_priority
+        taken[user] = taken.get(user, 0) + 1
+        chosen.append(gid)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def _not_in(exclude: set[int]) -> list[sa.ColumnElement[bool]]:
+    return [Generation.id.not_in(sorted(exclude))] if exclude else []
+
+
+def _top_priority(session: Session, below: int | None) -> int | None:
+    """The highest priority of a pending row (below ``below``): one index seek."""
+    query = sa.select(Generation.priority).where(Generation.status == GenerationStatus.PENDING)
+    if below is not None:
+        query = query.where(Generation.priority < below)
+    return session.scalar(query.order_by(Generation.priority.desc()).limit(1))
+
+
+def _turns(
+    session: Session,
+    *,
+    priority: int,
+    limit: int,
+    room: Callable[[str], int],
+    full: set[str],
+    exclude: set[int],
+) -> list[int]:
+    """Up to ``limit`` pending ids of ``priority`` with users taking turns: each user's oldest
+    row (oldest first), then each user's second oldest, and so on, within each user's room.
+
+    Reads at most ``limit`` users (seeking past the ``full`` ones) and, per user, a LIMITed
+    range of the index: first an equal share of the batch, then, only if the batch is not full
+    (some users had fewer rows), up to the shortfall more from users that had their share.
+    The rows left unread could never be chosen: each sorts after ``limit`` rows that were
+    read."""
+    users = [
+        user
+        for user in session.scalars(
+            _USERS_OF_PRIORITY[session.get_bind().dialect.name],
+            {"pending": GenerationStatus.PENDING, "priority": priority, "most": limit + len(full)},
+        )
+        if user not in full and room(user) > 0
+    ][:limit]
+    if not users:
+        return []
+    share = -(-limit // len(users))
+    wanted = {user: min(room(user), share) for user in users}
+    found = _oldest_rows(session, priority, wanted, after={}, exclude=exclude)
+    short = limit - sum(len(ids) for ids in found.values())
+    if short > 0:
+        more = {
+            user: min(room(user) - wanted[user], short)
+            for user, ids in found.items()
+            if len(ids) == wanted[user] and room(user) > wanted[user]
+        }
+        after = {user: found[user][-1] for user in more}
+        for user, ids in _oldest_rows(
+            session, priority, more, after=after, exclude=exclude
+        ).items():
+            found[user].extend(ids)
+    ranked = sorted((turn, gid) for ids in found.values() for turn, gid in enumerate(ids))
+    return [gid for _, gid in ranked[:limit]]
+
+
+def _oldest_rows(
+    session: Session,
+    priority: int,
+    wanted: Mapping[str, int],
+    *,
+    after: Mapping[str, int],
+    exclude: set[int],
+) -> dict[str, list[int]]:
+    """Each user's oldest ``wanted[user]`` pending ids of ``priority`` (after the id
+    ``after[user]``), in id order: one index range with a LIMIT per user, in one statement on
+    PostgreSQL (a LATERAL join over the users), in a few on SQLite (a UNION ALL of the users'
+    reads; PostgreSQL plans such a union branch by branch, tens of milliseconds for 100)."""
+    found: dict[str, list[int]] = {user: [] for user in wanted}
+    users = list(wanted)
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(
+            _OLDEST_ROWS_LATERAL,
+            {
+                "users": users,
+                "wanted": [wanted[user] for user in users],
+                "after": [after.get(user, 0) for user in users],
+                "exclude": sorted(exclude),
+                "pending": GenerationStatus.PENDING,
+                "priority": priority,
+            },
+        ).all()
+        for gid, user in sorted(rows):
+            found[user].append(gid)
+        return found
+    for start in range(0, len(users), _USERS_PER_STATEMENT):
+        parts = [
+            sa.select(Generation.id, Generation.user_id)
+            .where(
+                Generation.status == GenerationStatus.PENDING,
+                Generation.priority == priority,
+                Generation.user_id == user,
+                *([Generation.id > after[user]] if user in after else []),
+                *_not_in(exclude),
+            )
+            .order_by(Generation.id)
+            .limit(wanted[user])
+            .subquery()
+            .select()
+            for user in users[start : start + _USERS_PER_STATEMENT]
+        ]
+        for gid, user in sorted(session.execute(sa.union_all(*parts)).all()):
+            found[user].append(gid)
+    return found
+
+
+# PostgreSQL's form of _oldest_rows: for each (user, wanted, after) one LIMITed range of
+# ix_generations_status_priority_user_id_id. Ids start at 1, so "after 0" is from the start.
+_OLDEST_ROWS_LATERAL = sa.text(
+    """
+    SELECT g.id, g.user_id
+    FROM unnest(
+        CAST(:users AS text[]), CAST(:wanted AS integer[]), CAST(:after AS bigint[])
+    ) AS u(user_id, wanted, after_id)
+    CROSS JOIN LATERAL (
+        SELECT generations.id, generations.user_id FROM generations
+        WHERE generations.status = :pending AND generations.priority = :priority
+          AND generations.user_id = u.user_id AND generations.id > u.after_id
+          AND generations.id <> ALL(CAST(:exclude AS bigint[]))
+        ORDER BY generations.id
+        LIMIT u.wanted
+    ) AS g
+    """
+).columns(id=sa.BigInteger(), user_id=sa.String())
 
 
 def start_attempt(
@@ -445,8 +704,8 @@ def start_attempt(
       while the request waited, such as one that expired past the queue allowance, fails the
       generation ``deadline_exceeded``);
     - a request that ``submit`` would have refused (a row written straight into the table with
-      a malformed user id, model reference or input): marked ``failed`` (``invalid_request``),
-      nothing held, returned;
+      a malformed user id, model reference or input, or a priority above its user's ceiling):
+      marked ``failed`` (``invalid_request``), nothing held, returned;
     - cannot afford the hold (or the user has no account), or the model lost its price: marked
       ``failed`` (``insufficient_credits`` / ``unpriced_model``), nothing held, returned;
     - already terminal: returned unchanged.
@@ -480,6 +739,12 @@ def start_attempt(
         session.flush()
         return row
     problem = stored_request_problem(row)
+    if problem is None:
+        # An inserted row names its priority itself: no higher than its user may ask for.
+        try:
+            priorities.resolve(session, row.user_id, row.priority)
+        except priorities.PriorityRefused as exc:
+            problem = str(exc)
     if problem is not None:
         _finish(row, GenerationStatus.FAILED, INVALID_REQUEST, problem, now)
         session.flush()
@@ -893,6 +1158,7 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
         ledger.release_if_pending(session, row.hold_id, "requeued")
     row.status = GenerationStatus.PENDING
     row.attempt += 1
+    row.pending_since = utcnow()  # the new attempt waits from now (aging)
     for field in (
         "batch_key",
         "dagster_run_id",

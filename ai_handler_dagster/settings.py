@@ -15,6 +15,7 @@ import enum
 import os
 from pathlib import Path
 
+from ai_handler_dagster.domain import MAX_PRIORITY, MIN_PRIORITY
 from ai_handler_dagster.errors import AiHandlerError
 
 
@@ -107,6 +108,22 @@ def small_backlog() -> int:
 def sensor_interval_s() -> int:
     """Seconds between ticks of the request sensor (``AI_HANDLER_SENSOR_INTERVAL_S``, default 1)."""
     return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 1)
+
+
+def default_priority() -> int:
+    """Highest priority (and the priority of requests that name none) of a user the operator
+    did not list with ``ai-handler priority set`` (``AI_HANDLER_DEFAULT_PRIORITY``, default 0,
+    the lowest; at most 9)."""
+    return _int_setting(
+        "AI_HANDLER_DEFAULT_PRIORITY", MIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY
+    )
+
+
+def priority_aging_s() -> int:
+    """Seconds a pending request waits before the request sensor claims it ahead of every
+    priority, oldest first, so low priorities are never starved (``AI_HANDLER_PRIORITY_AGING_S``,
+    default 600)."""
+    return _int_setting("AI_HANDLER_PRIORITY_AGING_S", 600, minimum=1)
 
 
 def db_pool_max() -> int:

@@ -12,6 +12,8 @@ cannot break them silently:
   adopt the same paid prediction.
 - ``create_attempts``: one row per generation attempt that asked the provider for a prediction,
   kept for good; a prediction id is owned by one attempt only, ever (requeues included).
+- ``user_priorities``: the highest priority each listed user may ask for, in the range of
+  ``generations.priority`` (``MIN_PRIORITY`` to ``MAX_PRIORITY``).
 
 Credits are integers. Timestamps are timezone-aware UTC in Python on both databases.
 """
@@ -28,6 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ai_handler_dagster.domain import (
     ENDING_KINDS,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     TERMINAL,
     AttemptState,
     EntryKind,
@@ -218,8 +222,18 @@ class Generation(Base):
         sa.CheckConstraint("attempt >= 1", name="attempt_positive"),
         sa.CheckConstraint("amount_held >= 0", name="amount_held_nonnegative"),
         sa.CheckConstraint("amount_charged >= 0", name="amount_charged_nonnegative"),
-        # The sensor scans pending rows in id order.
+        sa.CheckConstraint(
+            f"priority >= {MIN_PRIORITY} AND priority <= {MAX_PRIORITY}", name="priority_range"
+        ),
+        # Counting by status, and stale queued batches in id order.
         sa.Index("ix_generations_status_id", "status", "id"),
+        # The claim: the top pending priority, its users one index seek each, and each user's
+        # oldest rows, all read through this index with limits (generations.claim_pending).
+        sa.Index(
+            "ix_generations_status_priority_user_id_id", "status", "priority", "user_id", "id"
+        ),
+        # Aging: the pending rows that have waited longest, oldest first.
+        sa.Index("ix_generations_status_pending_since_id", "status", "pending_since", "id"),
         # Reprocessing backfills select a day of requests.
         sa.Index("ix_generations_created_at", "created_at"),
     )
@@ -231,6 +245,11 @@ class Generation(Base):
     input: Mapped[dict[str, Any]] = mapped_column()
     status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
     attempt: Mapped[int] = mapped_column(default=1, server_default="1")
+    #: Higher is claimed first (``MIN_PRIORITY`` to ``MAX_PRIORITY``; migration 0005).
+    priority: Mapped[int] = mapped_column(default=MIN_PRIORITY, server_default=str(MIN_PRIORITY))
+    #: Since when the current attempt waits to be claimed (submit, insert or requeue): aging
+    #: counts from here.
+    pending_since: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
     batch_key: Mapped[str | None] = mapped_column(sa.String(255), index=True)
     dagster_run_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
     prediction_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
@@ -296,6 +315,26 @@ class CreateAttempt(Base):
     #: What this attempt delivered (``generations.outputs`` of its success), kept when a
     #: regenerate starts a new attempt: the user paid for these objects.
     outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON())
+
+
+class UserPriority(Base):
+    """The highest priority an operator allows a user (migration 0005); it is also the priority
+    of the user's requests that name none. Users not listed get
+    ``AI_HANDLER_DEFAULT_PRIORITY``."""
+
+    __tablename__ = "user_priorities"
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"max_priority >= {MIN_PRIORITY} AND max_priority <= {MAX_PRIORITY}",
+            name="max_priority_range",
+        ),
+    )
+
+    user_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    max_priority: Mapped[int] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(
+        default=utcnow, onupdate=utcnow, server_default=sa.func.now()
+    )
 
 
 # --------------------------------------------------------------------------------------------

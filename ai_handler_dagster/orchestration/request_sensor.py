@@ -4,6 +4,10 @@ The request sensor is the only writer that moves rows from ``pending`` to ``queu
 bounded number of rows per tick, in batches whose size follows the backlog (one generation per run
 when the queue is short, up to ``AI_HANDLER_MAX_BATCH`` when it is long), and names each run after
 the first generation attempt of its batch, so a re-tick never launches a batch twice.
+
+Each batch holds one priority, the highest claimable, users taking turns within it; requests
+pending longer than ``AI_HANDLER_PRIORITY_AGING_S`` go first (``generations.claim_pending``).
+The run carries ``dagster/priority``, so Dagster's run queue starts higher priorities first too.
 """
 
 import math
@@ -25,7 +29,13 @@ from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
-from ai_handler_dagster.domain import IN_FLIGHT, GenerationStatus, RunTag, model_base
+from ai_handler_dagster.domain import (
+    IN_FLIGHT,
+    MAX_PRIORITY,
+    GenerationStatus,
+    RunTag,
+    model_base,
+)
 from ai_handler_dagster.orchestration.generation import GENERATION_JOB, batch_run_config
 from ai_handler_dagster.resources.database import DatabaseResource
 
@@ -47,6 +57,8 @@ class QueuePolicy:
     small_backlog: int
     max_runs_per_tick: int = MAX_RUNS_PER_TICK
     max_in_flight_per_user: int | None = None
+    #: Seconds after which a pending request is claimed ahead of every priority (aging).
+    aging_s: int = 600
 
     @classmethod
     def from_settings(cls) -> "QueuePolicy":
@@ -55,6 +67,7 @@ class QueuePolicy:
             max_in_flight=settings.max_in_flight(),
             small_backlog=settings.small_backlog(),
             max_in_flight_per_user=settings.max_in_flight_per_user(),
+            aging_s=settings.priority_aging_s(),
         )
 
 
@@ -96,8 +109,20 @@ def _common(values: set[str]) -> str:
     return next(iter(values)) if len(values) == 1 else "mixed"
 
 
-def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
-    """The run of one batch: its ids in the op config, tags for filtering in the UI."""
+def run_priority(rows: Sequence[Generation], aged_before: datetime | None) -> int:
+    """The ``dagster/priority`` of a batch's run: its generations' priority, or
+    ``MAX_PRIORITY`` when aging claimed them (all pending since ``aged_before``), so Dagster's
+    run queue does not hold them back behind higher priorities either."""
+    if aged_before is not None and all(r.pending_since <= aged_before for r in rows):
+        return MAX_PRIORITY
+    return max(r.priority for r in rows)
+
+
+def run_request_for(
+    batch_key: str, rows: Sequence[Generation], *, aged_before: datetime | None = None
+) -> RunRequest:
+    """The run of one batch: its ids in the op config, tags for filtering in the UI and the
+    priority Dagster's run queue orders runs by."""
     return RunRequest(
         run_key=batch_key,
         run_config=batch_run_config([r.id for r in rows]),
@@ -106,6 +131,8 @@ def run_request_for(batch_key: str, rows: Sequence[Generation]) -> RunRequest:
             RunTag.BATCH_SIZE: str(len(rows)),
             RunTag.USER: _common({r.user_id for r in rows}),
             RunTag.MODEL: _common({model_base(r.model) for r in rows}),
+            RunTag.PRIORITY: _common({str(r.priority) for r in rows}),
+            RunTag.DAGSTER_PRIORITY: str(run_priority(rows, aged_before)),
         },
     )
 
@@ -148,11 +175,12 @@ def generation_request_sensor(
     engine = database.engine()
     policy = QueuePolicy.from_settings()
     now = datetime.now(UTC)
+    aged_before = now - timedelta(seconds=policy.aging_s)
     requests: list[RunRequest] = []
 
     with session_scope(engine) as session:
         for batch_key, rows in _stale_batches(session, now).items():
-            requests.append(run_request_for(batch_key, rows))
+            requests.append(run_request_for(batch_key, rows, aged_before=aged_before))
         pending = _count(session, GenerationStatus.PENDING)
         in_flight = _count(session, *IN_FLIGHT)
 
@@ -164,10 +192,16 @@ def generation_request_sensor(
                 limit=size,
                 batch_key_fn=batch_key_for,
                 per_user_limit=policy.max_in_flight_per_user,
+                aged_before=aged_before,
+                now=now,
             )
             if not rows:
                 break
-            requests.append(run_request_for(rows[0].batch_key or batch_key_for(rows), rows))
+            requests.append(
+                run_request_for(
+                    rows[0].batch_key or batch_key_for(rows), rows, aged_before=aged_before
+                )
+            )
 
     if not requests:
         if pending == 0:
