@@ -231,7 +231,7 @@ def test_a_batch_run_is_tagged_with_the_deployment(models: list[str], tag: str) 
     """Regression: the model tag cut every reference at its first ':', so each deployment's
     run was tagged ``deployment``."""
     rows = [
-        Generation(id=i + 1, attempt=1, user_id="ed", model=model, input={})
+        Generation(id=i + 1, attempt=1, user_id="ed", model=model, input={}, priority=0)
         for i, model in enumerate(models)
     ]
     request = run_request_for("gen-1-a1", rows)
