@@ -709,12 +709,13 @@ def test_provider_output_counts_follow_how_outputs_are_stored() -> None:
 
 def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() -> None:
     config = chaos.ChaosConfig(seed=7, count=60)
-    first, again = chaos.make_plan(config, 5), chaos.make_plan(config, 5)
-    other = chaos.make_plan(chaos.ChaosConfig(seed=8, count=60), 5)
+    prices = chaos.soak_prices()
+    first, again = chaos.make_plan(config, prices), chaos.make_plan(config, prices)
+    other = chaos.make_plan(chaos.ChaosConfig(seed=8, count=60), prices)
     assert first == again
     assert first.requests != other.requests and first.faults != other.faults
     assert len(first.requests) == 60
-    # The mix: repeats of an earlier input, empty outputs, regenerates of rich users' images.
+    # The mix: repeats of an earlier input, empty outputs, regenerates of rich users' requests.
     distinct = {json.dumps(r.input, sort_keys=True) for r in first.requests}
     assert 0 < 60 - len(distinct) < 15
     empty = [r for r in first.requests if r.model == chaos.EMPTY_MODEL]
@@ -722,20 +723,62 @@ def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() ->
     assert first.regenerates
     for at, index in first.regenerates:
         target = first.requests[index]
-        assert target.model == chaos.MODEL and not target.user.startswith("poor-")
+        assert target.model != chaos.EMPTY_MODEL and not target.user.startswith("poor-")
         assert at > target.at_s
     kinds = sorted(f.kind for f in first.faults)
     assert kinds.count("kill_worker") == 5 and kinds.count("pg_terminate") == 2
     assert {"daemon_restart", "s3_outage"} <= set(kinds)
+
+    def hold(request: chaos.Request) -> int:
+        return prices.price_for(request.model).hold_amount(request.input)
+
     for user, grant in first.grants.items():
-        regenerated = sum(1 for _, i in first.regenerates if first.requests[i].user == user)
-        asked = 5 * (sum(1 for r in first.requests if r.user == user) + regenerated)
+        mine = [r for r in first.requests if r.user == user]
+        regenerated = [first.requests[i] for _, i in first.regenerates]
+        asked = sum(hold(r) for r in mine + [r for r in regenerated if r.user == user])
         if user.startswith("poor-"):
-            assert grant < asked
+            assert max(hold(r) for r in mine) <= grant < asked
             # Each poor user's requests arrive together, in two bursts.
-            assert len({r.at_s for r in first.requests if r.user == user}) <= 2
+            assert len({r.at_s for r in mine}) <= 2
         else:
             assert grant >= asked
+
+
+def test_the_mix_has_every_price_kind_and_the_counted_fields_at_their_maximum() -> None:
+    prices = chaos.soak_prices()
+    plan = chaos.make_plan(chaos.ChaosConfig(seed=1, count=300), prices)
+    mix = chaos.mix_counts(plan, prices)
+    assert set(mix["price_kinds"]) == {"fixed", "metered", "per_output", "per_token"}
+    # Fixed and metered prices come from the versions the soak's table prices (the empty-output
+    # model is fixed too, but never succeeds).
+    models = {r.model for r in plan.requests}
+    assert {chaos.MODEL, chaos.TEXT_MODEL, chaos.METERED_MODEL, chaos.FIXED_MODEL} <= models
+    assert prices.price_for(chaos.METERED_MODEL).kind == "metered"
+    assert prices.price_for(chaos.FIXED_MODEL).kind == "fixed"
+    image, text = prices.price_for(chaos.MODEL), prices.price_for(chaos.TEXT_MODEL)
+    assert str(image.outputs_max) in mix["num_outputs"] and "default" in mix["num_outputs"]
+    assert len(mix["num_outputs"]) >= 4
+    assert str(text.max_tokens_max) in mix["max_tokens"] and "default" in mix["max_tokens"]
+    assert len(mix["max_tokens"]) >= 4
+    # Every request is one the price table accepts: none is refused for its count.
+    for request in plan.requests:
+        assert prices.price_for(request.model).input_problem(request.input) is None
+
+
+def test_the_rate_limited_phase_is_a_seeded_window_inside_the_arrivals() -> None:
+    prices = chaos.soak_prices()
+    config = chaos.ChaosConfig(seed=3, count=300, rate_limit=12, rate_limit_burst=1)
+    phase = chaos.make_plan(config, prices).rate_limit
+    assert phase is not None
+    assert (phase.creates_per_minute, phase.burst) == (12, 1)
+    window = config.arrival_window_s
+    assert 0.3 * window <= phase.start_s < phase.end_s <= 0.75 * window
+    assert phase.end_s - phase.start_s >= 10
+    assert phase == chaos.make_plan(config, prices).rate_limit
+    other = chaos.make_plan(chaos.ChaosConfig(seed=4, count=300), prices).rate_limit
+    assert other is not None and other.start_s != phase.start_s
+    # --rate-limit 0: no phase.
+    assert chaos.make_plan(chaos.ChaosConfig(seed=3, rate_limit=0), prices).rate_limit is None
 
 
 # --- the S3 outage control ---------------------------------------------------------------------
