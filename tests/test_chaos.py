@@ -22,7 +22,8 @@ Proves that:
   object, in process and through ``SIGUSR1`` to the endpoint's process;
 - ``ai-handler chaos`` with two different seeds, through the real stack (PostgreSQL, emulator
   faults, run workers killed, the daemon restarted, an S3 outage, database connections
-  terminated), settles every generation with zero violations.
+  terminated, a rate-limited phase, every kind of price), settles every generation with zero
+  violations, its charges checked against the price table.
 """
 
 from __future__ import annotations
@@ -774,6 +775,8 @@ def test_the_rate_limited_phase_is_a_seeded_window_inside_the_arrivals() -> None
     window = config.arrival_window_s
     assert 0.3 * window <= phase.start_s < phase.end_s <= 0.75 * window
     assert phase.end_s - phase.start_s >= 10
+    # It lasts until enough creates met the limit, whenever the system gets to them.
+    assert phase.min_creates == 15
     assert phase == chaos.make_plan(config, prices).rate_limit
     other = chaos.make_plan(chaos.ChaosConfig(seed=4, count=300), prices).rate_limit
     assert other is not None and other.start_s != phase.start_s
@@ -904,3 +907,12 @@ def test_a_seeded_soak_settles_with_no_violation(
     assert report["failed_by_code"].get("insufficient_credits", 0) >= 1
     assert report["succeeded"] > 0
     assert all(n == 0 for n in report["checks"].values()), report["checks"]
+    # Every succeeded attempt's charge was recomputed from the provider's counts, over more
+    # than one kind of price, with no mismatch; and the rate-limited phase ran.
+    prices = report["price_checks"]
+    assert len(prices) >= 3, prices
+    assert sum(t["charges"] for t in prices.values()) >= report["succeeded"]
+    assert all(t["mismatches"] == 0 for t in prices.values()), prices
+    assert report["unverified_output_counts"] == 0
+    phase = report["rate_limit_phase"]
+    assert phase is not None and None not in phase["window_s"], phase

@@ -199,6 +199,9 @@ class RateLimitPhase:
     end_s: float
     creates_per_minute: int
     burst: int
+    #: The phase lasts until at least this many creates met the limit (the system may be too
+    #: slow at the planned moment to ask for any), at most ``RateLimiter.EXTEND_S`` longer.
+    min_creates: int = 1
 
 
 @dataclass(frozen=True)
@@ -331,7 +334,11 @@ def make_plan(config: ChaosConfig, prices: PriceBook) -> Plan:
         length = max(10.0, window * rng.uniform(0.15, 0.25))
         start = window * rng.uniform(0.3, 0.5)
         phase = RateLimitPhase(
-            round(start, 3), round(start + length, 3), config.rate_limit, config.rate_limit_burst
+            round(start, 3),
+            round(start + length, 3),
+            config.rate_limit,
+            config.rate_limit_burst,
+            min_creates=max(5, config.count // 20),
         )
     return Plan(
         grants=grants,
@@ -580,7 +587,16 @@ class RateLimiter(threading.Thread):
     """Runs the plan's rate-limited phase: at its start the emulator enforces a low create
     limit (through its control API, as a provider lowers an account's limit), at its end the
     limits go back to what they were. Every 429 it causes carries ``Retry-After`` and the
-    ``ratelimit-*`` headers."""
+    ``ratelimit-*`` headers.
+
+    The phase is about creates, so it is tied to them as well as to the clock: it begins at its
+    planned time once creates are being asked for (a daemon restart or a loaded machine may
+    leave none in flight then), and lasts its planned length and until ``min_creates`` create
+    requests met the limit, at most ``EXTEND_S`` longer."""
+
+    #: Longest wait for a first create after the planned start, and longest extension.
+    WAIT_S = 120.0
+    EXTEND_S = 120.0
 
     def __init__(
         self,
@@ -613,6 +629,11 @@ class RateLimiter(threading.Thread):
                 return
             with EmulatorControl(self.emulator_url) as control:
                 before = control.config()
+                baseline = _creates(control.stats())
+                deadline = time.monotonic() + self.WAIT_S
+                while _creates(control.stats()) == baseline and time.monotonic() < deadline:
+                    if self.stop_event.wait(0.25):
+                        return
                 first = control.stats()
                 control.configure(
                     rate_limit=True,
@@ -620,12 +641,19 @@ class RateLimiter(threading.Thread):
                     creates_burst=self.phase.burst,
                 )
                 self.began_s = self.elapsed()
+                length = self.phase.end_s - self.phase.start_s
                 self.say(
                     f"rate limit: {self.phase.creates_per_minute} creates/min, burst "
-                    f"{self.phase.burst}, enforced until {self.phase.end_s:.0f}s"
+                    f"{self.phase.burst}, for {length:.0f}s and {self.phase.min_creates} creates"
                 )
                 try:
-                    self.stop_event.wait(max(0.0, self.phase.end_s - self.elapsed()))
+                    ends = time.monotonic() + length
+                    latest = ends + self.EXTEND_S
+                    while not self.stop_event.wait(0.5):
+                        now = time.monotonic()
+                        met = _creates(control.stats()) - _creates(first)
+                        if now >= latest or (now >= ends and met >= self.phase.min_creates):
+                            break
                 finally:
                     # Back to the budget the emulator had (a minute's worth when it had none).
                     control.configure(
