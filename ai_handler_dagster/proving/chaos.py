@@ -1285,6 +1285,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"  {'output counts unverified':44}{report.get('unverified_output_counts', 0):>8}"
         )
+        lines.append("  (unpaid: failed or canceled attempts, checked to capture nothing)")
     lines += ["", "invariants"]
     for name, description in audit.CHECKS.items():
         n = report["checks"].get(name, 0)
