@@ -12,13 +12,18 @@ Proves that:
   names whom each concerns, and finds nothing wrong with the clean generations beside them (a
   lost create that ran on after its crashed attempt was refunded is that attempt's one paid
   prediction, not a second one);
+- the price checks recompute each hold from the price table and each capture from the
+  provider's reported counts (predict_time, token counts, the outputs it returned), for every
+  price kind, and catch a wrong charge of each kind, a wrong hold, and a failed generation that
+  captured something (crafted rows);
 - the soak's plan is a function of its seed: the same seed gives the same load and faults, and
   users on small balances ask for more than they can pay;
 - the local S3 endpoint's outage control goes offline and comes back on the same port with every
   object, in process and through ``SIGUSR1`` to the endpoint's process;
 - ``ai-handler chaos`` with two different seeds, through the real stack (PostgreSQL, emulator
   faults, run workers killed, the daemon restarted, an S3 outage, database connections
-  terminated), settles every generation with zero violations.
+  terminated, a rate-limited phase, every kind of price), settles every generation with zero
+  violations, its charges checked against the price table.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import sqlalchemy as sa
 
 from ai_handler_dagster.db import upgrade
 from ai_handler_dagster.devstack.s3 import LocalS3, local_s3_client, start_local_s3
+from ai_handler_dagster.pricing import load_pricing, parse_pricing
 from ai_handler_dagster.proving import audit, chaos
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
@@ -374,6 +380,8 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         predictions.append(_prediction("pq", "nobody asked either", "processing"))
         expected["unowned_running"] = "prediction pq"
 
+        # erin's hold of 20 is not the 5 the image model's price holds for one image.
+        expected["held_prices"] = f"generation {e1}"
         # mona: charged for a success that stored nothing.
         mona = books.account("mona", 95)
         books.grant(mona, 100)
@@ -381,6 +389,8 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         books.link(m1, books.hold(mona, m1, 5, ends=("capture",), captured=5), 5)
         predictions.append(_prediction("pm1", "a moth", "succeeded"))
         expected["charged_outputs"] = f"generation {m1}"
+        # ... and the price of no output at all is nothing.
+        expected["charged_prices"] = f"generation {m1}"
 
         # nina: her second generation holds a prediction recorded as her first one's.
         nina = books.account("nina", 100)
@@ -433,6 +443,7 @@ def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: L
         predictions=hand_made.predictions,
         s3_objects=audit.list_s3_objects(s3.client(), "audit-test"),
         fetch_output=hand_made.files.get,
+        prices=load_pricing(),
     )
     found = [str(v) for v in report.violations]
     print("\n".join(found))
@@ -478,11 +489,220 @@ def test_a_clean_state_passes_every_check(pg_url: str, s3: LocalS3) -> None:
             predictions=[_prediction("pa1", "a fox", "succeeded", files=1)],
             s3_objects=audit.list_s3_objects(s3.client(), "audit-test"),
             fetch_output={"http://emulator.test/files/pa1/0.png": PNG_A}.get,
+            prices=load_pricing(),
         )
     finally:
         engine.dispose()
     assert report.violations == []
     assert report.refunded == 1 and report.captured_credits == 5 and report.granted_credits == 100
+    # The image model is priced per output: one hold and one charge checked, one refund.
+    assert report.price_checks == {"per_output": {"holds": 2, "charges": 1, "unpaid": 1}}
+
+
+# --- the price checks, on crafted rows ----------------------------------------------------------
+
+PRICES = parse_pricing(
+    """
+[models."demo/fixed"]
+credits = 7
+
+[models."demo/metered"]
+credits_per_second = 2.5
+max_seconds = 10
+
+[models."demo/images"]
+credits_per_output = 5
+outputs_field = "num_outputs"
+outputs_default = 1
+outputs_max = 4
+
+[models."demo/text"]
+credits_per_input_token = 0.02
+credits_per_output_token = 0.625
+max_tokens_field = "max_tokens"
+max_tokens_default = 64
+max_tokens_max = 512
+max_input_tokens = 1000
+"""
+)
+
+
+class Crafted:
+    """Rows as the audit reads them, one generation attempt at a time."""
+
+    def __init__(self) -> None:
+        self.gens: dict[int, dict[str, Any]] = {}
+        self.holds: list[dict[str, Any]] = []
+        self.attempts: list[dict[str, Any]] = []
+        self.predictions: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        model: str,
+        input: dict[str, Any],
+        *,
+        held: int,
+        captured: int | None = None,
+        status: str = "succeeded",
+        metrics: dict[str, Any] | None = None,
+        output: Any = None,
+        stored: int = 1,
+        removed: bool = False,
+    ) -> int:
+        """One generation; ``captured`` None means its hold was released. The provider's
+        prediction reports ``metrics`` and returned ``output``; ``stored`` outputs are recorded."""
+        gid = len(self.gens) + 1
+        pid = f"p{gid}"
+        succeeded = status == "succeeded"
+        outputs = [{"key": f"generations/{gid}/a1/{i}.png"} for i in range(stored)]
+        self.holds.append(
+            {
+                "id": 100 + gid,
+                "generation_id": gid,
+                "idempotency_key": f"gen:{gid}:a1:hold",
+                "amount": held,
+                "status": "released" if captured is None else "captured",
+                "captured_amount": captured or 0,
+            }
+        )
+        self.gens[gid] = {
+            "id": gid,
+            "model": model,
+            "input": input,
+            "status": status,
+            "attempt": 1,
+            "prediction_id": pid,
+            "hold_id": 100 + gid,
+            "amount_charged": captured if succeeded else 0,
+            "outputs": outputs if succeeded else None,
+        }
+        self.attempts.append(
+            {"generation_id": gid, "attempt": 1, "prediction_id": pid, "outputs": None}
+        )
+        self.predictions.append(
+            {
+                "id": pid,
+                "status": status,
+                "metrics": metrics or {},
+                "output": None if removed else output,
+                "data_removed": removed,
+                "_emulator": {"paid": True, "faults": [], "completed_output": output},
+            }
+        )
+        return gid
+
+    def check(self) -> audit.AuditReport:
+        report = audit.AuditReport()
+        audit.check_prices(report, self.gens, self.holds, self.attempts, self.predictions, PRICES)
+        return report
+
+
+def _urls(n: int) -> list[str]:
+    return [f"http://emulator.test/files/x/{i}.png" for i in range(n)]
+
+
+def test_the_price_checks_recompute_each_charge_from_the_providers_counts() -> None:
+    """Each kind charged right passes; a wrong charge of each kind is caught and named."""
+    rows = Crafted()
+    clean = [
+        rows.add("demo/fixed", {"prompt": "a"}, held=7, captured=7),
+        # 1.1 s at 2.5/s is 2.75: 3 credits (decimal, rounded up once).
+        rows.add("demo/metered", {}, held=25, captured=3, metrics={"predict_time": 1.1}),
+        # No predict_time reported: the hold is the charge.
+        rows.add("demo/metered", {"p": 1}, held=25, captured=25),
+        rows.add(
+            "demo/images", {"num_outputs": 4}, held=20, captured=20, output=_urls(4), stored=4
+        ),
+        # Removed before the audit, but the provider's record keeps what it returned.
+        rows.add(
+            "demo/images",
+            {"num_outputs": 3},
+            held=15,
+            captured=10,
+            output=_urls(2),
+            stored=2,
+            removed=True,
+        ),
+        # 5 input tokens at 0.02 and 8 output tokens at 0.625: 5.1, so 6.
+        rows.add(
+            "demo/text",
+            {"max_tokens": 8},
+            held=25,
+            captured=6,
+            metrics={"input_token_count": 5, "output_token_count": 8},
+            output=["a ", "haiku"],
+        ),
+        rows.add("demo/text", {}, held=60, status="failed"),
+    ]
+    report = rows.check()
+    assert report.violations == []
+    assert report.price_checks == {
+        "fixed": {"holds": 1, "charges": 1},
+        "metered": {"holds": 2, "charges": 2},
+        "per_output": {"holds": 2, "charges": 2},
+        "per_token": {"holds": 2, "charges": 1, "unpaid": 1},
+    }
+    assert report.unverified_output_counts == 0
+
+    wrong = {
+        # Rounded up twice (1.1 s -> 2 s -> 5) instead of once.
+        rows.add("demo/metered", {}, held=25, captured=5, metrics={"predict_time": 1.1}): (
+            "charged_prices",
+            "the metered price charges 3",
+        ),
+        # The project charged what it stored, but the provider returned four images.
+        rows.add(
+            "demo/images", {"num_outputs": 4}, held=20, captured=15, output=_urls(4), stored=3
+        ): ("charged_prices", "stored 3 outputs of the 4"),
+        # The hold charged although the provider reported its token counts.
+        rows.add(
+            "demo/text",
+            {},
+            held=60,
+            captured=60,
+            metrics={"input_token_count": 10, "output_token_count": 11},
+            output=["x"],
+        ): ("charged_prices", "the per_token price charges 8"),
+        # A fixed price held at another price (and refunded).
+        rows.add("demo/fixed", {"prompt": "b"}, held=5, status="canceled"): (
+            "held_prices",
+            "the fixed price holds 7",
+        ),
+        # More images than the price allows may never be held at all.
+        rows.add("demo/images", {"num_outputs": 5}, held=25, status="failed"): (
+            "held_prices",
+            "holds None",
+        ),
+        # A failed generation whose hold was captured.
+        rows.add("demo/fixed", {"prompt": "c"}, held=7, captured=7, status="failed"): (
+            "charged_prices",
+            "failed but hold",
+        ),
+    }
+    report = rows.check()
+    found = [str(v) for v in report.violations]
+    assert len(report.violations) == len(wrong), found
+    for gid, (check, text) in wrong.items():
+        assert any(
+            v.check == check and v.subject.startswith(f"generation {gid}") and text in v.message
+            for v in report.violations
+        ), (gid, check, text, found)
+    for gid in clean:
+        assert not [v for v in report.violations if v.subject.startswith(f"generation {gid} ")]
+    assert sum(t["mismatches"] for t in report.price_checks.values()) == len(wrong)
+
+
+def test_provider_output_counts_follow_how_outputs_are_stored() -> None:
+    count = audit.provider_output_count
+    assert count({"output": _urls(3)}) == 3
+    assert count({"output": ["a ", "streamed ", "text"]}) == 1
+    assert count({"output": [""]}) == 0
+    assert count({"output": None}) == 0
+    assert count({"output": "https://emulator.test/files/x/0.png"}) == 1
+    assert count({"output": {"nested": _urls(1)}}) is None
+    assert count({"output": None, "data_removed": True}) is None
+    removed = {"output": None, "data_removed": True, "_emulator": {"completed_output": _urls(2)}}
+    assert count(removed) == 2
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -490,12 +710,13 @@ def test_a_clean_state_passes_every_check(pg_url: str, s3: LocalS3) -> None:
 
 def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() -> None:
     config = chaos.ChaosConfig(seed=7, count=60)
-    first, again = chaos.make_plan(config, 5), chaos.make_plan(config, 5)
-    other = chaos.make_plan(chaos.ChaosConfig(seed=8, count=60), 5)
+    prices = chaos.soak_prices()
+    first, again = chaos.make_plan(config, prices), chaos.make_plan(config, prices)
+    other = chaos.make_plan(chaos.ChaosConfig(seed=8, count=60), prices)
     assert first == again
     assert first.requests != other.requests and first.faults != other.faults
     assert len(first.requests) == 60
-    # The mix: repeats of an earlier input, empty outputs, regenerates of rich users' images.
+    # The mix: repeats of an earlier input, empty outputs, regenerates of rich users' requests.
     distinct = {json.dumps(r.input, sort_keys=True) for r in first.requests}
     assert 0 < 60 - len(distinct) < 15
     empty = [r for r in first.requests if r.model == chaos.EMPTY_MODEL]
@@ -503,20 +724,64 @@ def test_the_plan_follows_the_seed_and_poor_users_cannot_pay_for_everything() ->
     assert first.regenerates
     for at, index in first.regenerates:
         target = first.requests[index]
-        assert target.model == chaos.MODEL and not target.user.startswith("poor-")
+        assert target.model != chaos.EMPTY_MODEL and not target.user.startswith("poor-")
         assert at > target.at_s
     kinds = sorted(f.kind for f in first.faults)
     assert kinds.count("kill_worker") == 5 and kinds.count("pg_terminate") == 2
     assert {"daemon_restart", "s3_outage"} <= set(kinds)
+
+    def hold(request: chaos.Request) -> int:
+        return prices.price_for(request.model).hold_amount(request.input)
+
     for user, grant in first.grants.items():
-        regenerated = sum(1 for _, i in first.regenerates if first.requests[i].user == user)
-        asked = 5 * (sum(1 for r in first.requests if r.user == user) + regenerated)
+        mine = [r for r in first.requests if r.user == user]
+        regenerated = [first.requests[i] for _, i in first.regenerates]
+        asked = sum(hold(r) for r in mine + [r for r in regenerated if r.user == user])
         if user.startswith("poor-"):
-            assert grant < asked
+            assert max(hold(r) for r in mine) <= grant < asked
             # Each poor user's requests arrive together, in two bursts.
-            assert len({r.at_s for r in first.requests if r.user == user}) <= 2
+            assert len({r.at_s for r in mine}) <= 2
         else:
             assert grant >= asked
+
+
+def test_the_mix_has_every_price_kind_and_the_counted_fields_at_their_maximum() -> None:
+    prices = chaos.soak_prices()
+    plan = chaos.make_plan(chaos.ChaosConfig(seed=1, count=300), prices)
+    mix = chaos.mix_counts(plan, prices)
+    assert set(mix["price_kinds"]) == {"fixed", "metered", "per_output", "per_token"}
+    # Fixed and metered prices come from the versions the soak's table prices (the empty-output
+    # model is fixed too, but never succeeds).
+    models = {r.model for r in plan.requests}
+    assert {chaos.MODEL, chaos.TEXT_MODEL, chaos.METERED_MODEL, chaos.FIXED_MODEL} <= models
+    assert prices.price_for(chaos.METERED_MODEL).kind == "metered"
+    assert prices.price_for(chaos.FIXED_MODEL).kind == "fixed"
+    image, text = prices.price_for(chaos.MODEL), prices.price_for(chaos.TEXT_MODEL)
+    assert str(image.outputs_max) in mix["num_outputs"] and "default" in mix["num_outputs"]
+    assert len(mix["num_outputs"]) >= 4
+    assert str(text.max_tokens_max) in mix["max_tokens"] and "default" in mix["max_tokens"]
+    assert len(mix["max_tokens"]) >= 4
+    # Every request is one the price table accepts: none is refused for its count.
+    for request in plan.requests:
+        assert prices.price_for(request.model).input_problem(request.input) is None
+
+
+def test_the_rate_limited_phase_is_a_seeded_window_inside_the_arrivals() -> None:
+    prices = chaos.soak_prices()
+    config = chaos.ChaosConfig(seed=3, count=300, rate_limit=12, rate_limit_burst=1)
+    phase = chaos.make_plan(config, prices).rate_limit
+    assert phase is not None
+    assert (phase.creates_per_minute, phase.burst) == (12, 1)
+    window = config.arrival_window_s
+    assert 0.3 * window <= phase.start_s < phase.end_s <= 0.75 * window
+    assert phase.end_s - phase.start_s >= 10
+    # It lasts until enough creates met the limit, whenever the system gets to them.
+    assert phase.min_creates == 15
+    assert phase == chaos.make_plan(config, prices).rate_limit
+    other = chaos.make_plan(chaos.ChaosConfig(seed=4, count=300), prices).rate_limit
+    assert other is not None and other.start_s != phase.start_s
+    # --rate-limit 0: no phase.
+    assert chaos.make_plan(chaos.ChaosConfig(seed=3, rate_limit=0), prices).rate_limit is None
 
 
 # --- the S3 outage control ---------------------------------------------------------------------
@@ -642,3 +907,12 @@ def test_a_seeded_soak_settles_with_no_violation(
     assert report["failed_by_code"].get("insufficient_credits", 0) >= 1
     assert report["succeeded"] > 0
     assert all(n == 0 for n in report["checks"].values()), report["checks"]
+    # Every succeeded attempt's charge was recomputed from the provider's counts, over more
+    # than one kind of price, with no mismatch; and the rate-limited phase ran.
+    prices = report["price_checks"]
+    assert len(prices) >= 3, prices
+    assert sum(t["charges"] for t in prices.values()) >= report["succeeded"]
+    assert all(t["mismatches"] == 0 for t in prices.values()), prices
+    assert report["unverified_output_counts"] == 0
+    phase = report["rate_limit_phase"]
+    assert phase is not None and None not in phase["window_s"], phase

@@ -7,6 +7,12 @@ the provider's view from the emulator's ``/_emulator/predictions`` (every predic
 created, paid or not, with the faults it applied). A bug in ``ledger.py`` or ``generations.py``
 therefore cannot hide itself by also being in the check.
 
+Prices are the one thing the audit takes from the project: the price table (a ``PriceBook``) is
+the specification of what each generation should cost, so it is asked through its public API
+(``Price.hold_amount``, ``Price.charge_for``) with the counts the provider reported, read from the
+emulator's final state of each prediction (``metrics.predict_time``, the token counts, the
+outputs it returned), never with what the project recorded about them.
+
 Entry deltas are recomputed from each entry's kind and its hold (a grant adds its amount, a
 capture spends its amount, a hold or its ending moves the hold's amount in and out of ``held``)
 instead of trusting the stored deltas, and balances are replayed entry by entry to prove that the
@@ -23,9 +29,12 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from ai_handler_dagster.pricing import Price, PriceBook
 
 #: Every invariant the audit checks: name -> what holds when it passes.
 CHECKS: dict[str, str] = {
@@ -45,6 +54,8 @@ CHECKS: dict[str, str] = {
     "outputs": "succeeded attempts have their S3 objects with the emulator's sha256",
     "leftover_objects": "no S3 object of an attempt that did not succeed",
     "stuck_canceled": "stuck predictions were canceled",
+    "held_prices": "each hold = the price table's hold for its input",
+    "charged_prices": "each capture = the price table's charge for the provider's counts",
 }
 
 OUTPUTS_PREFIX = "generations/"
@@ -87,6 +98,13 @@ class AuditReport:
     stuck_predictions: int = 0
     objects_checked: int = 0
     objects_compared_with_emulator: int = 0
+    #: Price kind -> what the price checks looked at: ``holds`` (each hold against the table),
+    #: ``charges`` (each capture against the provider's counts), ``unpaid`` (failed or canceled
+    #: attempts, which must capture nothing) and ``mismatches`` (violations among them).
+    price_checks: dict[str, Counter[str]] = field(default_factory=dict)
+    #: Captures whose provider output count could not be read (an output of no shape the audit
+    #: counts, or removed with no record of it): checked against the stored count instead.
+    unverified_output_counts: int = 0
 
     def add(self, check: str, subject: str, message: str) -> None:
         if check not in CHECKS:
@@ -153,12 +171,14 @@ def audit(
     predictions: list[dict[str, Any]],
     s3_objects: Mapping[str, S3Object],
     fetch_output: Callable[[str], bytes | None],
+    prices: PriceBook | None = None,
 ) -> AuditReport:
     """Check every invariant of ``CHECKS`` over a settled system.
 
     ``predictions`` is the emulator's ``/_emulator/predictions``; ``s3_objects`` the outputs
     bucket (:func:`list_s3_objects`); ``fetch_output(url)`` the bytes of an emulator output file,
-    or None when the emulator no longer has it.
+    or None when the emulator no longer has it; ``prices`` the price table the stack ran with
+    (without it the two price checks are skipped and ``price_checks`` stays empty).
     """
     report = AuditReport()
     with engine.connect() as conn:
@@ -215,6 +235,8 @@ def audit(
     _check_settlements(report, gens, holds, holds_by_id, entries_by_hold, accounts, delivered)
     _check_predictions(report, gens, attempts, predictions)
     _check_outputs(report, gens, attempts, predictions, s3_objects, fetch_output)
+    if prices is not None:
+        check_prices(report, gens, holds, attempts, predictions, prices)
     return report
 
 
@@ -614,6 +636,149 @@ def _check_outputs(
                 key,
                 f"generation {owner[0]} attempt {owner[1]} did not succeed, its object stays",
             )
+
+
+def check_prices(
+    report: AuditReport,
+    gens: Mapping[int, Mapping[str, Any]],
+    holds: Iterable[Mapping[str, Any]],
+    attempts: Iterable[Mapping[str, Any]],
+    predictions: Iterable[Mapping[str, Any]],
+    prices: PriceBook,
+) -> None:
+    """Each hold against the price table, each capture against what the table charges for the
+    provider's reported counts, and nothing captured for a failed or canceled attempt.
+
+    ``gens`` maps generation ids to rows with decoded ``input`` and ``outputs``; the other rows
+    are as :func:`audit` reads them (``create_attempts.outputs`` may still be JSON text).
+    """
+    by_id = {p["id"]: p for p in predictions}
+    records = {(a["generation_id"], a["attempt"]): a for a in attempts}
+    for h in holds:
+        g = gens.get(h["generation_id"]) if h["generation_id"] is not None else None
+        if g is None:
+            continue
+        subject = f"generation {g['id']}"
+        price = prices.find(g["model"])
+        if price is None:
+            report.add(
+                "held_prices",
+                subject,
+                f"hold {h['id']} of {h['amount']} for {g['model']!r}, which has no price",
+            )
+            continue
+        tally = report.price_checks.setdefault(price.kind, Counter())
+        payload = g["input"] if isinstance(g["input"], dict) else {}
+        tally["holds"] += 1
+        try:
+            expected_hold: int | None = price.hold_amount(payload)
+        except ValueError:
+            expected_hold = None  # the input is out of the price's range: nothing may be held
+        if h["amount"] != expected_hold:
+            tally["mismatches"] += 1
+            report.add(
+                "held_prices",
+                subject,
+                f"hold {h['id']} is {h['amount']}, the {price.kind} price holds "
+                f"{expected_hold} for its input",
+            )
+        current = g["hold_id"] == h["id"]
+        attempt = g["attempt"] if current else _hold_attempt(h)
+        if current and g["status"] in ("failed", "canceled"):
+            tally["unpaid"] += 1
+            if h["status"] == "captured" or h["captured_amount"] or g["amount_charged"]:
+                tally["mismatches"] += 1
+                report.add(
+                    "charged_prices",
+                    subject,
+                    f"{g['status']} but hold {h['id']} is {h['status']} with "
+                    f"{h['captured_amount']} captured and {g['amount_charged']} charged",
+                )
+            continue
+        if h["status"] != "captured":
+            continue
+        if current:
+            prediction_id, stored = g["prediction_id"], g["outputs"]
+        else:
+            record = records.get((g["id"], attempt or 0), {})
+            prediction_id, stored = record.get("prediction_id"), _json(record.get("outputs"))
+        tally["charges"] += 1
+        problem = _charge_problem(
+            report, price, payload, h, prediction=by_id.get(prediction_id or ""), stored=stored
+        )
+        if problem is None and current and g["amount_charged"] != h["captured_amount"]:
+            problem = f"charged {g['amount_charged']} but hold {h['id']} captured " + str(
+                h["captured_amount"]
+            )
+        if problem is not None:
+            tally["mismatches"] += 1
+            report.add("charged_prices", f"{subject} attempt {attempt}", problem)
+
+
+def _charge_problem(
+    report: AuditReport,
+    price: Price,
+    payload: Mapping[str, Any],
+    hold: Mapping[str, Any],
+    *,
+    prediction: Mapping[str, Any] | None,
+    stored: Any,
+) -> str | None:
+    """Why a hold's capture is not the price of what the provider reports, or None."""
+    if prediction is None:
+        return f"hold {hold['id']} captured {hold['captured_amount']} for an unknown prediction"
+    metrics = prediction.get("metrics") or {}
+    stored_count = len(stored) if isinstance(stored, list) else 0
+    returned = provider_output_count(prediction)
+    if returned is None:
+        report.unverified_output_counts += 1
+        returned = stored_count
+    elif price.kind == "per_output" and returned != stored_count:
+        return (
+            f"stored {stored_count} outputs of the {returned} prediction {prediction['id']} "
+            f"returned (hold {hold['id']} captured {hold['captured_amount']})"
+        )
+    try:
+        expected = price.charge_for(
+            metrics.get("predict_time"), input=payload, metrics=metrics, stored_outputs=returned
+        )
+    except ValueError:  # a reported time that is no duration: the hold is charged
+        expected = hold["amount"]
+    if hold["captured_amount"] == expected:
+        return None
+    counts = {
+        name: metrics.get(name)
+        for name in ("predict_time", "input_token_count", "output_token_count")
+        if name in metrics
+    }
+    return (
+        f"hold {hold['id']} captured {hold['captured_amount']}, the {price.kind} price charges "
+        f"{expected} for prediction {prediction['id']} ({returned} outputs, metrics {counts})"
+    )
+
+
+def provider_output_count(prediction: Mapping[str, Any]) -> int | None:
+    """How many outputs the provider returned for ``prediction``, counted as the project
+    stores them (each file URL one output, streamed text chunks one text), or None when
+    unknown: removed without a record of it, or a structured output."""
+    private = prediction.get("_emulator") or {}
+    if "completed_output" in private:
+        output = private["completed_output"]
+    elif prediction.get("data_removed"):
+        return None
+    else:
+        output = prediction.get("output")
+    if output is None or output == "" or output == []:
+        return 0
+    if isinstance(output, str):
+        return 1
+    if isinstance(output, list) and all(isinstance(v, str) for v in output):
+        files = [v for v in output if v.startswith(("http://", "https://", "data:"))]
+        if len(files) == len(output):
+            return len(files)
+        if not files:
+            return 1 if "".join(output) else 0
+    return None
 
 
 def _attempt_of_key(key: str) -> tuple[int, int] | None:

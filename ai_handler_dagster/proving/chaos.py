@@ -3,18 +3,27 @@
 The stack runs as in production (app database and Dagster storage on PostgreSQL, the Replicate
 emulator, the local S3 endpoint, the webhook receiver and a real ``dagster-daemon``). An
 application's load arrives over a window: several users, two of them racing on balances too
-small for all their requests, so some must be refused with ``insufficient_credits``. Meanwhile
-faults land on a schedule derived from ``--seed``:
+small for all their requests, so some must be refused with ``insufficient_credits``. The load
+mixes every kind of price: images per output (``num_outputs`` from 1 to the price's maximum, or
+left out), text per token (``max_tokens`` short enough to cut the text, up to the maximum, or
+left out), and the two models pinned to their versions, which the soak's price table charges per
+second of ``predict_time`` and at a fixed price. Meanwhile faults land on a schedule derived
+from ``--seed``:
 
 - the emulator's own (seeded): model failures, HTTP 500 on any endpoint, 429 with
   ``Retry-After``, creates accepted and then the connection dropped, stuck predictions, outputs
   removed before anyone downloads them; stuck predictions meet a short prediction deadline;
 - processes: run workers SIGKILLed mid-run, the daemon killed and restarted (its code server and
   run workers go with it), an outage of the S3 endpoint (it keeps its objects, as real S3 does),
-  and every connection to the app database terminated with ``pg_terminate_backend``.
+  and every connection to the app database terminated with ``pg_terminate_backend``;
+- a rate-limited phase: for a window in the middle of the arrivals the emulator enforces a low
+  create limit (``--rate-limit``, 20 a minute with a burst of 2), answering 429 with
+  ``Retry-After`` and ``ratelimit-*`` headers. A generation whose creates are still throttled
+  after their retries fails with ``rate_limited`` and is refunded: a failure, not a violation.
 
 When every generation has ended, :mod:`ai_handler_dagster.proving.audit` checks the money, the
-outputs and the provider's side independently of the code that moved them. The result is a table
+outputs and the provider's side independently of the code that moved them, and each hold and
+charge against the soak's price table and the counts the emulator reported. The result is a table
 (or one JSON object with ``--json``); the exit code is 1 on any violation, including a fault the
 schedule promised but could not inject.
 """
@@ -46,10 +55,11 @@ import httpx
 import sqlalchemy as sa
 
 from ai_handler_dagster import retries
-from ai_handler_dagster.devstack.emulator import EmulatorControl
+from ai_handler_dagster.devstack.emulator import MODELS, EmulatorControl
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
 from ai_handler_dagster.instance import WORKSPACE_FILE
+from ai_handler_dagster.pricing import PriceBook
 from ai_handler_dagster.proving import audit
 from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
 from ai_handler_dagster.settings import DEFAULT_BUCKET
@@ -58,9 +68,36 @@ MODEL = "demo/pixel-sketch"
 #: The name the emulator answers creates of MODEL with, as Replicate does for some official
 #: models: adoption must learn it.
 MODEL_ALIAS = "demo/pixel-sketch-official"
+#: The emulator's text model, priced per token by the shipped table.
+TEXT_MODEL = "demo/haiku-text"
+#: The same two models pinned to their versions, as a team runs its own fine-tunes: the soak's
+#: price table charges the image model's version per second of predict_time and the text
+#: model's version a fixed price, so that every kind of price is in the mix.
+METERED_MODEL = f"{MODEL}:{MODELS[MODEL].version_id}"
+FIXED_MODEL = f"{TEXT_MODEL}:{MODELS[TEXT_MODEL].version_id}"
 #: The emulator's test model; its empty-output misbehaviours succeed with nothing to store.
 EMPTY_MODEL = "test/bad-output"
 EMPTY_KINDS = ("empty-null", "empty-string", "empty-list", "empty-chunk")
+#: The soak's own prices, added to the shipped table (which prices MODEL per output and
+#: TEXT_MODEL per token). The empty-output model costs what one image does.
+SOAK_PRICES = f"""
+[models."{METERED_MODEL}"]
+credits_per_second = 2.5
+max_seconds = 12
+
+[models."{FIXED_MODEL}"]
+credits = 7
+
+[models."{EMPTY_MODEL}"]
+credits = 5
+"""
+#: Shares of each model in the load (before repeats and empty outputs are drawn).
+MODEL_SHARES = ((MODEL, 0.4), (TEXT_MODEL, 0.25), (METERED_MODEL, 0.2), (FIXED_MODEL, 0.15))
+#: Values drawn for the counted prices' input fields; None leaves the field out (its default).
+#: Both lists include the price's maximum (the image model's 4 outputs, the text model's 512
+#: tokens) and the text model's short caps cut its haiku (about a dozen tokens) short.
+NUM_OUTPUTS = (None, 1, 2, 3, 4, 4)
+MAX_TOKENS = (None, 3, 8, 16, 512)
 #: Shares of the rich users' load: repeats of an earlier request's exact input, requests that
 #: succeed with an empty output, and regenerates of succeeded generations (extra actions).
 IDENTICAL_SHARE = 0.08
@@ -80,6 +117,11 @@ EMULATOR_FAULTS = {
     "stuck_rate": 0.02,
     "remove_output_rate": 0.01,
 }
+
+#: What the audit's price checks count per price kind (see ``AuditReport.price_checks``).
+PRICE_TALLIES = ("holds", "charges", "unpaid", "mismatches")
+#: The emulator's create routes (labels of its request counts).
+CREATE_ROUTES = ("POST /v1/predictions", "POST /v1/models/{owner}/{name}/predictions")
 
 #: How the table names each fault kind (JSON keys on the left).
 FAULT_LABELS = {
@@ -118,6 +160,10 @@ class ChaosConfig:
     pg_admin_url: str = DEFAULT_PG_URL
     max_batch: int = 8
     keep: bool = False
+    #: The create limit the emulator enforces during the rate-limited phase (creates a minute;
+    #: 0: no such phase) and its burst.
+    rate_limit: int = 20
+    rate_limit_burst: int = 2
 
     @property
     def arrival_window_s(self) -> float:
@@ -146,6 +192,19 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class RateLimitPhase:
+    """A window of the soak in which the emulator enforces a low create limit."""
+
+    start_s: float
+    end_s: float
+    creates_per_minute: int
+    burst: int
+    #: The phase lasts until at least this many creates met the limit (the system may be too
+    #: slow at the planned moment to ask for any), at most ``RateLimiter.EXTEND_S`` longer.
+    min_creates: int = 1
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the seed decides: users and their grants, the requests, the process faults."""
 
@@ -155,14 +214,41 @@ class Plan:
     #: (seconds into the soak, index into ``requests``): regenerate that request's generation
     #: (a requeue with ``include_succeeded``, as a backfill does) if it has succeeded by then.
     regenerates: list[tuple[float, int]] = field(default_factory=list)
+    rate_limit: RateLimitPhase | None = None
 
 
-def make_plan(config: ChaosConfig, price: int) -> Plan:
+def _draw_request(
+    rng: random.Random, config: ChaosConfig, index: int, user: str
+) -> tuple[str, dict[str, Any]]:
+    """A model of the mix and an input for it, its count field drawn from the lists above."""
+    roll, model = rng.random(), MODEL_SHARES[-1][0]
+    for candidate, share in MODEL_SHARES:
+        if roll < share:
+            model = candidate
+            break
+        roll -= share
+    prompt = f"chaos {config.seed} request {index} for {user}"
+    payload: dict[str, Any]
+    if model in (MODEL, METERED_MODEL):
+        payload = {"prompt": prompt, "seed": index, "width": 64, "height": 64}
+        count = rng.choice(NUM_OUTPUTS)
+        if count is not None:
+            payload["num_outputs"] = count
+    else:
+        payload = {"prompt": prompt}
+        tokens = rng.choice(MAX_TOKENS)
+        if tokens is not None:
+            payload["max_tokens"] = tokens
+    return model, payload
+
+
+def make_plan(config: ChaosConfig, prices: PriceBook) -> Plan:
     """The seeded schedule of a soak: the same seed gives the same load and the same faults.
 
     Requests arrive in waves (an application's traffic is bursty, and waves make batches): each
     request joins a wave at random. A poor user's requests all arrive in two waves, so they race
-    each other for the same few credits.
+    each other for the same few credits. ``prices`` (the soak's price table) says what each
+    request holds, which the grants are made of.
     """
     rng = random.Random(f"chaos:{config.seed}")
     window = config.arrival_window_s
@@ -186,20 +272,14 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
     requests: list[Request] = []
     for index, user in enumerate(owners):
         at = rng.choice(bursts[user]) if user in bursts else rng.choice(wave_times)
-        payload = {
-            "prompt": f"chaos {config.seed} request {index} for {user}",
-            "seed": index,
-            "width": 64,
-            "height": 64,
-            "num_outputs": 2 if rng.random() < 0.2 else 1,
-        }
-        model = MODEL
+        model, payload = _draw_request(rng, config, index, user)
         roll = rng.random()
-        if user not in bursts and requests and roll < IDENTICAL_SHARE:
-            # The exact input of an earlier request (of anyone): only one of them may adopt a
-            # prediction made for it.
-            twin = rng.choice([r for r in requests if r.model == MODEL])
-            payload = dict(twin.input)
+        earlier = [r for r in requests if r.model != EMPTY_MODEL]
+        if user not in bursts and earlier and roll < IDENTICAL_SHARE:
+            # The exact model and input of an earlier request (of anyone): only one of them may
+            # adopt a prediction made for it.
+            twin = rng.choice(earlier)
+            model, payload = twin.model, dict(twin.input)
             at = max(at, twin.at_s)
         elif user not in bursts and roll < IDENTICAL_SHARE + EMPTY_SHARE:
             model = EMPTY_MODEL
@@ -208,21 +288,32 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
     requests.sort(key=lambda r: r.at_s)
     # Regenerates: an operator (or a backfill) re-runs a succeeded generation, charged again;
     # late enough for it to have succeeded.
-    candidates = [i for i, r in enumerate(requests) if r.user not in bursts and r.model == MODEL]
+    candidates = [
+        i for i, r in enumerate(requests) if r.user not in bursts and r.model != EMPTY_MODEL
+    ]
     regenerates = sorted(
         (round(requests[i].at_s + 20 + rng.uniform(0, 10), 3), i)
         for i in rng.sample(
             candidates, k=min(len(candidates), round(config.count * REGENERATE_SHARE))
         )
     )
-    asked = Counter(r.user for r in requests) + Counter(requests[i].user for _, i in regenerates)
+
+    def hold(request: Request) -> int:
+        return prices.price_for(request.model).hold_amount(request.input)
+
+    asked: Counter[str] = Counter()
+    for request in [*requests, *(requests[i] for _, i in regenerates)]:
+        asked[request.user] += hold(request)
+    largest = max(hold(r) for r in requests)
     grants = {}
     for user in everyone:
         if user in poor:
-            # Enough for about a third of what they ask: the rest must be refused.
-            grants[user] = price * max(1, asked[user] // 3)
+            # Enough for about a third of what they ask (at least their largest request): the
+            # rest must be refused.
+            mine = max(hold(r) for r in requests if r.user == user)
+            grants[user] = max(mine, asked[user] // 3)
         else:
-            grants[user] = price * asked[user] + price  # never short
+            grants[user] = asked[user] + largest  # never short
     kinds = (
         ["kill_worker"] * config.worker_kills
         + ["pg_terminate"] * config.pg_terminations
@@ -236,7 +327,26 @@ def make_plan(config: ChaosConfig, price: int) -> Plan:
         Fault(round(span * (i + rng.uniform(0.2, 0.8)) / len(kinds), 3), kind)
         for i, kind in enumerate(kinds)
     ]
-    return Plan(grants=grants, requests=requests, faults=faults, regenerates=regenerates)
+    # The rate-limited phase: a stretch of the middle of the arrival window, drawn last so that
+    # it leaves the rest of the schedule as it was.
+    phase = None
+    if config.rate_limit > 0:
+        length = max(10.0, window * rng.uniform(0.15, 0.25))
+        start = window * rng.uniform(0.3, 0.5)
+        phase = RateLimitPhase(
+            round(start, 3),
+            round(start + length, 3),
+            config.rate_limit,
+            config.rate_limit_burst,
+            min_creates=max(5, config.count // 20),
+        )
+    return Plan(
+        grants=grants,
+        requests=requests,
+        faults=faults,
+        regenerates=regenerates,
+        rate_limit=phase,
+    )
 
 
 # --- injecting process faults --------------------------------------------------------------
@@ -473,6 +583,101 @@ class FaultDriver(threading.Thread):
         self.say(f"fault: terminated {killed} app database connections")
 
 
+class RateLimiter(threading.Thread):
+    """Runs the plan's rate-limited phase: at its start the emulator enforces a low create
+    limit (through its control API, as a provider lowers an account's limit), at its end the
+    limits go back to what they were. Every 429 it causes carries ``Retry-After`` and the
+    ``ratelimit-*`` headers.
+
+    The phase is about creates, so it is tied to them as well as to the clock: it begins at its
+    planned time once creates are being asked for (a daemon restart or a loaded machine may
+    leave none in flight then), and lasts its planned length and until ``min_creates`` create
+    requests met the limit, at most ``EXTEND_S`` longer."""
+
+    #: Longest wait for a first create after the planned start, and longest extension.
+    WAIT_S = 120.0
+    EXTEND_S = 120.0
+
+    def __init__(
+        self,
+        phase: RateLimitPhase,
+        emulator_url: str,
+        started: float,
+        say: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="chaos-rate-limit", daemon=True)
+        self.phase = phase
+        self.emulator_url = emulator_url
+        self.started = started
+        self.say = say
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        #: Seconds into the soak when the limit was switched on and off.
+        self.began_s: float | None = None
+        self.ended_s: float | None = None
+        #: Create requests the emulator answered during the phase, and requests it refused
+        #: for the enforced limit.
+        self.creates = 0
+        self.throttled = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> None:
+        try:
+            if self.stop_event.wait(max(0.0, self.phase.start_s - self.elapsed())):
+                return
+            with EmulatorControl(self.emulator_url) as control:
+                before = control.config()
+                baseline = _creates(control.stats())
+                deadline = time.monotonic() + self.WAIT_S
+                while _creates(control.stats()) == baseline and time.monotonic() < deadline:
+                    if self.stop_event.wait(0.25):
+                        return
+                first = control.stats()
+                control.configure(
+                    rate_limit=True,
+                    creates_per_minute=self.phase.creates_per_minute,
+                    creates_burst=self.phase.burst,
+                )
+                self.began_s = self.elapsed()
+                length = self.phase.end_s - self.phase.start_s
+                self.say(
+                    f"rate limit: {self.phase.creates_per_minute} creates/min, burst "
+                    f"{self.phase.burst}, for {length:.0f}s and {self.phase.min_creates} creates"
+                )
+                try:
+                    ends = time.monotonic() + length
+                    latest = ends + self.EXTEND_S
+                    while not self.stop_event.wait(0.5):
+                        now = time.monotonic()
+                        met = _creates(control.stats()) - _creates(first)
+                        if now >= latest or (now >= ends and met >= self.phase.min_creates):
+                            break
+                finally:
+                    # Back to the budget the emulator had (a minute's worth when it had none).
+                    control.configure(
+                        rate_limit=before["rate_limit"],
+                        creates_per_minute=before["creates_per_minute"],
+                        creates_burst=before["creates_burst"] or before["creates_per_minute"],
+                    )
+                    self.ended_s = self.elapsed()
+                    last = control.stats()
+                    self.creates = _creates(last) - _creates(first)
+                    self.throttled = int(last["rate_limited"]) - int(first["rate_limited"])
+                    self.say(
+                        f"rate limit lifted: {self.throttled} requests throttled of "
+                        f"{self.creates} creates in {self.ended_s - self.began_s:.0f}s"
+                    )
+        except BaseException as exc:  # reported by the soak, never swallowed
+            self.error = exc
+
+
+def _creates(stats: dict[str, Any]) -> int:
+    requests = stats.get("requests", {})
+    return sum(int(requests.get(route, 0)) for route in CREATE_ROUTES)
+
+
 # --- the application's side ----------------------------------------------------------------
 
 
@@ -567,7 +772,7 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
     emulator_args = ["--latency-jitter", "0.3", "--retry-after", "1", "--seed", str(config.seed)]
     state.mkdir(parents=True, exist_ok=True)
     prices = state / "prices.toml"
-    prices.write_text(_price_table())
+    prices.write_text(price_table())
     return StackConfig(
         state_dir=state,
         storage="postgres",
@@ -586,20 +791,27 @@ def _stack_config(config: ChaosConfig, state: Path, app_url: str, dagster_url: s
             "AI_HANDLER_MAX_IN_FLIGHT": "96",
             "AI_HANDLER_MAX_IN_FLIGHT_PER_USER": "48",
             "AI_HANDLER_DB_POOL_MAX": "8",
-            # The shipped prices and the test model whose outputs come back empty.
+            # The shipped prices, a metered and a fixed version, and the test model whose
+            # outputs come back empty.
             "AI_HANDLER_PRICING_FILE": str(prices),
         },
     )
 
 
-def _price_table() -> str:
-    """The soak's price table: the shipped one, and the empty-output test model at the image
-    model's price (so that the users' grants cover it alike)."""
-    from ai_handler_dagster.pricing import DEFAULT_PRICING_RESOURCE, load_pricing
+def price_table() -> str:
+    """The soak's price table: the shipped one and ``SOAK_PRICES`` (a metered and a fixed
+    version, and the empty-output test model), so that every kind of price is in the mix."""
+    from ai_handler_dagster.pricing import DEFAULT_PRICING_RESOURCE
 
     shipped = resources.files("ai_handler_dagster").joinpath(DEFAULT_PRICING_RESOURCE)
-    price = load_pricing().price_for(MODEL).hold_amount({})
-    return shipped.read_text(encoding="utf-8") + f'\n[models."{EMPTY_MODEL}"]\ncredits = {price}\n'
+    return shipped.read_text(encoding="utf-8") + SOAK_PRICES
+
+
+def soak_prices() -> PriceBook:
+    """``price_table()`` parsed."""
+    from ai_handler_dagster.pricing import parse_pricing
+
+    return parse_pricing(price_table(), source="the soak's price table")
 
 
 def _statuses(engine: sa.Engine) -> dict[str, int]:
@@ -723,9 +935,10 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
             sys.stderr.flush()
 
     begun = time.monotonic()
-    # The plan asks for at most two images a request: grants in units of that never fall short.
-    price = load_pricing().price_for(MODEL).hold_amount({"num_outputs": 2})
-    plan = make_plan(config, price)
+    # The price table the stack runs with: the grants are made of its holds, and the audit
+    # checks every hold and charge against it.
+    prices = load_pricing(stack.config.extra_env["AI_HANDLER_PRICING_FILE"])
+    plan = make_plan(config, prices)
     engine = make_engine(
         sa.make_url(app_url).update_query_dict({"application_name": APPLICATION_NAME})
     )
@@ -756,8 +969,13 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
         random.Random(f"chaos-victims:{config.seed}"),
         say,
     )
+    limiter = (
+        RateLimiter(plan.rate_limit, stack.emulator_url, started, say) if plan.rate_limit else None
+    )
     submitter.start()
     driver.start()
+    if limiter is not None:
+        limiter.start()
     try:
         _settle(config, stack, engine, submitter, driver, started, say)
     finally:
@@ -765,8 +983,16 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
         driver.stop_event.set()
         submitter.join(timeout=30)
         driver.join(timeout=120)
+        if limiter is not None:
+            # The phase ends within the arrival window, which is over once the soak settled; a
+            # soak stopped early ends it now.
+            limiter.stop_event.set()
+            limiter.join(timeout=60)
     duration = time.monotonic() - started
-    for thread in (submitter, driver):
+    threads: list[Submitter | FaultDriver | RateLimiter] = [submitter, driver]
+    if limiter is not None:
+        threads.append(limiter)
+    for thread in threads:
         if thread.error is not None:
             raise RuntimeError(f"{thread.name} failed: {thread.error!r}") from thread.error
 
@@ -787,6 +1013,7 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
             predictions=predictions,
             s3_objects=audit.list_s3_objects(s3, DEFAULT_BUCKET),
             fetch_output=fetch,
+            prices=prices,
         )
     finally:
         http.close()
@@ -797,9 +1024,29 @@ def _soak(config: ChaosConfig, stack: ProvingStack, app_url: str, progress: bool
         "regenerates_planned": len(plan.regenerates),
         "regenerated": len(submitter.regenerated),
         "aliased_model": f"{MODEL} -> {MODEL_ALIAS}",
+        **mix_counts(plan, prices),
     }
-    report = _report(config, plan, driver.log, stats, result, duration)
+    report = _report(config, plan, driver.log, stats, result, duration, limiter)
     return {**report, "mix": mix, "overrides": overrides}
+
+
+def mix_counts(plan: Plan, prices: PriceBook) -> dict[str, dict[str, int]]:
+    """Requests by price kind, and the counts asked for by the counted kinds' input fields
+    (``default`` when the field is left out)."""
+    kinds: Counter[str] = Counter()
+    outputs: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
+    for request in plan.requests:
+        kinds[prices.price_for(request.model).kind] += 1
+        if request.model in (MODEL, METERED_MODEL):
+            outputs[str(request.input.get("num_outputs", "default"))] += 1
+        elif request.model in (TEXT_MODEL, FIXED_MODEL):
+            tokens[str(request.input.get("max_tokens", "default"))] += 1
+    return {
+        "price_kinds": dict(sorted(kinds.items())),
+        "num_outputs": dict(sorted(outputs.items())),
+        "max_tokens": dict(sorted(tokens.items(), key=lambda kv: (len(kv[0]), kv[0]))),
+    }
 
 
 def _settle(
@@ -878,6 +1125,7 @@ def _report(
     stats: dict[str, Any],
     result: audit.AuditReport,
     duration: float,
+    limiter: RateLimiter | None = None,
 ) -> dict[str, Any]:
     faults = _emulator_faults(stats)
     for kind in (
@@ -901,6 +1149,25 @@ def _report(
     for kind in ("daemon_restart", "s3_outage"):
         if faults[kind] < 1:
             shortfalls.append(f"no {kind.replace('_', ' ')} happened")
+    phase: dict[str, Any] | None = None
+    if plan.rate_limit is not None:
+        ran = limiter is not None and limiter.began_s is not None
+        phase = {
+            "creates_per_minute": plan.rate_limit.creates_per_minute,
+            "burst": plan.rate_limit.burst,
+            "planned_s": [plan.rate_limit.start_s, plan.rate_limit.end_s],
+            "window_s": [
+                round(limiter.began_s, 1) if limiter and limiter.began_s is not None else None,
+                round(limiter.ended_s, 1) if limiter and limiter.ended_s is not None else None,
+            ],
+            "creates": limiter.creates if limiter else 0,
+            "throttled": limiter.throttled if limiter else 0,
+            "failed_rate_limited": result.failed_by_code.get("rate_limited", 0),
+        }
+        if not ran:
+            shortfalls.append("the rate-limited phase never began")
+        elif not phase["creates"]:
+            shortfalls.append("no create reached the emulator during the rate-limited phase")
     statuses = result.statuses
     failed = sum(statuses.get(s, 0) for s in UNSUCCESSFUL)
     return {
@@ -924,6 +1191,13 @@ def _report(
         "unrecorded_predictions": result.unrecorded_predictions,
         "objects_checked": result.objects_checked,
         "objects_compared_with_emulator": result.objects_compared_with_emulator,
+        "rate_limit_phase": phase,
+        "rate_limited_total": int(stats.get("rate_limited", 0)),
+        "price_checks": {
+            kind: {name: int(tally.get(name, 0)) for name in PRICE_TALLIES}
+            for kind, tally in sorted(result.price_checks.items())
+        },
+        "unverified_output_counts": result.unverified_output_counts,
         "checks": result.by_check(),
         "fault_shortfalls": shortfalls,
         "violations": len(result.violations) + len(shortfalls),
@@ -949,6 +1223,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"  {'regenerates (planned)':44}{mix['regenerated']:>5} ({mix['regenerates_planned']})",
             f"  {'official model answered under':44}{mix['aliased_model']}",
         ]
+        for kind, n in (mix.get("price_kinds") or {}).items():
+            lines.append(f"  {'requests priced ' + kind:44}{n:>8}")
+        for name in ("num_outputs", "max_tokens"):
+            asked = mix.get(name) or {}
+            if asked:
+                text = ", ".join(f"{k}: {v}" for k, v in asked.items())
+                lines.append(f"  {'  ' + name + ' asked for':44}{text}")
     lines += [
         "",
         "settings that differ from production's",
@@ -961,6 +1242,18 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  {label:44}{report['faults'].get(kind, 0):>8}")
     if report["s3_outage_s"]:
         lines.append(f"  {'  S3 offline (s)':44}{', '.join(map(str, report['s3_outage_s'])):>8}")
+    phase = report.get("rate_limit_phase")
+    if phase:
+        began, ended = phase["window_s"]
+        lines += [
+            f"  {'rate-limited phase (creates/min, burst)':44}"
+            f"{phase['creates_per_minute']:>5} ({phase['burst']})",
+            f"  {'  from, to (s into the soak)':44}{began}, {ended}",
+            f"  {'  creates answered during it':44}{phase['creates']:>8}",
+            f"  {'  requests throttled by the limit (429)':44}{phase['throttled']:>8}",
+        ]
+    throttled = report.get("rate_limited_total", 0)
+    lines.append(f"  {'requests throttled by a limit, whole soak':44}{throttled:>8}")
     lines += ["", "outcomes", f"  {'succeeded':44}{report['succeeded']:>8}"]
     lines.append(f"  {'failed or canceled':44}{report['failed']:>8}")
     for code, n in report["failed_by_code"].items():
@@ -975,9 +1268,25 @@ def format_table(report: dict[str, Any]) -> str:
         f"  {'unowned predictions of a request, ran on':44}{report['unrecorded_predictions']:>8}",
         f"  {'S3 objects checked (vs emulator bytes)':44}"
         f"{report['objects_checked']:>5} ({report['objects_compared_with_emulator']})",
-        "",
-        "invariants",
     ]
+    if phase:
+        lines.append(
+            f"  {'failed for rate limiting (after retries)':44}{phase['failed_rate_limited']:>8}"
+        )
+    price_checks = report.get("price_checks") or {}
+    if price_checks:
+        lines += ["", "prices checked against the table and the provider's counts"]
+        lines.append(f"  {'kind':20}{'holds':>8}{'charges':>9}{'unpaid':>8}{'mismatches':>12}")
+        for kind, tally in price_checks.items():
+            lines.append(
+                f"  {kind:20}{tally['holds']:>8}{tally['charges']:>9}{tally['unpaid']:>8}"
+                f"{tally['mismatches']:>12}"
+            )
+        lines.append(
+            f"  {'output counts unverified':44}{report.get('unverified_output_counts', 0):>8}"
+        )
+        lines.append("  (unpaid: failed or canceled attempts, checked to capture nothing)")
+    lines += ["", "invariants"]
     for name, description in audit.CHECKS.items():
         n = report["checks"].get(name, 0)
         verdict = "ok" if n == 0 else f"{n} VIOLATION(S)"
@@ -1004,6 +1313,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         pg_admin_url=args.pg_url,
         keep=args.keep,
+        rate_limit=args.rate_limit,
+        rate_limit_burst=args.rate_limit_burst,
     )
     try:
         report = run_chaos(config, progress=not args.quiet)
@@ -1029,6 +1340,15 @@ def register(sub: Any) -> None:
         "--deadline", type=int, default=20, help="prediction deadline in seconds (default 20)"
     )
     p.add_argument("--worker-kills", type=int, default=5, help="run workers to SIGKILL")
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=20,
+        help="creates a minute the emulator enforces in the rate-limited phase (0: no phase)",
+    )
+    p.add_argument(
+        "--rate-limit-burst", type=int, default=2, help="burst of that limit (default 2)"
+    )
     p.add_argument("--window", type=float, default=None, help="seconds over which requests arrive")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to settle (default 1800)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")

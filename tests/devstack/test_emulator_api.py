@@ -15,7 +15,7 @@ import pytest
 import replicate
 from replicate.exceptions import ReplicateError
 
-from ai_handler_dagster.devstack.emulator import MODELS, EmulatorHandle, Faults
+from ai_handler_dagster.devstack.emulator import MODELS, EmulatorControl, EmulatorHandle, Faults
 from tests.support.emulator import client_for
 
 PS, HT = "demo/pixel-sketch", "demo/haiku-text"
@@ -494,3 +494,37 @@ def test_a_burst_of_one_lets_one_create_through_then_paces_them(
     time.sleep(0.05)
     for _ in range(3):
         client.models.predictions.create(model="demo/haiku-text", input={"prompt": "x"})
+
+
+def test_a_rate_limit_phase_switched_on_and_off_over_the_control_api(
+    make_emulator, http: httpx.Client
+) -> None:
+    """The chaos soak's rate-limited phase: another process turns the create limit on at a low
+    rate through ``/_emulator/config``, then back to Replicate's usual budget."""
+    emulator = make_emulator()
+    client = client_for(emulator)
+    auth = {"Authorization": f"Bearer {emulator.token}"}
+    url = f"{emulator.base_url}/v1/models/demo/haiku-text/predictions"
+    with EmulatorControl(emulator.base_url) as control:
+        for _ in range(3):  # not enforced: creates pass
+            client.models.predictions.create(model=HT, input={"prompt": "x"})
+        control.configure(rate_limit=True, creates_per_minute=12, creates_burst=1)
+        assert http.post(url, json={"input": {"prompt": "x"}}, headers=auth).status_code == 201
+        throttled = http.post(url, json={"input": {"prompt": "x"}}, headers=auth)
+        assert throttled.status_code == 429
+        assert throttled.headers["content-type"].startswith("application/problem+json")
+        # One token every 5 s at 12 a minute.
+        assert 1 <= int(throttled.headers["Retry-After"]) <= 5
+        assert throttled.headers["ratelimit-remaining"] == "0"
+        assert 1 <= int(throttled.headers["ratelimit-reset"]) <= 5
+        assert control.stats()["rate_limited"] == 1
+        # Reads keep their own (unspent) budget.
+        assert http.get(f"{emulator.base_url}/v1/predictions", headers=auth).status_code == 200
+
+        control.configure(rate_limit=False, creates_per_minute=600, creates_burst=600)
+        assert control.config()["rate_limit"] is False
+        for _ in range(3):
+            response = http.post(url, json={"input": {"prompt": "x"}}, headers=auth)
+            assert response.status_code == 201
+            assert response.headers["ratelimit-remaining"].isdigit()
+        assert control.stats()["rate_limited"] == 1

@@ -221,6 +221,13 @@ def test_remove_output_fault_deletes_outputs_right_after_success(
     assert again["data_removed"] is True
     if prediction.output:  # the wait may have seen the URL before it went away
         assert http.get(prediction.output[0]).status_code == 404
+    # The emulator's own record still says what the provider returned: an audit counts the
+    # outputs a charge was owed from it, after the files are gone.
+    (record,) = emulator.predictions()
+    assert record["output"] is None
+    assert record["_emulator"]["completed_output"] == [
+        f"{emulator.base_url}/files/{prediction.id}/0.png"
+    ]
 
 
 def test_runtime_fault_changes_apply_to_new_predictions(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -129,6 +130,9 @@ class Prediction:
     completed_at: float | None = None
     completed_mono: float | None = None
     output: Any = None
+    #: The output as the prediction succeeded with it, kept after its files are removed: what
+    #: the provider returned (an audit counts the outputs it was owed from it).
+    completed_output: Any = None
     logs: str = ""
     error: str | None = None
     data_removed: bool = False
@@ -489,6 +493,7 @@ class Engine:
                     "seed": pred.seed,
                     "response_dropped": pred.response_dropped,
                     "canceled_by": pred.canceled_by,
+                    "completed_output": copy.deepcopy(pred.completed_output),
                     "deadline_s": pred.deadline_s,
                     "webhook": pred.webhook,
                     "webhook_events_filter": sorted(pred.webhook_events),
@@ -658,6 +663,7 @@ class Engine:
                 ]
             else:
                 output = list(result.chunks or [])
+            pred.completed_output = copy.deepcopy(output)
             if output != pred.output:
                 pred.output = output
                 self._event(pred, "output")
