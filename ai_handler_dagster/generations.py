@@ -56,6 +56,7 @@ from ai_handler_dagster.errors import (
     AiHandlerError,
 )
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel
+from ai_handler_dagster.provider_costs import Usage
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -79,6 +80,7 @@ __all__ = [
     "learned_model_names",
     "owned_predictions",
     "record_prediction",
+    "record_provider_cost",
     "requeue",
     "resume",
     "start_attempt",
@@ -745,6 +747,48 @@ def owned_predictions(session: Session, prediction_ids: Sequence[str]) -> set[st
     return {pid for pid in found if pid}
 
 
+def record_provider_cost(
+    session: Session,
+    generation_id: int,
+    *,
+    attempt: int,
+    prediction_id: str,
+    prices: PriceBook,
+    status: str,
+    output: Any,
+    metrics: Mapping[str, Any] | None,
+    now: datetime | None = None,
+) -> int | None:
+    """Record what the provider charged for the attempt's finished prediction (nano-USD).
+
+    The cost is the model's provider price (``provider_costs.py``) of what the prediction used:
+    its ``status``, ``output`` and ``metrics`` as the provider reported them at its end, failed
+    and canceled ones included (they are billed too). It is kept on the attempt's
+    ``create_attempts`` row for good, and mirrored on the generation while it is still on that
+    attempt. The first cost recorded stays (a retried step records nothing new). Returns the
+    cost recorded by this call or earlier; None when the attempt does not own
+    ``prediction_id``, the model has no provider price, or the prediction lacks the measure
+    its price needs. Moves no credit.
+    """
+    row = _lock(session, generation_id)  # the generation first: the lock order of begin_create
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is None or record.prediction_id != prediction_id:
+        return None
+    if record.provider_cost_nusd is not None:
+        return record.provider_cost_nusd
+    price = prices.find(record.model)
+    if price is None or price.provider is None:
+        return None
+    cost = price.provider.cost_nano(Usage.of(status, output, metrics))
+    if cost is None:
+        return None
+    record.provider_cost_nusd, record.provider_cost_at = cost, now or utcnow()
+    if row.attempt == attempt:
+        row.provider_cost_nusd = cost
+    session.flush()
+    return cost
+
+
 def _check_outputs(outputs: object) -> list[dict[str, Any]]:
     if not isinstance(outputs, list):
         raise ValueError(f"outputs must be a list of objects, got {type(outputs).__name__}")
@@ -907,6 +951,8 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
         setattr(row, field, None)
     row.amount_held = 0
     row.amount_charged = 0
+    # The old attempt's cost stays on its create_attempts row.
+    row.provider_cost_nusd = None
     session.flush()
     return row
 
