@@ -11,9 +11,9 @@ modules, each with a ``register(subparsers)`` that adds its subparsers (each wit
 ``set_defaults(handler=...)``, a function from the parsed arguments to an exit code).
 :func:`build_parser` imports those modules by name and calls every ``register``:
 ``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
-(``webhooks serve|prune``) and ``proving.chaos`` (``chaos``). It imports them itself, not at the
-top of this module, so that importing the module stays cheap; each handler imports what it runs
-(Dagster included) only when it runs.
+(``webhooks serve|prune``), ``proving.chaos`` (``chaos``) and ``usage`` (``usage``). It imports
+them itself, not at the top of this module, so that importing the module stays cheap; each
+handler imports what it runs (Dagster included) only when it runs.
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ def _with_url(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand, this module's and the other parts'."""
+    from ai_handler_dagster import usage
     from ai_handler_dagster.devstack import commands as devstack_commands
     from ai_handler_dagster.proving import bench, chaos
     from ai_handler_dagster.webhooks import commands as webhooks_commands
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
     webhooks_commands.register(sub)
     chaos.register(sub)
+    usage.register(sub)
     return parser
 
 

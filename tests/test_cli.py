@@ -215,7 +215,7 @@ def test_missing_arguments_are_usage_errors(
 #: Every command of ``ai-handler``: this module's, then those the other parts register.
 COMMANDS = (
     *("db", "ledger", "credits", "submit", "status", "demo", "instance"),
-    *("dev", "bench", "webhooks", "chaos"),
+    *("dev", "bench", "webhooks", "chaos", "usage"),
 )
 
 #: The modules of the other parts whose ``register`` adds commands.
@@ -224,6 +224,7 @@ COMMAND_MODULES = (
     "ai_handler_dagster.proving.bench",
     "ai_handler_dagster.webhooks.commands",
     "ai_handler_dagster.proving.chaos",
+    "ai_handler_dagster.usage",
 )
 
 
