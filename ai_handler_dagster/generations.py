@@ -68,6 +68,7 @@ __all__ = [
     "PredictionOwned",
     "UnknownGeneration",
     "as_dict",
+    "attempts_without_cost",
     "begin_create",
     "claim_pending",
     "create_in_flight",
@@ -757,36 +758,63 @@ def record_provider_cost(
     status: str,
     output: Any,
     metrics: Mapping[str, Any] | None,
+    never_started: bool = False,
     now: datetime | None = None,
 ) -> int | None:
     """Record what the provider charged for the attempt's finished prediction (nano-USD).
 
     The cost is the model's provider price (``provider_costs.py``) of what the prediction used:
     its ``status``, ``output`` and ``metrics`` as the provider reported them at its end, failed
-    and canceled ones included (they are billed too). It is kept on the attempt's
-    ``create_attempts`` row for good, and mirrored on the generation while it is still on that
-    attempt. The first cost recorded stays (a retried step records nothing new). Returns the
-    cost recorded by this call or earlier; None when the attempt does not own
-    ``prediction_id``, the model has no provider price, or the prediction lacks the measure
-    its price needs. Moves no credit.
+    and canceled ones included (they are billed too; ``never_started``: it ran no seconds).
+    It is kept on the attempt's ``create_attempts`` row for good, and mirrored on the
+    generation while it is still on that attempt. It is priced once per attempt
+    (``provider_cost_at`` set): a retried step or a later sweep records nothing new. Returns
+    the cost; None when the attempt does not own ``prediction_id``, the model has no provider
+    price, or the prediction lacks the measure its price needs (the cost stays unknown).
+    Moves no credit.
     """
     row = _lock(session, generation_id)  # the generation first: the lock order of begin_create
     record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
     if record is None or record.prediction_id != prediction_id:
         return None
-    if record.provider_cost_nusd is not None:
+    if record.provider_cost_at is not None:
         return record.provider_cost_nusd
     price = prices.find(record.model)
-    if price is None or price.provider is None:
-        return None
-    cost = price.provider.cost_nano(Usage.of(status, output, metrics))
-    if cost is None:
-        return None
+    provider = price.provider if price is not None else None
+    usage = Usage.of(status, output, metrics, never_started=never_started)
+    cost = None if provider is None else provider.cost_nano(usage)
     record.provider_cost_nusd, record.provider_cost_at = cost, now or utcnow()
     if row.attempt == attempt:
         row.provider_cost_nusd = cost
     session.flush()
     return cost
+
+
+def attempts_without_cost(
+    session: Session, *, since: datetime, limit: int
+) -> list[tuple[int, int, str, str]]:
+    """(generation id, attempt, prediction id, model) of ended attempts started since ``since``
+    whose prediction was never priced (``provider_cost_at`` unset), oldest first: those a
+    recovery path ended after its run died, before anyone saw the prediction's end."""
+    ended = sa.or_(Generation.attempt != CreateAttempt.attempt, Generation.status.in_(TERMINAL))
+    rows = session.execute(
+        sa.select(
+            CreateAttempt.generation_id,
+            CreateAttempt.attempt,
+            CreateAttempt.prediction_id,
+            CreateAttempt.model,
+        )
+        .join(Generation, Generation.id == CreateAttempt.generation_id)
+        .where(
+            CreateAttempt.started_at >= since,
+            CreateAttempt.prediction_id.is_not(None),
+            CreateAttempt.provider_cost_at.is_(None),
+            ended,
+        )
+        .order_by(CreateAttempt.started_at)
+        .limit(limit)
+    ).all()
+    return [(gid, attempt, str(pid), model) for gid, attempt, pid, model in rows]
 
 
 def _check_outputs(outputs: object) -> list[dict[str, Any]]:

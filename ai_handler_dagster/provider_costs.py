@@ -22,7 +22,8 @@ output price counts the outputs the provider returned (none, for a prediction th
 per token price counts the tokens the provider reports. Outputs the provider produced but we
 could not store (a refused download, an expired file) are billed by the provider all the same,
 so they are counted. When the measure a price needs is missing (no ``predict_time``, no token
-counts) the cost is unknown (``None``), never guessed.
+counts) the cost is unknown (``None``), never guessed; a prediction the provider says never
+started (``started_at`` null) ran no seconds.
 """
 
 from __future__ import annotations
@@ -75,11 +76,22 @@ class Usage:
     outputs: int = 0
 
     @classmethod
-    def of(cls, status: str, output: Any, metrics: Mapping[str, Any] | None) -> Usage:
-        """The usage of a prediction from its status, ``output`` and ``metrics``."""
+    def of(
+        cls,
+        status: str,
+        output: Any,
+        metrics: Mapping[str, Any] | None,
+        *,
+        never_started: bool = False,
+    ) -> Usage:
+        """The usage of a prediction from its status, ``output`` and ``metrics``.
+
+        ``never_started``: the provider says it ended without running (canceled or aborted
+        while queued): no seconds were billed, even though it reports no ``predict_time``.
+        """
         metrics = metrics or {}
         raw = metrics.get("predict_time")
-        seconds: float | None = None
+        seconds: float | None = 0.0 if never_started else None
         if isinstance(raw, int | float) and not isinstance(raw, bool):
             seconds = float(raw) if math.isfinite(raw) and raw >= 0 else None
         return cls(

@@ -2,13 +2,13 @@
 
 Proves: the shipped table prices what Replicate charges for the emulator's models (pixel-sketch
 per image, haiku-text per token) and lists example hardware; per-second costs are the hardware's
-rate times ``predict_time`` in exact decimals, for failed and canceled predictions too, and
-rounded up to a whole nano-USD once; per-output costs count the outputs the provider returned;
-per-token costs count the reported tokens; a missing measure makes the cost unknown (None), not
-zero; margins are exact; the credit value setting is validated; malformed provider tables
-(unknown field, mixed or missing kinds, unknown hardware, bad numbers, sub-nano prices, a bad
-[hardware] table) raise ConfigError naming the model and the key; a table without provider
-prices still loads (their costs are simply not kept).
+rate times ``predict_time`` in exact decimals, for failed and canceled predictions too, rounded
+up to a whole nano-USD once, and nothing for a prediction that never started; per-output costs
+count the outputs the provider returned; per-token costs count the reported tokens; a missing
+measure makes the cost unknown (None), not zero; margins are exact; the credit value setting is
+validated; malformed provider tables (unknown field, mixed or missing kinds, unknown hardware,
+bad numbers, sub-nano prices, a bad [hardware] table) raise ConfigError naming the model and
+the key; a table without provider prices still loads (their costs are simply not kept).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def test_per_second_cost_is_exact_and_bills_failed_and_canceled_predictions() ->
     # No usable time: unknown, not free.
     for metrics in ({}, {"predict_time": None}, {"predict_time": -1.0}, {"predict_time": True}):
         assert price.cost_nano(Usage.of("failed", None, metrics)) is None
+    # Canceled (or aborted) before it started: the provider ran, and billed, no seconds.
+    assert price.cost_nano(Usage.of("canceled", None, {}, never_started=True)) == 0
 
 
 def test_per_output_counts_what_the_provider_returned() -> None:

@@ -4,7 +4,9 @@ ledger's captures, on both databases.
 Proves, on real SQLite and PostgreSQL: ``record_provider_cost`` keeps the cost of an attempt's
 finished prediction on its ``create_attempts`` row and mirrors it on the generation, the first
 cost recorded stays, a prediction the attempt does not own records nothing, and a requeue clears
-the generation's mirror while the old attempt keeps its cost; ``usage_lines`` has one line per
+the generation's mirror while the old attempt keeps its cost; ended attempts whose prediction
+was never priced are listed for reconciliation until priced, and an unpriced model is looked at
+once; ``usage_lines`` has one line per
 day, user and model with the credits the ledger captured and the costs recorded: a requeued
 generation counts both of its attempts, each billed by the provider; a failed generation is
 refunded (0 credits) yet cost the provider's seconds (negative margin); an attempt still holding
@@ -202,6 +204,48 @@ def test_the_cost_is_kept_per_attempt_and_mirrored_on_the_generation(
     kept = tx(engine, lambda s: s.get_one(CreateAttempt, (gid, 1)))
     assert (kept.provider_cost_nusd, kept.prediction_id) == (450_000, "p-1")
     assert kept.provider_cost_at is not None
+
+
+def test_attempts_whose_prediction_nobody_priced_are_found_once_ended(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    """What reconciliation prices: ended attempts with a prediction and no cost looked up."""
+    tx(engine, lambda s: ledger.grant(s, "alice", 100, "fund"))
+    since = datetime.now(UTC) - timedelta(hours=1)
+
+    def unpriced() -> list[tuple[int, int, str, str]]:
+        return tx(engine, lambda s: gens.attempts_without_cost(s, since=since, limit=10))
+
+    gid = submit(engine, prices, "alice", UPSCALER)
+    a = run_to_prediction(engine, prices, gid, "p-dead", UPSCALER)
+    assert unpriced() == []  # still running: the await step will see it end
+    tx(engine, lambda s: gens.fail(s, gid, code="run_failed", message="worker died"))
+    assert unpriced() == [(gid, a, "p-dead", UPSCALER)]
+    # The requeued attempt 2 is running; attempt 1 still waits for its price.
+    tx(engine, lambda s: gens.requeue(s, gid))
+    run_to_prediction(engine, prices, gid, "p-next", UPSCALER)
+    assert unpriced() == [(gid, a, "p-dead", UPSCALER)]
+    assert (
+        finished(engine, prices, gid, a, "p-dead", "canceled", None, {"predict_time": 1}) == 225_000
+    )
+    assert unpriced() == []
+    # Not mirrored: the generation is on attempt 2 now.
+    assert tx(engine, lambda s: gens.get(s, gid).provider_cost_nusd) is None
+    assert (
+        tx(engine, lambda s: gens.attempts_without_cost(s, since=datetime.now(UTC), limit=10)) == []
+    )
+
+
+def test_an_unpriced_model_is_looked_at_once(engine: sa.Engine, prices: PriceBook) -> None:
+    tx(engine, lambda s: ledger.grant(s, "alice", 100, "fund"))
+    gid = submit(engine, prices, "alice", FREEBIE)
+    a = run_to_prediction(engine, prices, gid, "p-free", FREEBIE)
+    tx(engine, lambda s: gens.fail(s, gid, code="run_failed", message="worker died"))
+    assert finished(engine, prices, gid, a, "p-free", "failed", None, {"predict_time": 3}) is None
+    record = tx(engine, lambda s: s.get_one(CreateAttempt, (gid, a)))
+    assert (record.provider_cost_nusd, record.provider_cost_at is not None) == (None, True)
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert tx(engine, lambda s: gens.attempts_without_cost(s, since=since, limit=10)) == []
 
 
 def test_usage_sums_captures_and_provider_costs_per_user_model_and_day(

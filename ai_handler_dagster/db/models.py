@@ -310,7 +310,7 @@ class CreateAttempt(Base):
     #: provider's price in the price table and what the finished prediction used; None while
     #: not finished, unpriced, or lacking the measure its price needs.
     provider_cost_nusd: Mapped[int | None] = mapped_column(NanoUSD)
-    #: When the cost was recorded (the prediction's end as we saw it).
+    #: When the ended prediction was priced (set once; with a NULL cost: unknown, or unpriced).
     provider_cost_at: Mapped[datetime | None] = mapped_column()
 
 

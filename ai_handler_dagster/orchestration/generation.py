@@ -437,6 +437,7 @@ def await_predictions(
                     status=snapshot.status,
                     output=snapshot.output,
                     metrics=snapshot.metrics,
+                    never_started=snapshot.never_started,
                 )
         error = snapshot_error(snapshot)
         if error is None and snapshot.status == PredictionStatus.SUCCEEDED:

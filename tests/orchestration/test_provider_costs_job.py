@@ -7,12 +7,15 @@ tokens the emulator reported; a failed prediction on a per-second price is refun
 seconds it ran (Replicate bills failed predictions); the cost sits on the attempt's
 ``create_attempts`` row and on the generation; the finalize step's metadata carries the credits
 charged, the provider's cost, the margin at the configured credit value and a per-generation
-table; and ``usage_lines`` reads the same figures back.
+table; ``usage_lines`` reads the same figures back; and reconciliation prices, once, the
+predictions of a run that died and was refunded before it saw them end.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -22,14 +25,18 @@ import pytest
 import sqlalchemy as sa
 from dagster import DagsterInstance
 
+from ai_handler_dagster import adoption
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation
 from ai_handler_dagster.devstack.emulator import EmulatorHandle
 from ai_handler_dagster.devstack.s3 import LocalS3
+from ai_handler_dagster.orchestration import recovery
 from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
 from ai_handler_dagster.orchestration.request_sensor import batch_key_for
+from ai_handler_dagster.pricing import parse_pricing
 from ai_handler_dagster.resources.database import PricingResource
+from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.usage import usage_lines
 from tests.support.orchestration import grant, job_resources, submit
 
@@ -156,3 +163,57 @@ def test_a_failed_prediction_on_a_per_second_price_costs_the_seconds_it_ran(
     assert (line.count, line.succeeded, line.refunded) == (2, 1, 1)
     assert line.credits_charged == 5
     assert line.provider_cost_nusd == sum(expected)
+
+
+def test_reconciliation_prices_predictions_a_dead_run_never_saw_end(
+    app_db: str, emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """Regression guard: a run whose worker died is refunded by a recovery path, which cancels
+    its prediction without waiting for its end; Replicate bills the seconds it ran all the
+    same, so without the reconciliation sweep that cost would never be recorded."""
+    per_second = SHIPPED.replace(
+        '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
+        '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
+    )
+    prices = parse_pricing(per_second, source="test table")
+    engine = make_engine(app_db)
+    client = ReplicateResource(api_token=emulator.token, base_url=emulator.base_url).get_client()
+    grant(app_db, "cy", 100)
+    ids = submit(
+        app_db,
+        "cy",
+        [("demo/pixel-sketch", {"prompt": "slow"}), ("demo/haiku-text", {"prompt": "rain"})],
+    )
+    for gid in ids:
+        with session_scope(engine) as session:
+            row = gens.start_attempt(session, gid, run_id="dead-run", prices=prices)
+            attempt = adoption.Attempt(gid, row.attempt, row.model, dict(row.input))
+        adoption.obtain(engine, client, attempt, webhook=None, log=lambda _: None)
+    time.sleep(0.3)  # the emulator's models take 0.2 s: let them run a little
+    refunded = recovery.refund_unfinished(
+        engine, run_id="dead-run", code="run_failed", message="worker died",
+        cancel_prediction=client.cancel,
+    )  # fmt: skip
+    assert refunded == ids
+    assert [costs for costs in _costs(app_db).values()] == [(None, None)] * 2
+    since = datetime.now(UTC) - timedelta(hours=1)
+    deadline = time.monotonic() + 10
+    priced = 0
+    while priced < 2 and time.monotonic() < deadline:  # a cancel may take a moment to land
+        priced += recovery.price_unseen_predictions(engine, client, prices, since=since)
+    assert priced == 2
+    reported = {p["input"]["prompt"]: p for p in emulator.predictions()}
+    seconds = reported["slow"]["metrics"]["predict_time"]
+    costs = _costs(app_db)
+    expected = math.ceil(Decimal("0.000225") * Decimal(repr(float(seconds))) * 10**9)
+    assert costs[ids[0]] == (expected, expected)
+    rain = reported["rain"]["metrics"]
+    tokens = Decimal("0.05") * rain.get("input_token_count", 0)
+    tokens += Decimal("0.25") * rain.get("output_token_count", 0)
+    expected_tokens = (
+        math.ceil(tokens * 1000) if "input_token_count" in rain or "output_token_count" in rain
+        else None
+    )  # fmt: skip
+    assert costs[ids[1]] == (expected_tokens, expected_tokens)
+    # Priced once: the next sweep finds nothing and asks the provider nothing.
+    assert recovery.price_unseen_predictions(engine, client, prices, since=since) == 0
