@@ -10,9 +10,10 @@ margin (credits charged x ``AI_HANDLER_CREDIT_VALUE_USD`` - provider cost).
 - Credits charged come from the ledger: the capture entry of the attempt's hold (key
   ``gen:<id>:a<attempt>:hold``), the truth of what the user paid; a refunded attempt charged 0.
 - The provider's cost is the one recorded on the attempt when its prediction finished
-  (``generations.record_provider_cost``). An attempt without one (its model has no provider
-  price, the prediction reported no measure, or a recovery path refunded it after its run died
-  and nobody saw the prediction end) is counted in ``cost_unknown`` and adds nothing.
+  (``generations.record_provider_cost``; reconciliation records those a dead run never saw
+  end). An attempt without one (its model has no provider price, the prediction reported no
+  measure, or reconciliation has not priced it yet) is counted in ``cost_unknown`` and adds
+  nothing.
 - The day is the UTC day the attempt first asked the provider (``create_attempts.started_at``,
   indexed), so a line never moves once its attempts have settled.
 """
