@@ -71,6 +71,7 @@ __all__ = [
     "attempts_without_cost",
     "begin_create",
     "claim_pending",
+    "cost_unknown",
     "create_in_flight",
     "create_lost",
     "creating_siblings",
@@ -788,6 +789,16 @@ def record_provider_cost(
         row.provider_cost_nusd = cost
     session.flush()
     return cost
+
+
+def cost_unknown(session: Session, generation_id: int, *, attempt: int, prediction_id: str) -> None:
+    """Note that the attempt's prediction cannot be priced (the provider no longer knows it):
+    its cost stays unknown and nobody asks again."""
+    _lock(session, generation_id)  # the lock order of record_provider_cost
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is not None and record.prediction_id == prediction_id:
+        record.provider_cost_at = record.provider_cost_at or utcnow()
+        session.flush()
 
 
 def attempts_without_cost(

@@ -159,8 +159,8 @@ def price_unseen_predictions(
 ) -> int:
     """Record the provider's cost of ended attempts whose prediction nobody saw end (their run
     died and a refund path settled them, canceling the prediction): one GET per prediction,
-    once it is terminal. Returns how many were priced. Stops at the first provider error (the
-    provider is unreachable now: next time)."""
+    once it is terminal. Returns how many were priced. A prediction the provider no longer
+    knows stays unknown; a transient provider error stops the sweep (next time)."""
     with session_scope(engine) as session:
         pending = gens.attempts_without_cost(session, since=since, limit=limit)
     priced = 0
@@ -172,7 +172,13 @@ def price_unseen_predictions(
                 snapshot = client.get(prediction_id)
             except GenerationError as exc:
                 log.warning("could not read prediction %s for its cost: %s", prediction_id, exc)
-                break
+                if exc.retryable:
+                    break
+                with session_scope(engine) as session:
+                    gens.cost_unknown(
+                        session, generation_id, attempt=attempt, prediction_id=prediction_id
+                    )
+                continue
             if not snapshot.is_terminal:
                 continue  # still canceling: next time
         with session_scope(engine) as session:

@@ -217,3 +217,25 @@ def test_reconciliation_prices_predictions_a_dead_run_never_saw_end(
     assert costs[ids[1]] == (expected_tokens, expected_tokens)
     # Priced once: the next sweep finds nothing and asks the provider nothing.
     assert recovery.price_unseen_predictions(engine, client, prices, since=since) == 0
+
+
+def test_a_prediction_the_provider_no_longer_knows_stays_unknown_and_is_not_asked_again(
+    app_db: str, emulator: EmulatorHandle
+) -> None:
+    """Regression guard: the sweep goes oldest first, so an attempt whose prediction answers
+    404 must not stop it (nor be asked about every five minutes for a day)."""
+    engine = make_engine(app_db)
+    client = ReplicateResource(api_token=emulator.token, base_url=emulator.base_url).get_client()
+    prices = parse_pricing(SHIPPED, source="shipped")
+    grant(app_db, "di", 100)
+    [gid] = submit(app_db, "di", [("demo/pixel-sketch", {"prompt": "gone"})])
+    with session_scope(engine) as session:
+        gens.start_attempt(session, gid, run_id="dead-run", prices=prices)
+        gens.record_prediction(session, gid, "p-unknown-to-the-provider", "demo/pixel-sketch", "v")
+        gens.fail(session, gid, code="run_failed", message="worker died")
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert recovery.price_unseen_predictions(engine, client, prices, since=since) == 0
+    with session_scope(engine) as session:
+        record = session.get_one(CreateAttempt, (gid, 1))
+        assert (record.provider_cost_nusd, record.provider_cost_at is not None) == (None, True)
+        assert gens.attempts_without_cost(session, since=since, limit=10) == []
