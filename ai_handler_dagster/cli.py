@@ -11,9 +11,9 @@ modules, each with a ``register(subparsers)`` that adds its subparsers (each wit
 ``set_defaults(handler=...)``, a function from the parsed arguments to an exit code).
 :func:`build_parser` imports those modules by name and calls every ``register``:
 ``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
-(``webhooks serve|prune``), ``proving.chaos`` (``chaos``) and ``priorities``
-(``priority set|unset|list``). It imports them itself, not at the
-top of this module, so that importing the module stays cheap; each handler imports what it runs
+(``webhooks serve|prune``), ``proving.chaos`` (``chaos``), ``priorities``
+(``priority set|unset|list``) and ``usage`` (``usage``). It imports them itself, not at the top
+of this module, so that importing the module stays cheap; each handler imports what it runs
 (Dagster included) only when it runs.
 """
 
@@ -234,7 +234,7 @@ def _with_url(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand, this module's and the other parts'."""
-    from ai_handler_dagster import priorities
+    from ai_handler_dagster import priorities, usage
     from ai_handler_dagster.devstack import commands as devstack_commands
     from ai_handler_dagster.proving import bench, chaos
     from ai_handler_dagster.webhooks import commands as webhooks_commands
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks_commands.register(sub)
     chaos.register(sub)
     priorities.register(sub)
+    usage.register(sub)
     return parser
 
 

@@ -59,6 +59,7 @@ from ai_handler_dagster.errors import (
     AiHandlerError,
 )
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel
+from ai_handler_dagster.provider_costs import Usage
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -70,8 +71,10 @@ __all__ = [
     "PredictionOwned",
     "UnknownGeneration",
     "as_dict",
+    "attempts_without_cost",
     "begin_create",
     "claim_pending",
+    "cost_unknown",
     "create_in_flight",
     "create_lost",
     "creating_siblings",
@@ -82,6 +85,7 @@ __all__ = [
     "learned_model_names",
     "owned_predictions",
     "record_prediction",
+    "record_provider_cost",
     "requeue",
     "resume",
     "start_attempt",
@@ -1013,6 +1017,85 @@ def owned_predictions(session: Session, prediction_ids: Sequence[str]) -> set[st
     return {pid for pid in found if pid}
 
 
+def record_provider_cost(
+    session: Session,
+    generation_id: int,
+    *,
+    attempt: int,
+    prediction_id: str,
+    prices: PriceBook,
+    status: str,
+    output: Any,
+    metrics: Mapping[str, Any] | None,
+    never_started: bool = False,
+    now: datetime | None = None,
+) -> int | None:
+    """Record what the provider charged for the attempt's finished prediction (nano-USD).
+
+    The cost is the model's provider price (``provider_costs.py``) of what the prediction used:
+    its ``status``, ``output`` and ``metrics`` as the provider reported them at its end, failed
+    and canceled ones included (they are billed too; ``never_started``: it ran no seconds).
+    It is kept on the attempt's ``create_attempts`` row for good, and mirrored on the
+    generation while it is still on that attempt. It is priced once per attempt
+    (``provider_cost_at`` set): a retried step or a later sweep records nothing new. Returns
+    the cost; None when the attempt does not own ``prediction_id``, the model has no provider
+    price, or the prediction lacks the measure its price needs (the cost stays unknown).
+    Moves no credit.
+    """
+    row = _lock(session, generation_id)  # the generation first: the lock order of begin_create
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is None or record.prediction_id != prediction_id:
+        return None
+    if record.provider_cost_at is not None:
+        return record.provider_cost_nusd
+    price = prices.find(record.model)
+    provider = price.provider if price is not None else None
+    usage = Usage.of(status, output, metrics, never_started=never_started)
+    cost = None if provider is None else provider.cost_nano(usage)
+    record.provider_cost_nusd, record.provider_cost_at = cost, now or utcnow()
+    if row.attempt == attempt:
+        row.provider_cost_nusd = cost
+    session.flush()
+    return cost
+
+
+def cost_unknown(session: Session, generation_id: int, *, attempt: int, prediction_id: str) -> None:
+    """Note that the attempt's prediction cannot be priced (the provider no longer knows it):
+    its cost stays unknown and nobody asks again."""
+    _lock(session, generation_id)  # the lock order of record_provider_cost
+    record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
+    if record is not None and record.prediction_id == prediction_id:
+        record.provider_cost_at = record.provider_cost_at or utcnow()
+        session.flush()
+
+
+def attempts_without_cost(
+    session: Session, *, since: datetime, limit: int
+) -> list[tuple[int, int, str, str]]:
+    """(generation id, attempt, prediction id, model) of ended attempts started since ``since``
+    whose prediction was never priced (``provider_cost_at`` unset), oldest first: those a
+    recovery path ended after its run died, before anyone saw the prediction's end."""
+    ended = sa.or_(Generation.attempt != CreateAttempt.attempt, Generation.status.in_(TERMINAL))
+    rows = session.execute(
+        sa.select(
+            CreateAttempt.generation_id,
+            CreateAttempt.attempt,
+            CreateAttempt.prediction_id,
+            CreateAttempt.model,
+        )
+        .join(Generation, Generation.id == CreateAttempt.generation_id)
+        .where(
+            CreateAttempt.started_at >= since,
+            CreateAttempt.prediction_id.is_not(None),
+            CreateAttempt.provider_cost_at.is_(None),
+            ended,
+        )
+        .order_by(CreateAttempt.started_at)
+        .limit(limit)
+    ).all()
+    return [(gid, attempt, str(pid), model) for gid, attempt, pid, model in rows]
+
+
 def _check_outputs(outputs: object) -> list[dict[str, Any]]:
     if not isinstance(outputs, list):
         raise ValueError(f"outputs must be a list of objects, got {type(outputs).__name__}")
@@ -1176,6 +1259,8 @@ def requeue(session: Session, generation_id: int, *, include_succeeded: bool = F
         setattr(row, field, None)
     row.amount_held = 0
     row.amount_charged = 0
+    # The old attempt's cost stays on its create_attempts row.
+    row.provider_cost_nusd = None
     session.flush()
     return row
 

@@ -27,6 +27,10 @@ ever larger than the table declares. A prediction that reports no usable count (
 A succeeded prediction with nothing to store is charged nothing and fails its generation
 (``empty_output``), unless its price says ``allow_empty_output = true``.
 
+Each model may also say what the provider charges US for it (a ``provider`` sub-table, with a
+top-level ``[hardware]`` table of USD per second): see ``provider_costs.py``. It changes nothing
+a user is charged; it is what run metadata and ``ai-handler usage`` compare the charges with.
+
 A model is priced by ``owner/name``; a request for ``owner/name:version`` uses the price of that
 exact version if the table has one, else the ``owner/name`` price. A deployment is priced by its
 own key, ``deployment:owner/name``, never by the price of the model it runs (a team's deployment
@@ -36,6 +40,7 @@ ever run for free by accident.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tomllib
@@ -48,6 +53,11 @@ from typing import Any
 
 from ai_handler_dagster.domain import parse_model_ref
 from ai_handler_dagster.errors import AiHandlerError
+from ai_handler_dagster.provider_costs import (
+    ProviderPrice,
+    parse_hardware,
+    parse_provider_price,
+)
 from ai_handler_dagster.settings import PRICING_FILE_VAR, ConfigError
 
 __all__ = [
@@ -121,6 +131,8 @@ class Price:
     max_tokens_max: int | None = None
     #: Per token: the input tokens the hold assumes (the input's count is known only after).
     max_input_tokens: int | None = None
+    #: What the provider charges us for this model (None: not kept in the table).
+    provider: ProviderPrice | None = None
 
     @property
     def kind(self) -> str:
@@ -338,15 +350,25 @@ def parse_pricing(text: str, *, source: str = "price table") -> PriceBook:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
-    unknown = set(data) - {"models"}
+    unknown = set(data) - {"models", "hardware"}
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; expected [models]")
+        raise ConfigError(
+            f"{source}: unknown top-level keys {sorted(unknown)}; expected [models] "
+            "(and [hardware])"
+        )
+    hardware = parse_hardware(data.get("hardware", {}), source)
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise ConfigError(f'{source}: no [models."owner/name"] tables')
     prices: dict[str, Price] = {}
     for key, entry in models.items():
-        prices[key] = _parse_price(key, entry, source)
+        price = _parse_price(key, entry, source)
+        if isinstance(entry, dict) and "provider" in entry:
+            provider = parse_provider_price(
+                key, entry["provider"], hardware, f"{source}, model {key!r}"
+            )
+            price = dataclasses.replace(price, provider=provider)
+        prices[key] = price
     return PriceBook(prices, source)
 
 
@@ -358,6 +380,8 @@ def _parse_price(key: str, entry: Any, source: str) -> Price:
         raise ConfigError(f"{where}: {exc}") from None
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a table of fields, got {entry!r}")
+    # The provider's price is parsed by the caller; the credits are this function's.
+    entry = {name: value for name, value in entry.items() if name != "provider"}
     known = {name for names in _KIND_FIELDS.values() for name in names} | {"allow_empty_output"}
     unknown = set(entry) - known
     if unknown:
@@ -366,7 +390,7 @@ def _parse_price(key: str, entry: Any, source: str) -> Price:
             "with max_seconds, or credits_per_output with outputs_field, outputs_default and "
             "outputs_max, or credits_per_input_token and credits_per_output_token with "
             "max_tokens_field, max_tokens_default, max_tokens_max and max_input_tokens "
-            "(and optionally allow_empty_output)"
+            "(and optionally allow_empty_output and a provider sub-table)"
         )
     allow_empty = entry.get("allow_empty_output", False)
     if not isinstance(allow_empty, bool):

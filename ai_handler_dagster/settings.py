@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ai_handler_dagster.domain import MAX_PRIORITY, MIN_PRIORITY
@@ -32,6 +33,9 @@ ENV_VAR = "AI_HANDLER_ENV"
 STATE_DIR_VAR = "AI_HANDLER_STATE_DIR"
 DATABASE_URL_VAR = "AI_HANDLER_DATABASE_URL"
 PRICING_FILE_VAR = "AI_HANDLER_PRICING_FILE"
+CREDIT_VALUE_VAR = "AI_HANDLER_CREDIT_VALUE_USD"
+#: What one credit is worth unless ``AI_HANDLER_CREDIT_VALUE_USD`` says otherwise.
+DEFAULT_CREDIT_VALUE_USD = Decimal("0.01")
 
 
 def environment() -> Environment:
@@ -169,3 +173,20 @@ DEFAULT_BUCKET = "ai-handler-outputs"
 def s3_bucket() -> str:
     """Bucket for outputs and the values passed between ops (``AI_HANDLER_S3_BUCKET``)."""
     return os.environ.get("AI_HANDLER_S3_BUCKET", "").strip() or DEFAULT_BUCKET
+
+
+def credit_value_usd() -> Decimal:
+    """What one credit is worth in USD (``AI_HANDLER_CREDIT_VALUE_USD``, default 0.01): what
+    users pay for credits, so that margin = credits charged x this - the provider's cost. Used
+    for reporting only (run metadata, ``ai-handler usage``); it moves no credit. An exact
+    decimal, more than 0 and at most 1000."""
+    raw = os.environ.get(CREDIT_VALUE_VAR)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_CREDIT_VALUE_USD
+    try:
+        value = Decimal(raw.strip())
+    except InvalidOperation:
+        raise ConfigError(f"{CREDIT_VALUE_VAR}={raw!r} is not a decimal number of USD") from None
+    if not value.is_finite() or value <= 0 or value > 1000:
+        raise ConfigError(f"{CREDIT_VALUE_VAR}={raw!r} must be more than 0 and at most 1000")
+    return value

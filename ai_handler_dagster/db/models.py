@@ -11,11 +11,13 @@ cannot break them silently:
 - ``generations``: a prediction id can belong to one generation only, so two generations can never
   adopt the same paid prediction.
 - ``create_attempts``: one row per generation attempt that asked the provider for a prediction,
-  kept for good; a prediction id is owned by one attempt only, ever (requeues included).
+  kept for good; a prediction id is owned by one attempt only, ever (requeues included). It
+  also keeps what the provider charged us for the attempt's prediction (migration 0006).
 - ``user_priorities``: the highest priority each listed user may ask for, in the range of
   ``generations.priority`` (``MIN_PRIORITY`` to ``MAX_PRIORITY``).
 
-Credits are integers. Timestamps are timezone-aware UTC in Python on both databases.
+Credits are integers; money the provider charges is integer nano-USD (``NanoUSD``, see
+``provider_costs.py``). Timestamps are timezone-aware UTC in Python on both databases.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ NAMING_CONVENTION = {
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 # Credits are whole numbers; 64-bit leaves room for any realistic balance.
 Credits = sa.BigInteger()
+# The provider's charges, in whole nano-USD (10^-9 USD): exact and summable on both databases.
+NanoUSD = sa.BigInteger()
 
 
 def utcnow() -> datetime:
@@ -258,6 +262,9 @@ class Generation(Base):
     hold_id: Mapped[int | None] = mapped_column(sa.ForeignKey("holds.id"))
     amount_held: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
     amount_charged: Mapped[int] = mapped_column(Credits, default=0, server_default="0")
+    #: What the provider charged for the current attempt's prediction (a mirror of its
+    #: ``create_attempts.provider_cost_nusd``); None while unknown.
+    provider_cost_nusd: Mapped[int | None] = mapped_column(NanoUSD)
     outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON())
     error_code: Mapped[str | None] = mapped_column(sa.String(64))
     error_message: Mapped[str | None] = mapped_column(sa.Text())
@@ -293,6 +300,9 @@ class CreateAttempt(Base):
             "(state = 'owned') = (prediction_id IS NOT NULL)", name="owned_has_prediction"
         ),
         sa.CheckConstraint("how IS NULL OR how IN ('created', 'adopted')", name="how"),
+        sa.CheckConstraint(
+            "provider_cost_nusd IS NULL OR provider_cost_nusd >= 0", name="provider_cost"
+        ),
         sa.Index("ix_create_attempts_model_input_sha256", "model", "input_sha256"),
     )
 
@@ -315,6 +325,12 @@ class CreateAttempt(Base):
     #: What this attempt delivered (``generations.outputs`` of its success), kept when a
     #: regenerate starts a new attempt: the user paid for these objects.
     outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(sa.JSON())
+    #: What the provider charged us for this attempt's prediction, in nano-USD, from the
+    #: provider's price in the price table and what the finished prediction used; None while
+    #: not finished, unpriced, or lacking the measure its price needs.
+    provider_cost_nusd: Mapped[int | None] = mapped_column(NanoUSD)
+    #: When the ended prediction was priced (set once; with a NULL cost: unknown, or unpriced).
+    provider_cost_at: Mapped[datetime | None] = mapped_column()
 
 
 class UserPriority(Base):

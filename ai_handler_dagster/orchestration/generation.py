@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import wraps
 from typing import Any, TypeVar, cast
 
@@ -46,13 +47,14 @@ from dagster import (
 )
 from pydantic import Field
 
-from ai_handler_dagster import adoption, ledger, lifetimes, retries
+from ai_handler_dagster import adoption, ledger, lifetimes, retries, settings
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.domain import GenerationStatus, PredictionStatus, RunTag
 from ai_handler_dagster.errors import EMPTY_OUTPUT, INTERNAL_ERROR, GenerationError
 from ai_handler_dagster.orchestration.recovery import refund_on_failure
+from ai_handler_dagster.provider_costs import format_usd, margin_usd, nano_to_usd
 from ai_handler_dagster.replicate.snapshot import snapshot_error
 from ai_handler_dagster.replicate.waiting import ListSweep, wait_many
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
@@ -421,6 +423,22 @@ def await_predictions(
     )
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
+        price = prices.find(rows[generation_id].model)
+        if snapshot.unreadable is None and price is not None and price.provider is not None:
+            # What the provider bills for this prediction is known now, whatever happens to
+            # its outputs next (failed and canceled predictions are billed too).
+            with session_scope(engine) as session:
+                gens.record_provider_cost(
+                    session,
+                    generation_id,
+                    attempt=attempts[generation_id],
+                    prediction_id=snapshot.id,
+                    prices=prices,
+                    status=snapshot.status,
+                    output=snapshot.output,
+                    metrics=snapshot.metrics,
+                    never_started=snapshot.never_started,
+                )
         error = snapshot_error(snapshot)
         if error is None and snapshot.status == PredictionStatus.SUCCEEDED:
             succeeded.append(
@@ -592,10 +610,47 @@ def finalize(
         {
             "succeeded": len(done),
             "credits_charged": charged,
+            **_cost_metadata(engine, by_generation, rows),
             "generations": MetadataValue.md(BatchReport(rows=rows).markdown()),
         }
     )
     return done
+
+
+def _cost_metadata(
+    engine: sa.Engine, awaited: Mapping[int, AwaitedPrediction], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The provider's cost and our margin per finalized generation (added to ``rows``) and in
+    total: margin = credits charged x ``settings.credit_value_usd()`` - provider cost.
+
+    The table's USD are rounded to 6 decimals and the totals are floats (the UI plots them);
+    the exact figures are in the database and in ``ai-handler usage --json``.
+    """
+    credit_value = settings.credit_value_usd()
+    with session_scope(engine) as session:
+        found = session.execute(
+            sa.select(
+                CreateAttempt.generation_id, CreateAttempt.attempt, CreateAttempt.provider_cost_nusd
+            ).where(CreateAttempt.generation_id.in_(list(awaited)))
+        ).all()
+    costs = {gid: cost for gid, a, cost in found if awaited[gid].attempt == a}
+    total_cost, total_margin, unknown = 0, Decimal(0), 0
+    for row in rows:
+        cost = costs.get(row["generation"])
+        charged = row["charged"] or 0
+        margin = margin_usd(charged, credit_value, cost)
+        row["provider_usd"], row["margin_usd"] = format_usd(cost, nano=True), format_usd(margin)
+        if cost is None or margin is None:
+            unknown += 1
+            continue
+        total_cost += cost
+        total_margin += margin
+    return {
+        "provider_cost_usd": MetadataValue.float(float(nano_to_usd(total_cost))),
+        "margin_usd": MetadataValue.float(float(total_margin)),
+        "credit_value_usd": MetadataValue.text(str(credit_value)),
+        "provider_cost_unknown": unknown,
+    }
 
 
 # --- the job ------------------------------------------------------------------------------------

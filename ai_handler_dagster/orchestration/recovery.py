@@ -6,7 +6,8 @@ Four paths lead here, and all of them may fire for the same generation:
 - the run-failure sensor: the run failed, or its worker crashed and run monitoring gave up on it;
 - the run-canceled sensor;
 - the reconciliation job, every 5 minutes: anything the others missed (expired holds, batches
-  whose run ended or never started, retries Dagster promised and never made, orphan predictions).
+  whose run ended or never started, retries Dagster promised and never made, orphan predictions),
+  and the provider's cost of predictions whose run ended before it saw them end.
 
 Exactly one refund happens because ``generations.fail`` releases a hold only while it is pending,
 under a row lock, in the same transaction that marks the generation terminal. None of the paths
@@ -42,7 +43,9 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation
 from ai_handler_dagster.domain import IN_FLIGHT, GenerationStatus, RunTag
 from ai_handler_dagster.errors import DEADLINE_EXCEEDED, RUN_FAILED, GenerationError
-from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.pricing import PriceBook
+from ai_handler_dagster.replicate.client import ReplicateClient
+from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from ai_handler_dagster.runtime.run_retries import retry_overdue, will_be_retried
 from ai_handler_dagster.webhooks import store as webhook_store
@@ -56,6 +59,10 @@ MAX_RESUMES = 3
 ORPHAN_LOOKBACK = timedelta(minutes=15)
 #: A queued generation whose batch has no run after this long is considered lost.
 LOST_BATCH_AFTER = timedelta(minutes=10)
+#: How far back reconciliation prices predictions nobody saw end, and how many per run (one
+#: GET each, well inside the provider's request budget).
+COST_LOOKBACK = timedelta(hours=24)
+COST_SWEEP_LIMIT = 100
 
 
 # --- settling unfinished generations -----------------------------------------------------------
@@ -140,6 +147,54 @@ def refund_expired(
     _cancel_quietly(cancel_prediction, prediction_id)
     with session_scope(engine) as session:
         gens.fail(session, generation_id, code=DEADLINE_EXCEEDED, message="credit hold expired")
+
+
+def price_unseen_predictions(
+    engine: sa.Engine,
+    client: ReplicateClient,
+    prices: PriceBook,
+    *,
+    since: datetime,
+    limit: int = COST_SWEEP_LIMIT,
+) -> int:
+    """Record the provider's cost of ended attempts whose prediction nobody saw end (their run
+    died and a refund path settled them, canceling the prediction): one GET per prediction,
+    once it is terminal. Returns how many were priced. A prediction the provider no longer
+    knows stays unknown; a transient provider error stops the sweep (next time)."""
+    with session_scope(engine) as session:
+        pending = gens.attempts_without_cost(session, since=since, limit=limit)
+    priced = 0
+    for generation_id, attempt, prediction_id, model in pending:
+        price = prices.find(model)
+        snapshot = None
+        if price is not None and price.provider is not None:
+            try:
+                snapshot = client.get(prediction_id)
+            except GenerationError as exc:
+                log.warning("could not read prediction %s for its cost: %s", prediction_id, exc)
+                if exc.retryable:
+                    break
+                with session_scope(engine) as session:
+                    gens.cost_unknown(
+                        session, generation_id, attempt=attempt, prediction_id=prediction_id
+                    )
+                continue
+            if not snapshot.is_terminal:
+                continue  # still canceling: next time
+        with session_scope(engine) as session:
+            gens.record_provider_cost(
+                session,
+                generation_id,
+                attempt=attempt,
+                prediction_id=prediction_id,
+                prices=prices,
+                status=snapshot.status if snapshot else "unknown",
+                output=snapshot.output if snapshot else None,
+                metrics=snapshot.metrics if snapshot else None,
+                never_started=snapshot.never_started if snapshot else False,
+            )
+        priced += snapshot is not None
+    return priced
 
 
 def resume_batch(engine: sa.Engine, batch_key: str) -> tuple[str, list[int]] | None:
@@ -304,11 +359,15 @@ def _settle_batches(
 
 @op
 def reconcile(
-    context: OpExecutionContext, database: DatabaseResource, replicate: ReplicateResource
+    context: OpExecutionContext,
+    database: DatabaseResource,
+    replicate: ReplicateResource,
+    pricing: PricingResource,
 ) -> dict[str, int]:
     """Settle what every other path missed: expired holds, and unfinished generations whose run
-    has ended (or never existed); cancel orphan predictions; prune webhook records older than
-    ``webhooks.store.RETENTION``. Predictions still running on Replicate are canceled."""
+    has ended (or never existed); cancel orphan predictions; record the provider's cost of
+    predictions nobody saw end; prune webhook records older than ``webhooks.store.RETENTION``.
+    Predictions still running on Replicate are canceled."""
     engine = database.engine()
     now = datetime.now(UTC)
 
@@ -330,13 +389,18 @@ def reconcile(
     except GenerationError as exc:  # the provider's list is unreadable now: next time
         context.log.warning(f"orphan sweep skipped: {exc}")
         orphans = []
-    # 4. What webhooks reported, once nobody will read it again.
+    # 4. What the provider charged for predictions a dead run never saw end.
+    priced = price_unseen_predictions(
+        engine, replicate.get_client(), pricing.book(), since=now - COST_LOOKBACK
+    )
+    # 5. What webhooks reported, once nobody will read it again.
     deliveries, states = webhook_store.prune(engine)
     result = {
         "expired_holds": len(expired),
         "settled_generations": settled,
         "resumed_generations": resumed,
         "canceled_orphans": len(orphans),
+        "priced_predictions": priced,
         "pruned_webhook_records": deliveries + states,
     }
     context.add_output_metadata(result)

@@ -98,6 +98,18 @@ class PredictionSnapshot:
         return float(value) if isinstance(value, int | float) else None
 
     @property
+    def never_started(self) -> bool:
+        """True when the provider says this ended prediction never ran: terminal, not
+        succeeded, with ``started_at`` present and null (an answer without the field says
+        nothing)."""
+        return (
+            self.is_terminal
+            and self.status != PredictionStatus.SUCCEEDED
+            and "started_at" in self.raw
+            and self.raw["started_at"] is None
+        )
+
+    @property
     def web_url(self) -> str | None:
         """The provider's page for this prediction (``urls.web``), if it gave one."""
         return self.urls.get("web")

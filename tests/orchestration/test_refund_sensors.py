@@ -43,7 +43,7 @@ from ai_handler_dagster.domain import RunTag
 from ai_handler_dagster.orchestration.generation import generation_job
 from ai_handler_dagster.orchestration.recovery import reconcile, refund_sensors
 from ai_handler_dagster.pricing import load_pricing
-from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 
 BATCH = "gen-1-a1"
@@ -178,7 +178,12 @@ def _reconcile(instance: DagsterInstance, app_db: str) -> dict[str, int]:
     unreachable = ReplicateResource(
         api_token="r8_unused", base_url="http://127.0.0.1:9", request_attempts=1
     )
-    return reconcile(context, database=DatabaseResource(url=app_db), replicate=unreachable)
+    return reconcile(
+        context,
+        database=DatabaseResource(url=app_db),
+        replicate=unreachable,
+        pricing=PricingResource(),
+    )
 
 
 @pytest.mark.parametrize(("tag", "expected"), [(None, "running"), ("false", "failed")])

@@ -193,7 +193,7 @@ def test_reconciliation_prunes_what_webhooks_reported(engine: sa.Engine) -> None
     from dagster import build_op_context, instance_for_test
 
     from ai_handler_dagster.orchestration.recovery import reconcile
-    from ai_handler_dagster.resources.database import DatabaseResource
+    from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
     from ai_handler_dagster.resources.replicate import ReplicateResource
     from ai_handler_dagster.webhooks.store import RETENTION
 
@@ -207,6 +207,7 @@ def test_reconciliation_prunes_what_webhooks_reported(engine: sa.Engine) -> None
             build_op_context(instance=instance),
             database=DatabaseResource(url=engine.url.render_as_string(hide_password=False)),
             replicate=unreachable,
+            pricing=PricingResource(),
         )
     assert result["pruned_webhook_records"] == 2
     with engine.connect() as conn:
