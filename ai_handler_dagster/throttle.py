@@ -48,6 +48,8 @@ from ai_handler_dagster.replicate.failures import parse_retry_after
 #: The share of the configured limit creates are paced at: the provider's bucket gains a token
 #: every ~33 creates, which absorbs the jitter of requests in flight.
 PACE = 0.97
+#: How long after its turn a create is taken to reach the provider (a transaction, a request).
+ARRIVAL_S = 0.1
 #: The row every create shares (one provider account).
 BUCKET = "replicate"
 #: Longest single sleep while waiting for a turn (a stopped step notices within it).
@@ -101,11 +103,20 @@ class Bucket:
         return replace(self, tokens=tokens, updated_at=now)
 
     def take(self, limits: Limits, now: float) -> tuple[float, Bucket]:
-        """The time of the next free turn, and the bucket once that turn is promised."""
+        """The time of the next free turn, and the bucket once that turn is promised.
+
+        A turn taken from a full bucket starts its refill :data:`ARRIVAL_S` later: the
+        provider's full bucket starts refilling only when the create arrives, and a turn
+        promised right after the burst must not reach it before that token is back.
+        """
         bucket = self.refilled(limits, now)
         left = bucket.tokens - 1.0
-        start = bucket.updated_at  # now, or a block's end
-        turn = start if left >= 0 else start + (-left) / limits.rate_s
+        if left >= 0:
+            turn = max(now, bucket.blocked_until or now)
+        else:
+            turn = max(now, bucket.updated_at) + (-left) / limits.rate_s
+        if bucket.tokens >= limits.burst:
+            bucket = replace(bucket, updated_at=max(now, bucket.updated_at) + ARRIVAL_S)
         return turn, replace(bucket, tokens=left)
 
     def block(self, until: float) -> Bucket:

@@ -19,7 +19,7 @@ import pytest
 from ai_handler_dagster import db, errors
 from ai_handler_dagster.db.engine import dispose_engines, make_engine
 from ai_handler_dagster.errors import GenerationError
-from ai_handler_dagster.throttle import PACE, Bucket, CreateThrottle, Interrupted, Limits
+from ai_handler_dagster.throttle import ARRIVAL_S, PACE, Bucket, CreateThrottle, Interrupted, Limits
 
 # --- the arithmetic ------------------------------------------------------------------------------
 
@@ -37,7 +37,9 @@ def test_a_full_bucket_gives_its_burst_at_once_then_one_turn_per_token() -> None
     for _ in range(6):
         turn, bucket = bucket.take(LIMITS, now=100.0)
         turns.append(turn)
-    assert turns == pytest.approx([100.0, 100.0, 100.0, 101.0, 102.0, 103.0])
+    # The refill starts when the first create reaches the provider, not at its turn.
+    paced = [101.0 + ARRIVAL_S, 102.0 + ARRIVAL_S, 103.0 + ARRIVAL_S]
+    assert turns == pytest.approx([100.0, 100.0, 100.0, *paced])
     assert bucket.tokens == pytest.approx(-3.0)  # three turns promised ahead
 
 
