@@ -19,7 +19,9 @@ prediction it may wait for, or run monitoring kills it mid-wait. So:
   paths of a run that died at its maximum);
 - queue deadline: Q from the moment the request sensor queued the generation. A generation
   waiting for its turn at the create throttle (``throttle.py``) waits at most until then; past
-  it, it fails with ``deadline_exceeded`` and is refunded. Throttling fails nothing else.
+  it, it fails with ``deadline_exceeded`` and is refunded. Throttling fails nothing else. A
+  run that waited its whole allowance outlives its predictions when R >= Q + D +
+  ``FINISH_ALLOWANCE_S`` (3300 s with the defaults; the daemon's check covers D + the finish).
 
 With the defaults (D = 1800 s, Q = 900 s, R = 3600 s) a hold lives 5100 s.
 """
