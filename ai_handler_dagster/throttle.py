@@ -222,12 +222,13 @@ class CreateThrottle:
     # ---- turns ------------------------------------------------------------------------------
 
     def take(self, deadline: float | None = None) -> Turn | None:
-        """Promise the next free turn, or None (promising nothing) when it would come after
-        ``deadline`` (epoch seconds)."""
+        """Promise the next free turn, or None (promising nothing) when it would mean waiting
+        past ``deadline`` (epoch seconds). A turn free at once is taken whatever the deadline:
+        the deadline bounds waiting, and without a wait the throttle changes nothing."""
 
         def change(bucket: Bucket, now: float) -> tuple[Bucket | None, Turn | None]:
             at, after = bucket.take(self.limits, now)
-            if deadline is not None and at > deadline:
+            if deadline is not None and at > max(deadline, now):
                 return None, None
             return after, Turn(at, _datetime(bucket.blocked_until))
 
