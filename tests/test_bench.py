@@ -109,3 +109,12 @@ def test_a_rate_limited_bench_paces_creates_and_fails_none(
 def test_rate_burst_needs_rate_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--rate-burst", "2"]) == 2
     assert "--rate-burst needs --rate-limit" in capsys.readouterr().err
+
+
+def test_the_steady_window_starts_once_the_burst_is_spent() -> None:
+    from ai_handler_dagster.proving.bench import steady_window
+
+    # Three at once empty a bucket of three; then one a second: 60 a minute from t = 0.
+    assert steady_window([0.0, 0.0, 0.0, 1.0, 2.0, 3.0], 60, 3) == (0.0, 3.0, 3)
+    # Slower than the limit: the bucket never runs dry, there is no steady state to measure.
+    assert steady_window([0.0, 2.0, 4.0, 6.0], 60, 3) is None
