@@ -19,6 +19,7 @@ import pytest
 from ai_handler_dagster import db, errors
 from ai_handler_dagster.db.engine import dispose_engines, make_engine
 from ai_handler_dagster.errors import GenerationError
+from ai_handler_dagster.settings import ConfigError
 from ai_handler_dagster.throttle import ARRIVAL_S, PACE, Bucket, CreateThrottle, Interrupted, Limits
 
 # --- the arithmetic ------------------------------------------------------------------------------
@@ -29,6 +30,21 @@ LIMITS = Limits(per_minute=60 / PACE, burst=3)  # one token a second, three at o
 def test_the_pace_is_a_little_under_the_configured_limit() -> None:
     assert Limits(600, 600).rate_s == pytest.approx(600 * PACE / 60)
     assert 0.95 <= PACE < 1
+
+
+def test_the_limits_default_to_replicates_and_are_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AI_HANDLER_CREATE_RATE_PER_MIN", raising=False)
+    monkeypatch.delenv("AI_HANDLER_CREATE_BURST", raising=False)
+    assert Limits.from_settings() == Limits(600, 600)
+    monkeypatch.setenv("AI_HANDLER_CREATE_RATE_PER_MIN", "6")
+    assert Limits.from_settings() == Limits(6, 6)  # the burst: a minute's worth
+    monkeypatch.setenv("AI_HANDLER_CREATE_BURST", "1")
+    assert Limits.from_settings() == Limits(6, 1)
+    monkeypatch.setenv("AI_HANDLER_CREATE_BURST", "0")
+    with pytest.raises(ConfigError, match="AI_HANDLER_CREATE_BURST"):
+        Limits.from_settings()
 
 
 def test_a_full_bucket_gives_its_burst_at_once_then_one_turn_per_token() -> None:
