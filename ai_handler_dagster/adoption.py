@@ -45,7 +45,7 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, utcnow
 from ai_handler_dagster.domain import PREDICTION_RUNNING, AttemptState, parse_model_ref
 from ai_handler_dagster.errors import INTERNAL_ERROR, PROVIDER_UNAVAILABLE, GenerationError
-from ai_handler_dagster.replicate.client import MATCH, ReplicateClient, listed_match
+from ai_handler_dagster.replicate.client import MATCH, CreatePacer, ReplicateClient, listed_match
 from ai_handler_dagster.replicate.snapshot import PredictionSnapshot, parse_time
 
 #: Seconds beyond the client's read timeout that a sibling's in-flight create is waited for.
@@ -167,6 +167,7 @@ def obtain(
     webhook: str | None,
     cancel_after_s: float | None = None,
     log: Log,
+    pacer: CreatePacer | None = None,
 ) -> tuple[PredictionSnapshot, bool]:
     """The attempt's one prediction, recorded as its own, and whether an answer was lost.
 
@@ -174,6 +175,9 @@ def obtain(
     earlier run) may have started one. Raises ``GenerationError`` (the generation fails with it)
     and ``gens.InvalidTransition`` when the generation no longer runs this attempt (nothing is
     left to do for it; a prediction created for it meanwhile is canceled here).
+
+    ``pacer`` is the shared create throttle (``throttle.py``): every create of this attempt
+    waits for its turn, and its answers feed the throttle.
     """
     with session_scope(engine) as session:
         earlier = gens.begin_create(session, attempt.generation_id, attempt=attempt.attempt)
@@ -193,6 +197,7 @@ def obtain(
         cancel_after_s=cancel_after_s,
         # The first try is noted by begin_create; a retry (after a 429 or a lost answer) anew.
         before_try=_after_first(in_flight),
+        pacer=pacer,
     )
     lost = adopter.adopted is not None or earlier is not None
     if adopter.adopted is not None and adopter.adopted.id == snapshot.id:

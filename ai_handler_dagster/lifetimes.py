@@ -16,7 +16,12 @@ prediction it may wait for, or run monitoring kills it mid-wait. So:
   outputs, settling), checked when the daemon starts;
 - hold lifetime: ``AI_HANDLER_QUEUE_ALLOWANCE_S`` (Q: from the hold to the run's first create,
   through the run queue and the ``replicate`` pool) + R + ``REFUND_MARGIN_S`` (for the refund
-  paths of a run that died at its maximum).
+  paths of a run that died at its maximum);
+- queue deadline: Q from the moment the request sensor queued the generation. A generation
+  waiting for its turn at the create throttle (``throttle.py``) waits at most until then; past
+  it, it fails with ``deadline_exceeded`` and is refunded. Throttling fails nothing else. A
+  run that waited its whole allowance outlives its predictions when R >= Q + D +
+  ``FINISH_ALLOWANCE_S`` (3300 s with the defaults; the daemon's check covers D + the finish).
 
 With the defaults (D = 1800 s, Q = 900 s, R = 3600 s) a hold lives 5100 s.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ai_handler_dagster import settings
@@ -53,6 +58,12 @@ def prediction_deadline_s(price: Price | None) -> float:
 def cancel_after_s(price: Price | None) -> float:
     """The ``Cancel-After`` a create of this price sends."""
     return prediction_deadline_s(price) + CANCEL_AFTER_SLACK_S
+
+
+def queue_deadline(queued_at: datetime | None) -> datetime:
+    """When a generation queued at ``queued_at`` (None: now) stops waiting for its first
+    create: ``AI_HANDLER_QUEUE_ALLOWANCE_S`` later."""
+    return (queued_at or datetime.now(UTC)) + timedelta(seconds=settings.queue_allowance_s())
 
 
 def hold_lifetime(max_runtime_s: float | None) -> timedelta:

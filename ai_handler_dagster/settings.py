@@ -166,6 +166,19 @@ def queue_allowance_s() -> float:
     return float(_int_setting("AI_HANDLER_QUEUE_ALLOWANCE_S", 900, minimum=0, maximum=24 * 3600))
 
 
+def create_rate_per_minute() -> int:
+    """The provider's create limit, per minute (``AI_HANDLER_CREATE_RATE_PER_MIN``, default
+    600, Replicate's): every run and process together start creates at most at this pace
+    (``throttle.py``; a little under it, so that the provider's own bucket keeps a margin)."""
+    return _int_setting("AI_HANDLER_CREATE_RATE_PER_MIN", 600, maximum=10**6)
+
+
+def create_burst() -> int:
+    """Most creates started at once after a quiet spell (``AI_HANDLER_CREATE_BURST``, default:
+    a minute's worth of ``AI_HANDLER_CREATE_RATE_PER_MIN``, as Replicate lets bursts through)."""
+    return _int_setting("AI_HANDLER_CREATE_BURST", create_rate_per_minute(), maximum=10**6)
+
+
 #: The bucket outputs go to unless ``AI_HANDLER_S3_BUCKET`` names another.
 DEFAULT_BUCKET = "ai-handler-outputs"
 

@@ -56,3 +56,65 @@ def test_bench_smoke_run_reports_every_field(
     assert report["latency_p50_s"] >= 0.5  # nothing finishes faster than the model runs
     assert report["api_calls_per_generation"] >= 1  # at least the create (webhooks do the rest)
     assert report["peak_rss_mib"] > 100  # the daemon and code server alone are bigger
+
+
+def test_a_rate_limited_bench_paces_creates_and_fails_none(
+    pg_available: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench --rate-limit``, scaled down (120 creates a minute, a burst of 2): the emulator
+    refuses creates beyond its limit, yet every generation succeeds, none fails for rate
+    limiting, and the report gives the steady window and the creates a minute in it."""
+    if not pg_available:
+        pytest.skip("PostgreSQL is not reachable")
+    from tests.support.db import PG_ADMIN_URL
+
+    code = cli.main(
+        [
+            "bench",
+            "--count",
+            "20",
+            "--latency",
+            "0.3",
+            "--concurrency",
+            "8",
+            "--idle-samples",
+            "0",
+            "--rate-limit",
+            "120",
+            "--rate-burst",
+            "2",
+            "--pg-url",
+            PG_ADMIN_URL,
+            "--json",
+            "--quiet",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["statuses"] == {"succeeded": 20}
+    assert report["ledger_violations"] == 0
+    rate = report["rate_limit"]
+    assert (rate["per_minute"], rate["burst"], rate["creates"]) == (120, 2, 20)
+    assert rate["failed_rate_limited"] == 0
+    assert rate["create_requests"] == 20 + rate["creates_answered_429"]
+    assert 0 <= rate["create_429_fraction"] < 1
+    start, end = rate["steady_window_s"]
+    assert 0 <= start < end
+    # The emulator lets no more through than its limit; the throttle gets close to it.
+    assert 0 < rate["steady_creates_per_min"] <= 120 * 1.05
+    assert report["overrides"]["app"]["AI_HANDLER_CREATE_RATE_PER_MIN"] == "120"
+
+
+def test_rate_burst_needs_rate_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--rate-burst", "2"]) == 2
+    assert "--rate-burst needs --rate-limit" in capsys.readouterr().err
+
+
+def test_the_steady_window_starts_once_the_burst_is_spent() -> None:
+    from ai_handler_dagster.proving.bench import steady_window
+
+    # Three at once empty a bucket of three; then one a second: 60 a minute from t = 0.
+    assert steady_window([0.0, 0.0, 0.0, 1.0, 2.0, 3.0], 60, 3) == (0.0, 3.0, 3)
+    # Slower than the limit: the bucket never runs dry, there is no steady state to measure.
+    assert steady_window([0.0, 2.0, 4.0, 6.0], 60, 3) is None

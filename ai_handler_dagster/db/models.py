@@ -391,3 +391,30 @@ class PredictionState(Base):
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=sa.func.now(), index=True
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The create throttle (migration 0007): one pace of creates for every run, process and host.
+
+
+class CreateThrottle(Base):
+    """The token bucket every create takes its turn from (``throttle.py``).
+
+    At ``updated_at`` the bucket held ``tokens``; it refills at ``per_minute / 60`` a second up
+    to ``burst``. Negative tokens are turns already promised to waiting creates. No create
+    starts before ``blocked_until`` (the provider said slow down: a 429's ``Retry-After``); a
+    turn promised before a block was set is taken again.
+    """
+
+    __tablename__ = "create_throttle"
+    __table_args__ = (
+        sa.CheckConstraint("per_minute > 0", name="per_minute_positive"),
+        sa.CheckConstraint("burst >= 1", name="burst_positive"),
+    )
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    per_minute: Mapped[float] = mapped_column(sa.Float())
+    burst: Mapped[int] = mapped_column()
+    tokens: Mapped[float] = mapped_column(sa.Float())
+    updated_at: Mapped[datetime] = mapped_column()
+    blocked_until: Mapped[datetime | None] = mapped_column()

@@ -17,6 +17,7 @@ deterministic.
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from ai_handler_dagster import adoption, ledger, lifetimes, retries, settings
+from ai_handler_dagster import adoption, ledger, lifetimes, retries, settings, throttle
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
@@ -163,15 +164,24 @@ class BatchReport:
         return "\n".join(lines)
 
 
-def _in_parallel(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
+def _in_parallel(
+    items: Sequence[T], fn: Callable[[T], R], *, stop: threading.Event | None = None
+) -> list[R]:
     """Run ``fn`` over items on a small thread pool, results in input order.
 
     Exceptions propagate (after all items ran) so an infrastructure failure still fails the op.
+    ``stop`` is set when this thread is interrupted (the run terminated), before waiting for
+    the others: work that waits long (a turn at the create throttle) watches it and ends.
     """
     if len(items) <= 1:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(items))) as pool:
-        return list(pool.map(fn, items))
+        try:
+            return list(pool.map(fn, items))
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            raise
 
 
 def _by_id(codes: dict[int, Any]) -> dict[str, Any]:
@@ -306,6 +316,10 @@ def create_predictions(
     try may have created a prediction without recording it adopts that prediction instead of
     paying for a second one (see ``adoption.py``). If any answer was lost, the step ends by
     canceling orphans: predictions one of our attempts made that no attempt owns.
+
+    Every create waits for its turn at the deployment's one create throttle (``throttle.py``),
+    keeping its hold, for as long as its queue deadline allows (``lifetimes.queue_deadline``);
+    past it the generation fails with ``deadline_exceeded`` and is refunded.
     """
     engine = database.engine()
     prices = pricing.book()
@@ -316,6 +330,9 @@ def create_predictions(
     webhook = public_webhook_url()
     step_started = utcnow()
     lost: list[int] = []
+    # One pace of creates for every run and process (the app database's token bucket).
+    creates = throttle.CreateThrottle(engine)
+    stop = threading.Event()
 
     def start(generation_id: int) -> tuple[int, str | None, str | None]:
         row = rows[generation_id]
@@ -334,6 +351,8 @@ def create_predictions(
                 webhook=webhook,
                 cancel_after_s=lifetimes.cancel_after_s(prices.find(row.model)),
                 log=context.log.warning,
+                # It waits its turn, up to its queue deadline, keeping its hold.
+                pacer=creates.pacer(lifetimes.queue_deadline(row.queued_at).timestamp(), stop=stop),
             )
         except GenerationError as error:
             _fail(engine, generation_id, error, attempt=row.attempt)
@@ -346,7 +365,7 @@ def create_predictions(
             lost.append(generation_id)
         return generation_id, snapshot.id, None
 
-    results = _in_parallel(list(rows), start)
+    results = _in_parallel(list(rows), start, stop=stop)
     if lost:
         with contextlib.suppress(GenerationError):  # reconciliation sweeps again later
             adoption.cancel_orphans(

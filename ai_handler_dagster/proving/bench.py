@@ -9,6 +9,13 @@ queue -> run launcher -> runs). No system can finish more than C/L generations a
 ``--naive`` runs the same workload with one generation per run, Dagster's default multiprocess
 executor and Dagster's way of starting runs (a fresh interpreter each, no warm process);
 ``--compare`` runs both and prints the ratio.
+
+``--rate-limit N`` (and ``--rate-burst B``) has the emulator enforce a create limit of N a
+minute with a bucket of B (default: a minute's worth), and configures the project's create
+throttle to the same limit, as an operator would for their account. The report then adds
+creates a minute in the steady state (from the moment a bucket of the emulator's rate and burst,
+full at the load's first create, first runs dry, to the last create: the window is reported),
+the share of create requests answered 429, and the generations failed for rate limiting.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ai_handler_dagster.devstack.stack import StackConfig
 from ai_handler_dagster.domain import TERMINAL
 from ai_handler_dagster.instance import WORKSPACE_FILE
 from ai_handler_dagster.proving.stack import DEFAULT_PG_URL, ProvingStack, scratch_databases
+from ai_handler_dagster.replicate.snapshot import parse_time
 
 
 @dataclass
@@ -58,6 +66,10 @@ class BenchConfig:
     max_concurrent_runs: int | None = None
     webhooks: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: The emulator's create limit, per minute, enforced (None: reported, not enforced).
+    rate_limit: int | None = None
+    #: Its bucket's size (None: a minute's worth).
+    rate_burst: int | None = None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -321,7 +333,25 @@ def _stack_config(
                 "AI_HANDLER_MAX_IN_FLIGHT": str(config.max_in_flight),
             }
         )
+    emulator_args: list[str] = []
+    if config.rate_limit is not None:
+        burst = config.rate_burst or config.rate_limit
+        emulator_args = [
+            "--rate-limit",
+            "--creates-per-minute",
+            str(config.rate_limit),
+            "--creates-burst",
+            str(burst),
+        ]
+        # The throttle knows the account's limit, as an operator configures it.
+        env.update(
+            {
+                "AI_HANDLER_CREATE_RATE_PER_MIN": str(config.rate_limit),
+                "AI_HANDLER_CREATE_BURST": str(burst),
+            }
+        )
     return StackConfig(
+        emulator_args=emulator_args,
         state_dir=state_dir,
         storage="postgres" if dagster_url else "sqlite",
         dagster_pg_url=dagster_url,
@@ -388,10 +418,12 @@ def _measure(
     say(f"[{mode}] idle overhead samples: {[round(x, 2) for x in idle]}")
     say(f"[{mode}] idle latency by phase (median s): {json.dumps(idle_breakdown)}")
 
-    before = _api_calls(emulator.stats())
+    stats_before = emulator.stats()
+    before = _api_calls(stats_before)
     sampler = _RssSampler(stack)
     sampler.start()
     say(f"[{mode}] submitting {config.count} generations for {len(users)} users")
+    load_started = time.time()
     ids = _insert(engine, users, config.count, "load")
     try:
         _wait(engine, ids, config.timeout_s, progress)
@@ -402,7 +434,13 @@ def _measure(
     with session_scope(engine) as session:
         violations = ledger.verify(session) + gens.verify(session)
     throughput = config.count / wall if wall > 0 else float("nan")
-    return {
+    rate: dict[str, Any] = {}
+    if config.rate_limit is not None:
+        rate = rate_limit_report(
+            config, emulator, stats_before, engine, ids, load_started=load_started
+        )
+        say(f"[{mode}] rate limit: {json.dumps(rate)}")
+    report = {
         "mode": mode,
         "count": config.count,
         "latency": config.latency,
@@ -423,6 +461,82 @@ def _measure(
         "cpu_s_by_process": sampler.cpu_by_kind(),
         "overrides": overrides,
     }
+    if rate:
+        report["rate_limit"] = rate
+    return report
+
+
+def steady_window(
+    created: list[float], per_minute: float, burst: int
+) -> tuple[float, float, int] | None:
+    """The steady state of a create-limited load: (start, end, creates after start).
+
+    It starts when a bucket of the provider's ``per_minute`` and ``burst``, full at the first
+    create, first runs dry (the burst is spent), and ends at the last create. None when the
+    load never ran the bucket dry (the limit was never reached).
+    """
+    times = sorted(created)
+    rate = per_minute / 60.0
+    tokens, last = float(burst), None
+    for index, t in enumerate(times):
+        if last is not None:
+            tokens = min(float(burst), tokens + (t - last) * rate)
+        last = t
+        tokens -= 1.0
+        if tokens < 1.0 and index + 1 < len(times):
+            return t, times[-1], len(times) - index - 1
+    return None
+
+
+def rate_limit_report(
+    config: BenchConfig,
+    emulator: EmulatorControl,
+    stats_before: dict[str, Any],
+    engine: sa.Engine,
+    ids: list[int],
+    *,
+    load_started: float,
+) -> dict[str, Any]:
+    """Creates a minute in the steady state, the share of creates answered 429 and the
+    generations failed for rate limiting, for ``--rate-limit``."""
+    assert config.rate_limit is not None
+    burst = config.rate_burst or config.rate_limit
+    stats = emulator.stats()
+    created = [
+        t
+        for p in emulator.predictions()
+        if (t := parse_time(p.get("created_at"))) is not None and t >= load_started
+    ]
+    requests = stats["create_requests"] - stats_before["create_requests"]
+    refused = stats["creates_throttled"] - stats_before["creates_throttled"]
+    with session_scope(engine) as session:
+        rate_limited = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Generation)
+            .where(Generation.id.in_(ids), Generation.error_code == "rate_limited")
+        )
+    out: dict[str, Any] = {
+        "per_minute": config.rate_limit,
+        "burst": burst,
+        "creates": len(created),
+        "create_requests": requests,
+        "creates_answered_429": refused,
+        "create_429_fraction": round(refused / requests, 4) if requests else 0.0,
+        "failed_rate_limited": int(rate_limited or 0),
+    }
+    window = steady_window(created, config.rate_limit, burst)
+    if window is not None:
+        start, end, count = window
+        per_min = count / (end - start) * 60 if end > start else float("nan")
+        out.update(
+            {
+                "steady_window_s": [round(start - load_started, 1), round(end - load_started, 1)],
+                "steady_creates": count,
+                "steady_creates_per_min": round(per_min, 1),
+                "steady_fraction_of_limit": round(per_min / config.rate_limit, 3),
+            }
+        )
+    return out
 
 
 REPORT_KEYS = (
@@ -455,6 +569,9 @@ def _table(reports: list[dict[str, Any]]) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark(s) and print the table (and JSON with ``--json``)."""
+    if args.rate_burst is not None and args.rate_limit is None:
+        sys.stderr.write("error: --rate-burst needs --rate-limit\n")
+        return 2
     base = BenchConfig(
         count=args.count,
         latency=args.latency,
@@ -466,6 +583,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_concurrent_runs=args.max_runs,
         idle_samples=args.idle_samples,
         webhooks=not args.no_webhooks,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
     )
     reports: list[dict[str, Any]] = []
     if args.compare or not args.naive:
@@ -482,6 +601,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["speedup_vs_naive"] = round(reports[0]["throughput"] / reports[1]["throughput"], 1)
         result["naive"] = reports[1]
     print(_table(reports))
+    for r in reports:
+        for key, value in r.get("rate_limit", {}).items():
+            print(f"{'rate_limit.' + key:34}{json.dumps(value):>16}")
     if args.compare:
         print(f"speedup_vs_naive          {result['speedup_vs_naive']:>16}")
     if args.json:
@@ -515,6 +637,21 @@ def register(sub: Any) -> None:
         default=None,
         help=f"{INSTANCE_OPTIONS['--max-runs']}: runs in progress at once "
         "(default: dagster.yaml's)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the emulator enforces N creates a minute (429s), the create throttle is set to N; "
+        "reports creates/min in the steady state and the share answered 429",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=int,
+        default=None,
+        metavar="B",
+        help="with --rate-limit: creates let through at once (default: a minute's worth)",
     )
     p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhook receiver)")
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")

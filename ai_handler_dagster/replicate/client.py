@@ -7,6 +7,10 @@ GET retries on 429/503/504). :class:`ReplicateClient` adds what the client leave
   :meth:`ReplicateClient.create` retries throttling, 5xx, timeouts and dropped connections, and
   before each retry after a response that may have been lost it looks for the prediction the lost
   attempt created and *adopts* it, so one generation never pays for two predictions.
+* **One pace for every create.** ``create`` takes a :class:`CreatePacer` (the app's shared
+  throttle, ``throttle.py``): it waits for its turn before each try and reports each answer's
+  status and ``ratelimit-*`` headers. Under a pacer a 429 spends none of the create's attempts:
+  the pacer makes every create wait, this one included.
 * **A provider-side deadline.** Every create carries ``Cancel-After`` (``cancel_after_s``), so a
   prediction stops even when the process that should cancel it has died.
 * **Raw reads.** The client's ``Prediction`` model drops fields that decide what happens to money
@@ -19,6 +23,7 @@ Every failure is a :class:`~ai_handler_dagster.errors.GenerationError` (``failur
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import re
@@ -26,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,7 +39,7 @@ import replicate
 
 from ai_handler_dagster import errors, retries
 from ai_handler_dagster.domain import InvalidModelRef, ModelRef, parse_model_ref
-from ai_handler_dagster.errors import GenerationError
+from ai_handler_dagster.errors import RATE_LIMITED, GenerationError
 from ai_handler_dagster.replicate.failures import (
     _may_have_been_accepted,
     _raise_problem,
@@ -67,6 +72,42 @@ def _cancel_after_hook(cancel_after_s: float | None) -> Callable[[httpx.Request]
     return add_header
 
 
+class CreatePacer(Protocol):
+    """The shared pace of creates (``throttle.Pacer``): a turn before each create, and every
+    create's answer (its status and headers) to learn from."""
+
+    def wait_turn(self) -> None:
+        """Block until this create may go; raise a ``GenerationError`` to give up."""
+
+    def answered(self, status: int, headers: Mapping[str, str]) -> None:
+        """The answer of a create request (201, a 429, any error with its headers)."""
+
+
+#: Where the response hook reports the answers of the create running in this thread.
+_ANSWERS: contextvars.ContextVar[list[tuple[int, dict[str, str]]] | None] = contextvars.ContextVar(
+    "ai_handler_create_answers", default=None
+)
+
+
+def _note_answer(response: httpx.Response) -> None:
+    """httpx response hook: keep the status and headers of a create's answer for its pacer
+    (the official client returns only the parsed prediction). Runs before :func:`_raise_problem`
+    turns an error answer into an exception."""
+    answers = _ANSWERS.get()
+    if answers is not None:
+        answers.append((response.status_code, {k.lower(): v for k, v in response.headers.items()}))
+
+
+@contextlib.contextmanager
+def _answers() -> Iterator[list[tuple[int, dict[str, str]]]]:
+    seen: list[tuple[int, dict[str, str]]] = []
+    token = _ANSWERS.set(seen)
+    try:
+        yield seen
+    finally:
+        _ANSWERS.reset(token)
+
+
 _ClientKey = tuple[str, str, float, float | None]
 _CLIENTS: dict[_ClientKey, replicate.Client] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -91,7 +132,7 @@ def _shared_client(
                 timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
                 event_hooks={
                     "request": [_cancel_after_hook(cancel_after_s)],
-                    "response": [_raise_problem],
+                    "response": [_note_answer, _raise_problem],
                 },
             )
             # The client builds its httpx client lazily without a lock; build it here, once.
@@ -260,6 +301,7 @@ class ReplicateClient:
         maybe_created: bool = False,
         cancel_after_s: float | None = None,
         before_try: Callable[[], None] | None = None,
+        pacer: CreatePacer | None = None,
     ) -> PredictionSnapshot:
         """Start a prediction of ``model_ref``: ``owner/name`` (the model's endpoint),
         ``owner/name:version`` (by version) or ``deployment:owner/name`` (the deployment's
@@ -280,6 +322,11 @@ class ReplicateClient:
         own deadline, see ``lifetimes.py``). ``before_try()`` is called right before each
         create request (to note that an answer is in flight).
 
+        With a ``pacer``, every create request first waits for its turn (``wait_turn``, which
+        may raise to give up: the queue deadline) and reports its answer; a 429 is then not
+        counted against ``create_attempts`` and is not backed off here (the pacer holds every
+        create back for its ``Retry-After``).
+
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
         """
@@ -293,8 +340,12 @@ class ReplicateClient:
             params["webhook_events_filter"] = list(webhook_events_filter)
 
         error: GenerationError | None = None
-        for attempt in range(1, self.settings.create_attempts + 1):
-            if error is not None:
+        attempt = 0
+        throttled = False  # the last create was answered 429 under a pacer
+        while throttled or attempt < self.settings.create_attempts:
+            if not throttled:
+                attempt += 1  # under a pacer, a 429 spends no attempt: the wait is the pacer's
+            if error is not None and not throttled:
                 # Not tenacity's loop: adoption runs between tries, and a lost answer changes
                 # what the next try does. The wait is the project's policy all the same.
                 time.sleep(
@@ -316,27 +367,43 @@ class ReplicateClient:
                     continue
                 if adopted is not None:
                     return adopted
+            if pacer is not None:
+                pacer.wait_turn()
             if before_try is not None:
                 before_try()
-            try:
-                if ref.deployment:
-                    prediction = client.deployments.predictions.create(
-                        ref.path, input=payload, **params
-                    )
-                elif ref.version is not None:
-                    prediction = client.predictions.create(
-                        version=ref.version, input=payload, **params
-                    )
-                else:
-                    prediction = client.models.predictions.create(
-                        model=ref.base, input=payload, **params
-                    )
-                return PredictionSnapshot.from_json(prediction.dict())
-            except Exception as exc:
-                error = _with_cause(self.classify(exc), exc)
-                maybe_created = maybe_created or _may_have_been_accepted(exc)
-                if not error.retryable:
-                    break
+            throttled = False
+            snapshot: PredictionSnapshot | None = None
+            with _answers() as answers:
+                try:
+                    if ref.deployment:
+                        prediction = client.deployments.predictions.create(
+                            ref.path, input=payload, **params
+                        )
+                    elif ref.version is not None:
+                        prediction = client.predictions.create(
+                            version=ref.version, input=payload, **params
+                        )
+                    else:
+                        prediction = client.models.predictions.create(
+                            model=ref.base, input=payload, **params
+                        )
+                    snapshot = PredictionSnapshot.from_json(prediction.dict())
+                except Exception as exc:
+                    error = _with_cause(self.classify(exc), exc)
+                    maybe_created = maybe_created or _may_have_been_accepted(exc)
+            if pacer is not None and answers:
+                if snapshot is not None:
+                    # The prediction is made: what the answer teaches the pacer cannot undo it.
+                    with contextlib.suppress(Exception):
+                        pacer.answered(*answers[-1])
+                    return snapshot
+                pacer.answered(*answers[-1])
+            if snapshot is not None:
+                return snapshot
+            assert error is not None
+            throttled = pacer is not None and error.code == RATE_LIMITED
+            if not error.retryable:
+                break
         if maybe_created:
             if adopt is not None:
                 # Last look, so that a prediction started by a lost attempt is never orphaned.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -366,3 +366,61 @@ def test_concurrent_creates_from_many_threads(emulator: Any, make_client: MakeCl
         thread.join()
     assert len(results) == len(set(results)) == 30
     assert set(emulated_by_id(emulator)) == set(results)
+
+
+def test_under_the_throttle_a_429_spends_no_attempt(
+    emulator: Any, make_client: MakeClient, sqlite_url: str
+) -> None:
+    """Regression: with the provider's limit reached, a create with one attempt failed its
+    generation with ``rate_limited``; under the shared throttle it waits (the throttle, told
+    by the 429, holds every create back for its Retry-After) and is made."""
+    from ai_handler_dagster import db
+    from ai_handler_dagster.db.engine import make_engine
+    from ai_handler_dagster.throttle import CreateThrottle, Limits
+
+    emulator.configure(rate_limit=True, creates_per_minute=60, creates_burst=1)
+    client = make_client(create_attempts=1)
+    client.create(IMAGE, {"prompt": "the burst", **SMALL})
+    with pytest.raises(GenerationError) as raised:
+        client.create(IMAGE, {"prompt": "no throttle", **SMALL})
+    assert raised.value.code == errors.RATE_LIMITED
+
+    db.upgrade(sqlite_url)
+    # Configured above the provider's real limit: only the provider's answers slow it down.
+    throttle = CreateThrottle(make_engine(sqlite_url), Limits(per_minute=600, burst=5))
+    started = time.monotonic()
+    snapshot = client.create(
+        IMAGE, {"prompt": "throttled", **SMALL}, pacer=throttle.pacer(time.time() + 30)
+    )
+    assert time.monotonic() - started >= 0.9  # the Retry-After, for every create
+    assert throttle.bucket().blocked_until is not None
+    stats = emulator.stats()
+    assert stats["rate_limited"] >= 2 and stats["creates"] == 2
+    assert snapshot.id in emulated_by_id(emulator)
+
+
+def test_a_pacer_hears_every_create_answer_with_its_headers(
+    emulator: Any, make_client: MakeClient
+) -> None:
+    heard: list[tuple[int, dict[str, str]]] = []
+    turns: list[float] = []
+
+    class Recording:
+        def wait_turn(self) -> None:
+            turns.append(time.monotonic())
+
+        def answered(self, status: int, headers: Mapping[str, str]) -> None:
+            heard.append((status, dict(headers)))
+
+    emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=1))
+    lifter = lift_after_first(emulator, "http_429")
+    make_client(create_attempts=1).create(IMAGE, {"prompt": "heard", **SMALL}, pacer=Recording())
+    lifter.join()
+    statuses = [status for status, _ in heard]
+    # Until the fault is lifted every try is a 429, none spending the only attempt.
+    assert statuses[-1] == 201 and set(statuses[:-1]) == {429}
+    assert heard[0][1]["retry-after"] == "1"
+    assert all("ratelimit-remaining" in headers for _, headers in heard)
+    assert len(turns) == len(heard)  # a turn before each create request
+    # The client leaves the waiting to the pacer: no backoff of its own after a 429.
+    assert turns[-1] - turns[0] < 0.9

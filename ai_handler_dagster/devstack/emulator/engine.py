@@ -473,6 +473,9 @@ class Engine:
                 "http_429": counts["http_429"],
                 "http_500": counts["http_500"],
                 "rate_limited": counts["rate_limited"],
+                # Create requests past authentication, and those of them answered 429.
+                "create_requests": counts["create_requests"],
+                "creates_throttled": counts["creates_throttled"],
                 "outputs_removed": counts["outputs_removed"],
                 "deadline_canceled": counts["deadline_canceled"],
                 "faults_applied": dict(sorted(self._faults_applied.items())),

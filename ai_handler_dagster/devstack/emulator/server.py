@@ -257,10 +257,16 @@ class App:
             budget = self._other_bucket.take(
                 cfg.requests_per_minute, enforce=cfg.rate_limit, burst=cfg.requests_burst
             )
+        if route.creates:
+            self.engine.count("create_requests")
         if not budget.allowed:
             self.engine.count("rate_limited")
+            if route.creates:
+                self.engine.count("creates_throttled")
             raise self._throttled(budget.retry_after_s, budget)
         if route.throttle_fault and self.engine.draw("http_429", cfg.faults.http_429_rate):
+            if route.creates:
+                self.engine.count("creates_throttled")
             raise self._throttled(cfg.faults.retry_after_s, budget)
         return budget
 
