@@ -443,9 +443,15 @@ def await_predictions(
     for done, snapshot in enumerate(waiting, start=1):
         generation_id = by_prediction[snapshot.id]
         price = prices.find(rows[generation_id].model)
-        if snapshot.unreadable is None and price is not None and price.provider is not None:
+        if (
+            snapshot.unreadable is None
+            and snapshot.ended_at_provider
+            and price is not None
+            and price.provider is not None
+        ):
             # What the provider bills for this prediction is known now, whatever happens to
-            # its outputs next (failed and canceled predictions are billed too).
+            # its outputs next (failed and canceled predictions are billed too). One we canceled
+            # at its deadline may still be canceling: reconciliation prices it once it ends.
             with session_scope(engine) as session:
                 gens.record_provider_cost(
                     session,

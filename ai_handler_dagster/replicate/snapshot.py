@@ -98,6 +98,14 @@ class PredictionSnapshot:
         return float(value) if isinstance(value, int | float) else None
 
     @property
+    def ended_at_provider(self) -> bool:
+        """True when the provider itself reported this prediction ended (its answer's own
+        ``status`` is terminal). False for the answer to our cancel at a deadline, which
+        ``wait_many`` reports as ``canceled`` while the provider may still be canceling it: its
+        metrics are not final yet."""
+        return self.raw.get("status") in PREDICTION_TERMINAL
+
+    @property
     def never_started(self) -> bool:
         """True when the provider says this ended prediction never ran: terminal, not
         succeeded, with ``started_at`` present and null (an answer without the field says

@@ -29,7 +29,7 @@ from ai_handler_dagster import adoption
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import CreateAttempt, Generation
-from ai_handler_dagster.devstack.emulator import EmulatorHandle
+from ai_handler_dagster.devstack.emulator import EmulatorConfig, EmulatorHandle, start_emulator
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration import recovery
 from ai_handler_dagster.orchestration.generation import batch_run_config, generation_job
@@ -239,3 +239,56 @@ def test_a_prediction_the_provider_no_longer_knows_stays_unknown_and_is_not_aske
         record = session.get_one(CreateAttempt, (gid, 1))
         assert (record.provider_cost_nusd, record.provider_cost_at is not None) == (None, True)
         assert gens.attempts_without_cost(session, since=since, limit=10) == []
+
+
+def test_a_prediction_canceled_at_its_deadline_is_priced_once_its_cancel_lands(
+    app_db: str,
+    local_s3: LocalS3,
+    bucket: str,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: the await step priced a prediction from the answer to its own cancel at the
+    deadline. That answer may still show it running, without the final ``predict_time``; the
+    cost was stored as unknown and marked priced, so nobody ever recorded the seconds the
+    provider billed for it. It is now left to reconciliation, which prices it once it ends."""
+    per_second = SHIPPED.replace(
+        '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
+        '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
+    )
+    table = tmp_path / "prices.toml"
+    table.write_text(per_second)
+    monkeypatch.setenv("AI_HANDLER_PREDICTION_DEADLINE_S", "10")
+    lagging = start_emulator(EmulatorConfig(latency_s=0.2, cancel_lag_s=1.0), port=0)
+    try:
+        grant(app_db, "ez", 100)
+        ids = submit(app_db, "ez", [("demo/pixel-sketch", {"prompt": "never ends [stuck]"})])
+        _run(app_db, lagging, local_s3, bucket, instance, table, ids)
+        engine = make_engine(app_db)
+        with session_scope(engine) as session:
+            row = session.get_one(Generation, ids[0])
+            record = session.get_one(CreateAttempt, (ids[0], 1))
+            assert (row.status, row.error_code, row.amount_charged) == (
+                "failed",
+                "deadline_exceeded",
+                0,
+            )
+            assert (record.provider_cost_nusd, record.provider_cost_at) == (None, None)
+        client = ReplicateResource(api_token=lagging.token, base_url=lagging.base_url).get_client()
+        prices = parse_pricing(per_second, source="test table")
+        since = datetime.now(UTC) - timedelta(hours=1)
+        deadline = time.monotonic() + 10
+        priced = 0
+        while priced < 1 and time.monotonic() < deadline:  # the cancel lands after 1 s
+            priced += recovery.price_unseen_predictions(engine, client, prices, since=since)
+            time.sleep(0.2)
+        assert priced == 1
+        [reported] = lagging.predictions()
+        assert reported["status"] == "canceled"
+        seconds = reported["metrics"]["predict_time"]
+        assert seconds >= 9
+        expected = math.ceil(Decimal("0.000225") * Decimal(repr(float(seconds))) * 10**9)
+        assert _costs(app_db)[ids[0]] == (expected, expected)
+    finally:
+        lagging.stop()

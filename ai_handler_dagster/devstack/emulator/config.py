@@ -117,6 +117,9 @@ class EmulatorConfig:
     """Most creates let through at once (the bucket's size); default: a minute's worth."""
     requests_burst: int | None = None
     """Most other requests let through at once; default: a minute's worth."""
+    cancel_lag_s: float = 0.0
+    """Seconds a cancel takes to land: the cancel's answer shows the prediction still running
+    (as Replicate's may), and it ends ``canceled`` that much later (0: at once)."""
     public_base_url: str | None = None
     """Base URL written into prediction URLs, output URLs and cursors (default: bound address)."""
     official_models: tuple[str, ...] = ()
@@ -148,6 +151,8 @@ class EmulatorConfig:
     def __post_init__(self) -> None:
         if self.latency_s < 0:
             raise ValueError("latency_s must be >= 0")
+        if self.cancel_lag_s < 0:
+            raise ValueError("cancel_lag_s must be >= 0")
         if not 0 <= self.latency_jitter <= 1:
             raise ValueError("latency_jitter must be within 0..1")
         if self.concurrency < 0:

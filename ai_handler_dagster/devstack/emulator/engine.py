@@ -350,11 +350,24 @@ class Engine:
         """Cancel unless already finished; either way answer the prediction as it now is."""
         pred = self.get(prediction_id)
         with self._lock:
+            lag = self._config.cancel_lag_s
+            if pred.status not in TERMINAL and lag > 0:
+                # Answered as it is now; it ends canceled once the cancel lands.
+                if pred.canceled_by is None:
+                    pred.canceled_by = reason
+                    self.scheduler.call_later(lag, lambda: self._land_cancel(pred))
+                return self.to_json(pred)
             if pred.status not in TERMINAL:
                 pred.canceled_by = reason
                 self._append_log(pred, "Prediction canceled.")
                 self._finish(pred, "canceled")
             return self.to_json(pred)
+
+    def _land_cancel(self, pred: Prediction) -> None:
+        with self._lock:
+            if pred.status not in TERMINAL:
+                self._append_log(pred, "Prediction canceled.")
+                self._finish(pred, "canceled")
 
     def list_page(
         self,
