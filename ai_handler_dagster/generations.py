@@ -743,8 +743,9 @@ def start_attempt(
         session.flush()
         return row
     problem = stored_request_problem(row)
-    if problem is None:
-        # An inserted row names its priority itself: no higher than its user may ask for.
+    if problem is None and row.attempt == 1:
+        # An inserted row names its priority itself: no higher than its user may ask for. A
+        # requeued attempt was accepted before and keeps its priority whatever the ceiling now.
         try:
             priorities.resolve(session, row.user_id, row.priority)
         except priorities.PriorityRefused as exc:

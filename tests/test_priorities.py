@@ -157,6 +157,26 @@ def test_an_inserted_row_above_its_users_ceiling_fails_before_any_hold(
     assert tx(engine, lambda s: ledger.balance(s, "alice")).held == 5  # only the one within
 
 
+def test_a_requeued_generation_keeps_its_priority_after_the_ceiling_is_lowered(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    """Regression: start_attempt checked every row without a hold against the user's current
+    ceiling, requeued ones included (requeue clears the hold), so lowering a ceiling failed the
+    user's regenerates and reprocessing with invalid_request, although requests already
+    submitted keep their priority."""
+    fund(engine)
+    ceiling(engine, "alice", 5)
+    gid = submit(engine, prices, priority=5).id
+    tx(engine, lambda s: gens.start_attempt(s, gid, run_id="r1", prices=prices))
+    tx(engine, lambda s: gens.fail(s, gid, code="prediction_failed", message="the model failed"))
+    ceiling(engine, "alice", 1)
+    requeued = tx(engine, lambda s: gens.requeue(s, gid))
+    assert (requeued.attempt, requeued.hold_id, requeued.priority) == (2, None, 5)
+    again = tx(engine, lambda s: gens.start_attempt(s, gid, run_id="r2", prices=prices))
+    assert (again.status, again.error_code, again.priority) == ("running", None, 5)
+    assert again.hold_id is not None
+
+
 @pytest.mark.parametrize("value", [-1, 10])
 def test_the_database_refuses_a_priority_or_a_ceiling_out_of_range(
     engine: sa.Engine, value: int
