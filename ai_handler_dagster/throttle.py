@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ai_handler_dagster import settings
 from ai_handler_dagster.db.engine import is_sqlite, session_scope
 from ai_handler_dagster.db.models import CreateThrottle as ThrottleRow
-from ai_handler_dagster.errors import DEADLINE_EXCEEDED, GenerationError
+from ai_handler_dagster.errors import DEADLINE_EXCEEDED, AiHandlerError, GenerationError
 from ai_handler_dagster.replicate.failures import parse_retry_after
 
 #: The share of the configured limit creates are paced at: the provider's bucket gains a token
@@ -58,7 +58,7 @@ MAX_NAP_S = 1.0
 R = TypeVar("R")
 
 
-class Interrupted(Exception):
+class Interrupted(AiHandlerError):
     """The step waiting for a turn is being stopped (its run was terminated)."""
 
 
