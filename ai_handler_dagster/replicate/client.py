@@ -325,7 +325,8 @@ class ReplicateClient:
         With a ``pacer``, every create request first waits for its turn (``wait_turn``, which
         may raise to give up: the queue deadline) and reports its answer; a 429 is then not
         counted against ``create_attempts`` and is not backed off here (the pacer holds every
-        create back for its ``Retry-After``).
+        create back for its ``Retry-After``). A failed ``adopt()`` is always an attempt, backed
+        off.
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -362,6 +363,9 @@ class ReplicateClient:
                     adopted = adopt()
                 except GenerationError as exc:  # the list could not be read: nothing is created
                     error = exc
+                    # An attempt, backed off: after a 429 a failing look must not loop at once,
+                    # never reaching the pacer's queue deadline or its stop.
+                    throttled = False
                     if not exc.retryable:
                         break
                     continue

@@ -424,3 +424,41 @@ def test_a_pacer_hears_every_create_answer_with_its_headers(
     assert len(turns) == len(heard)  # a turn before each create request
     # The client leaves the waiting to the pacer: no backoff of its own after a 429.
     assert turns[-1] - turns[0] < 0.9
+
+
+def test_a_failing_look_after_a_429_counts_as_an_attempt(
+    emulator: Any, make_client: MakeClient
+) -> None:
+    """Regression: after a 429 under a pacer, an ``adopt()`` that failed retryably (the list
+    longer than the pages read since the create) looped at once, forever: no attempt counted,
+    no backoff, and the pacer (its queue deadline, its stop) never asked again."""
+    looks: list[float] = []
+
+    def adopt() -> PredictionSnapshot | None:
+        looks.append(time.monotonic())
+        if len(looks) == 1:
+            return None  # nothing found: the create is tried, and answered 429
+        if len(looks) > 20:
+            raise GenerationError(errors.INTERNAL_ERROR, "spinning")  # ends the old loop
+        raise GenerationError(errors.PROVIDER_UNAVAILABLE, "list too long", retryable=True)
+
+    class Turns:
+        def wait_turn(self) -> None:
+            pass
+
+        def answered(self, status: int, headers: Mapping[str, str]) -> None:
+            pass
+
+        def unused(self) -> None:
+            pass
+
+    emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=0))
+    with pytest.raises(GenerationError) as raised:
+        make_client(create_attempts=3).create(
+            IMAGE, {"prompt": "spin", **SMALL}, adopt=adopt, maybe_created=True, pacer=Turns()
+        )
+    assert raised.value.code == errors.PROVIDER_UNAVAILABLE and raised.value.retryable
+    # The first look, the 429, then three failing looks (each an attempt) and the last look.
+    assert len(looks) == 5
+    assert emulator.stats()["http_429"] == 1 and emulator.stats()["creates"] == 0
+    assert looks[3] - looks[2] >= 0.04  # backed off between attempts (0.05 s at least)
