@@ -326,7 +326,8 @@ class ReplicateClient:
         may raise to give up: the queue deadline) and reports its answer; a 429 is then not
         counted against ``create_attempts`` and is not backed off here (the pacer holds every
         create back for its ``Retry-After``). A failed ``adopt()`` is always an attempt, backed
-        off.
+        off. Giving up at the queue deadline after a lost answer takes the same last look as
+        every other error.
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -372,7 +373,13 @@ class ReplicateClient:
                 if adopted is not None:
                     return adopted
             if pacer is not None:
-                pacer.wait_turn()
+                try:
+                    pacer.wait_turn()
+                except GenerationError as exc:  # the queue deadline
+                    if not maybe_created:
+                        raise
+                    error = exc  # a lost create's prediction gets its last look below
+                    break
             if before_try is not None:
                 before_try()
             throttled = False

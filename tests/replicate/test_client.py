@@ -462,3 +462,47 @@ def test_a_failing_look_after_a_429_counts_as_an_attempt(
     assert len(looks) == 5
     assert emulator.stats()["http_429"] == 1 and emulator.stats()["creates"] == 0
     assert looks[3] - looks[2] >= 0.04  # backed off between attempts (0.05 s at least)
+
+
+def test_the_queue_deadline_after_a_lost_answer_takes_the_last_look(
+    emulator: Any, make_client: MakeClient, any_db_url: str
+) -> None:
+    """Regression: giving up at the queue deadline after a lost answer left ``create`` at once,
+    without the last look every other error takes, so the lost create's prediction (shown by
+    the list only now) ran on, paid, owned by nobody, while its generation was refunded."""
+    from ai_handler_dagster import db
+    from ai_handler_dagster.db.engine import make_engine
+    from ai_handler_dagster.throttle import CreateThrottle, Limits
+
+    db.upgrade(any_db_url)
+    throttle = CreateThrottle(make_engine(any_db_url), Limits(per_minute=1, burst=1))
+    throttle.wait_turn()  # the only token: the next turn is a minute away
+    client = make_client()
+    late = client.create(IMAGE, {"prompt": "lost", **SMALL})  # what the lost create made
+    looks: list[int] = []
+
+    def adopt() -> PredictionSnapshot | None:
+        looks.append(1)
+        return None if len(looks) == 1 else late  # the list shows it only at the last look
+
+    found = client.create(
+        IMAGE,
+        {"prompt": "lost", **SMALL},
+        adopt=adopt,
+        maybe_created=True,
+        pacer=throttle.pacer(time.time() + 1),
+    )
+    assert found.id == late.id and len(looks) == 2
+    assert emulator.stats()["creates"] == 1  # nothing created at the deadline
+
+    # Nothing found at the last look either: the deadline's error, saying what may be left.
+    with pytest.raises(GenerationError) as raised:
+        client.create(
+            IMAGE,
+            {"prompt": "lost", **SMALL},
+            adopt=lambda: None,
+            maybe_created=True,
+            pacer=throttle.pacer(time.time() + 1),
+        )
+    assert raised.value.code == errors.DEADLINE_EXCEEDED and not raised.value.retryable
+    assert "may have started a prediction" in raised.value.message
