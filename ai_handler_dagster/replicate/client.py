@@ -82,6 +82,9 @@ class CreatePacer(Protocol):
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
         """The answer of a create request (201, a 429, any error with its headers)."""
 
+    def unused(self) -> None:
+        """The turn ``wait_turn`` just granted was not used: no create was sent."""
+
 
 #: Where the response hook reports the answers of the create running in this thread.
 _ANSWERS: contextvars.ContextVar[list[tuple[int, dict[str, str]]] | None] = contextvars.ContextVar(
@@ -327,7 +330,7 @@ class ReplicateClient:
         counted against ``create_attempts`` and is not backed off here (the pacer holds every
         create back for its ``Retry-After``). A failed ``adopt()`` is always an attempt, backed
         off. Giving up at the queue deadline after a lost answer takes the same last look as
-        every other error.
+        every other error; a turn granted but not used (``before_try`` raised) is handed back.
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -381,7 +384,12 @@ class ReplicateClient:
                     error = exc  # a lost create's prediction gets its last look below
                     break
             if before_try is not None:
-                before_try()
+                try:
+                    before_try()
+                except BaseException:
+                    if pacer is not None:
+                        pacer.unused()  # nothing was sent: the turn is someone else's
+                    raise
             throttled = False
             snapshot: PredictionSnapshot | None = None
             with _answers() as answers:

@@ -464,6 +464,30 @@ def test_a_failing_look_after_a_429_counts_as_an_attempt(
     assert looks[3] - looks[2] >= 0.04  # backed off between attempts (0.05 s at least)
 
 
+def test_a_turn_not_used_is_handed_back(emulator: Any, make_client: MakeClient) -> None:
+    """A turn granted to a create that is then not sent (noting it in flight failed) goes back
+    to the pacer, so no other create waits behind it."""
+    calls: list[str] = []
+
+    class Turns:
+        def wait_turn(self) -> None:
+            calls.append("turn")
+
+        def answered(self, status: int, headers: Mapping[str, str]) -> None:
+            calls.append("answered")
+
+        def unused(self) -> None:
+            calls.append("unused")
+
+    def before_try() -> None:
+        raise RuntimeError("the database is gone")
+
+    with pytest.raises(RuntimeError):
+        make_client().create(IMAGE, {"prompt": "x", **SMALL}, before_try=before_try, pacer=Turns())
+    assert calls == ["turn", "unused"]
+    assert emulator.stats()["creates"] == 0
+
+
 def test_the_queue_deadline_after_a_lost_answer_takes_the_last_look(
     emulator: Any, make_client: MakeClient, any_db_url: str
 ) -> None:
