@@ -388,7 +388,10 @@ class ReplicateClient:
                     before_try()
                 except BaseException:
                     if pacer is not None:
-                        pacer.unused()  # nothing was sent: the turn is someone else's
+                        # Nothing was sent: the turn is someone else's. The original error
+                        # matters more than a failed return.
+                        with contextlib.suppress(Exception):
+                            pacer.unused()
                     raise
             throttled = False
             snapshot: PredictionSnapshot | None = None
