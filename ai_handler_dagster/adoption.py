@@ -182,10 +182,20 @@ def obtain(
     with session_scope(engine) as session:
         earlier = gens.begin_create(session, attempt.generation_id, attempt=attempt.attempt)
     adopter = _Adopter(engine, client, attempt, earlier or utcnow(), log)
+    first = earlier is None
 
     def in_flight() -> None:
+        # Right before every create request, after its turn at the throttle: the attempt's
+        # state_at is now (siblings, the orphan sweep), and so is the first create's time
+        # (its prediction's deadline and the adoption window), however long the turn took.
+        nonlocal first
         with session_scope(engine) as session:
-            gens.create_in_flight(session, attempt.generation_id, attempt.attempt)
+            sent_at = gens.create_in_flight(
+                session, attempt.generation_id, attempt.attempt, first=first
+            )
+        if first and sent_at is not None:
+            adopter.started_at = sent_at
+        first = False
 
     snapshot = client.create(
         attempt.model,
@@ -195,8 +205,7 @@ def obtain(
         adopt=adopter,
         maybe_created=earlier is not None,
         cancel_after_s=cancel_after_s,
-        # The first try is noted by begin_create; a retry (after a 429 or a lost answer) anew.
-        before_try=_after_first(in_flight),
+        before_try=in_flight,
         pacer=pacer,
     )
     lost = adopter.adopted is not None or earlier is not None
@@ -227,19 +236,6 @@ def obtain(
         client.cancel(snapshot.id)
         raise
     return snapshot, lost
-
-
-def _after_first(action: Callable[[], None]) -> Callable[[], None]:
-    """``action`` on every call but the first."""
-    calls = 0
-
-    def call() -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            action()
-
-    return call
 
 
 def _model_matches(model_ref: str, item: dict[str, Any], names: set[str]) -> bool:

@@ -926,6 +926,9 @@ def begin_create(
     caller must then look for that prediction and adopt it before creating another, since the
     earlier create may have succeeded with its answer lost. ``InvalidTransition`` if the
     generation is no longer running this attempt (nothing must be created for it).
+
+    A new attempt's ``started_at`` is now only until its first create is sent
+    (``create_in_flight(first=True)``, after its turn at the create throttle).
     """
     row = _lock(session, generation_id)
     _check_attempt(row, attempt)
@@ -959,10 +962,26 @@ def create_lost(session: Session, generation_id: int, attempt: int) -> None:
     _mark(session, generation_id, attempt, AttemptState.LOST)
 
 
-def create_in_flight(session: Session, generation_id: int, attempt: int) -> None:
+def create_in_flight(
+    session: Session, generation_id: int, attempt: int, *, first: bool = False
+) -> datetime | None:
     """A create request of the attempt is about to be sent (state ``creating``, ``state_at``
-    now): until its answer is recorded, a listed prediction may be this attempt's."""
+    now): until its answer is recorded, a listed prediction may be this attempt's.
+
+    ``first``: the attempt's first create ever (``begin_create`` returned None in this try):
+    ``started_at``, from which its prediction's deadline and the adoption window count, is
+    now too, not when the step began (it may have waited long for a turn at the create
+    throttle). Committed before the request is sent, so the window still covers the real
+    create. Returns the time written (None: the attempt owns its prediction already).
+    """
     _mark(session, generation_id, attempt, AttemptState.CREATING)
+    record = session.get(CreateAttempt, (generation_id, attempt))
+    if record is None or record.state != AttemptState.CREATING:
+        return None
+    if first:
+        record.started_at = record.state_at
+        session.flush()
+    return record.state_at
 
 
 def creating_siblings(

@@ -22,6 +22,10 @@ first takes a turn from one row of ``create_throttle``:
 - **Never fails a generation.** A create waits for its turn as long as it takes, up to its queue
   deadline (``lifetimes.queue_deadline``), which fails and refunds the generation; no attempt of
   the create's retries is spent on waiting or on a 429 under the throttle.
+- **A promise unused is returned.** A wait that ends before its create is sent (its run was
+  terminated, a sibling's error stopped the step, the step gave up) gives its promised turn
+  back in one transaction, unless a newer block voided it already, so no run waits behind
+  turns nobody will use.
 
 :class:`Bucket` is the arithmetic, without a database; :class:`CreateThrottle` keeps it in the
 row; :class:`Pacer` is what ``ReplicateClient.create`` calls around each create.
@@ -29,10 +33,11 @@ row; :class:`Pacer` is what ``ReplicateClient.create`` calls around each create.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -126,6 +131,11 @@ class Bucket:
         if self.blocked_until is not None and until <= self.blocked_until:
             return self
         return Bucket(tokens=1.0, updated_at=max(until, self.updated_at), blocked_until=until)
+
+    def given_back(self, limits: Limits, now: float) -> Bucket:
+        """The bucket with one promised turn returned, unused (never above ``burst``)."""
+        bucket = self.refilled(limits, now)
+        return replace(bucket, tokens=min(float(limits.burst), bucket.tokens + 1.0))
 
     def cap(self, limits: Limits, now: float, remaining: float) -> Bucket:
         """The bucket holding at most what the provider says is ``remaining``."""
@@ -242,6 +252,18 @@ class CreateThrottle:
             )
         return _epoch(blocked) == _epoch(turn.blocked_until)
 
+    def give_back(self, turn: Turn) -> bool:
+        """Return a promised turn that no create will use (its step stopped, or gave up before
+        sending), in one transaction, so nobody waits behind it. A turn voided by a newer
+        block is not returned: the block already took every promise back. True if returned."""
+
+        def change(bucket: Bucket, now: float) -> tuple[Bucket | None, bool]:
+            if bucket.blocked_until != _epoch(turn.blocked_until):
+                return None, False
+            return bucket.given_back(self.limits, now), True
+
+        return self._update(change)
+
     def wait_turn(
         self,
         deadline: float | None = None,
@@ -252,8 +274,10 @@ class CreateThrottle:
         """Wait for a turn to create; returns it (its ``at`` is never after the return).
 
         Raises ``GenerationError(deadline_exceeded)`` when no turn comes before ``deadline``
-        (the queue deadline: the caller fails and refunds its generation), and
-        :class:`Interrupted` once ``stop`` is set.
+        (the queue deadline: the caller fails and refunds its generation; no turn is promised
+        then), and :class:`Interrupted` once ``stop`` is set. A turn promised to a wait that
+        ends by any exception (``Interrupted``, the run's own interruption raised in its sleep)
+        is given back.
         """
         while True:
             turn = self.take(deadline)
@@ -265,11 +289,17 @@ class CreateThrottle:
                     "saturated",
                 )
             slept = False
-            while (left := turn.at - self.clock()) > 0:
-                if stop is not None and stop.is_set():
-                    raise Interrupted("stopped while waiting for a turn to create")
-                sleep(min(left, MAX_NAP_S))
-                slept = True
+            try:
+                while (left := turn.at - self.clock()) > 0:
+                    if stop is not None and stop.is_set():
+                        raise Interrupted("stopped while waiting for a turn to create")
+                    sleep(min(left, MAX_NAP_S))
+                    slept = True
+            except BaseException:
+                # The original exception matters more than a failed return of the turn.
+                with contextlib.suppress(Exception):
+                    self.give_back(turn)
+                raise
             # A turn had at once needs no second look; one waited for may have been voided.
             if not slept or self.still_valid(turn):
                 return turn
@@ -316,17 +346,25 @@ def _number(value: str | None) -> float | None:
     return number if number is not None and number >= 0 else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Pacer:
     """One generation's side of the throttle: wait for a turn before each create, report each
-    answer (``replicate.client.CreatePacer``)."""
+    answer, hand back a turn granted but not used (``replicate.client.CreatePacer``). Used by
+    one thread."""
 
     throttle: CreateThrottle
     deadline: float | None
     stop: threading.Event | None = None
+    _granted: Turn | None = field(default=None, init=False, repr=False)
 
     def wait_turn(self) -> None:
-        self.throttle.wait_turn(self.deadline, stop=self.stop)
+        self._granted = self.throttle.wait_turn(self.deadline, stop=self.stop)
 
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
+        self._granted = None  # the create was sent: its turn is spent
         self.throttle.observe(status, headers)
+
+    def unused(self) -> None:
+        turn, self._granted = self._granted, None
+        if turn is not None:
+            self.throttle.give_back(turn)

@@ -96,7 +96,7 @@ def test_a_rate_limited_bench_paces_creates_and_fails_none(
     assert report["ledger_violations"] == 0
     rate = report["rate_limit"]
     assert (rate["per_minute"], rate["burst"], rate["creates"]) == (120, 2, 20)
-    assert rate["failed_rate_limited"] == 0
+    assert rate["failed_rate_limited"] == 0 and rate["failed_queue_deadline"] == 0
     assert rate["create_requests"] == 20 + rate["creates_answered_429"]
     assert 0 <= rate["create_429_fraction"] < 1
     start, end = rate["steady_window_s"]

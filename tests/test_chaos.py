@@ -284,7 +284,8 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         books = Books(conn)
 
         # alice: everything right (a success with its output, a refunded failure, a stuck
-        # prediction canceled at its deadline, a refusal, a canceled orphan).
+        # prediction canceled at its deadline, a refusal, a generation refunded at its queue
+        # deadline before any create, a canceled orphan).
         alice = books.account("alice", 95)
         books.grant(alice, 100)
         a1 = books.generation("alice", "succeeded", "a fox", prediction="pa1", charged=5)
@@ -299,6 +300,8 @@ def hand_made(pg_url: str, s3: LocalS3) -> Iterator[HandMade]:
         books.link(a2, books.hold(alice, a2, 5, ends=("release",)), 5)
         predictions.append(_prediction("pa2", "a stuck fox", "canceled", faults=("stuck",)))
         books.generation("alice", "failed", "too poor", code="insufficient_credits")
+        a3 = books.generation("alice", "failed", "no turn in time", code="deadline_exceeded")
+        books.link(a3, books.hold(alice, a3, 5, ends=("release",)), 5)
         predictions.append(_prediction("pa4", "a fox", "canceled"))
 
         # bob: a generation left running, its hold still pending, its stuck prediction running.
@@ -464,6 +467,8 @@ def test_the_audit_reports_one_violation_of_each_kind(hand_made: HandMade, s3: L
     # What it saw on the way.
     assert report.statuses["succeeded"] == 5
     assert report.failed_by_code["insufficient_credits"] == 1
+    # alice's two deadline failures: only the one without a prediction is a queue deadline.
+    assert report.failed_by_code["deadline_exceeded"] >= 2 and report.failed_before_create == 1
     assert report.stuck_predictions == 2
     assert report.canceled_orphans == 1
     assert report.objects_compared_with_emulator == 2  # alice's fox and kate's kite

@@ -226,3 +226,62 @@ def test_a_stopped_step_stops_waiting(app_url: str) -> None:
     stop.set()
     with pytest.raises(Interrupted):
         throttle.wait_turn(stop=stop)
+
+
+def test_a_turn_given_back_goes_to_the_next_taker_unless_a_block_voided_it() -> None:
+    bucket = Bucket.full(LIMITS, now=0.0)
+    for _ in range(4):
+        _, bucket = bucket.take(LIMITS, now=0.0)  # the burst of three, and one promised
+    assert bucket.given_back(LIMITS, 0.0).take(LIMITS, 0.0)[0] == pytest.approx(1.0 + ARRIVAL_S)
+    assert Bucket(tokens=3.0, updated_at=0.0).given_back(LIMITS, 0.0).tokens == 3.0  # the burst
+
+
+def test_a_stopped_wait_gives_its_promised_turn_back(app_url: str) -> None:
+    """Regression: a wait stopped before its turn (run terminated, a sibling's error stopping
+    the step) left its promised token taken, and every later create waited behind it."""
+    limits = Limits(per_minute=60 / PACE, burst=1)  # a token a second
+    throttle = CreateThrottle(make_engine(app_url), limits)
+    throttle.wait_turn()  # the burst
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def stopped() -> None:
+        try:
+            throttle.wait_turn(stop=stop)  # promised a second from now
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=stopped)
+    waiter.start()
+    time.sleep(0.2)
+    stop.set()
+    waiter.join(5)
+    assert outcome and isinstance(outcome[0], Interrupted)
+    assert throttle.bucket().tokens > -0.5  # the promise is back (it was -1)
+    started = time.time()
+    turn = throttle.wait_turn()
+    # The turn the stopped wait had, not the one behind it (about 2 s after the burst).
+    assert turn.at - started < 1.0
+
+
+def test_a_wait_ended_by_the_runs_interruption_gives_its_turn_back(app_url: str) -> None:
+    """Dagster interrupts a run's main thread inside its sleep: that exit returns the turn
+    too; a turn a 429 has voided since is not returned (the block took it back already)."""
+    limits = Limits(per_minute=60 / PACE, burst=1)
+    throttle = CreateThrottle(make_engine(app_url), limits)
+    throttle.wait_turn()
+    after_burst = throttle.bucket().tokens
+
+    def interrupted(_: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        throttle.wait_turn(sleep=interrupted)
+    assert throttle.bucket().tokens == pytest.approx(after_burst, abs=0.05)
+
+    turn = throttle.take()
+    assert turn is not None
+    throttle.observe(429, {"retry-after": "5"})
+    blocked = throttle.bucket()
+    assert throttle.give_back(turn) is False
+    assert throttle.bucket() == blocked

@@ -87,6 +87,9 @@ class AuditReport:
     users: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     failed_by_code: dict[str, int] = field(default_factory=dict)
+    #: Failed with ``deadline_exceeded`` before any prediction was created: the queue deadline
+    #: (no turn at the create throttle in time; or a hold that ended before its run started).
+    failed_before_create: int = 0
     refunded: int = 0
     captured_credits: int = 0
     granted_credits: int = 0
@@ -217,6 +220,13 @@ def audit(
                 if g["status"] in ("failed", "canceled")
             ).items()
         )
+    )
+    report.failed_before_create = sum(
+        1
+        for g in gens.values()
+        if g["status"] == "failed"
+        and g["error_code"] == "deadline_exceeded"
+        and g["prediction_id"] is None
     )
     holds_by_id = {h["id"]: h for h in holds}
     entries_by_hold: dict[int, list[Mapping[str, Any]]] = defaultdict(list)

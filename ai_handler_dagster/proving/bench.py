@@ -15,7 +15,10 @@ minute with a bucket of B (default: a minute's worth), and configures the projec
 throttle to the same limit, as an operator would for their account. The report then adds
 creates a minute in the steady state (from the moment a bucket of the emulator's rate and burst,
 full at the load's first create, first runs dry, to the last create: the window is reported),
-the share of create requests answered 429, and the generations failed for rate limiting.
+the share of create requests answered 429, and the generations failed for rate limiting:
+under the throttle a 429 spends no attempt, so a throttled generation waits and fails only at
+its queue deadline, with ``deadline_exceeded`` before any create (``failed_queue_deadline``);
+``failed_rate_limited`` counts failures with ``rate_limited`` (none are expected).
 """
 
 from __future__ import annotations
@@ -498,7 +501,8 @@ def rate_limit_report(
     load_started: float,
 ) -> dict[str, Any]:
     """Creates a minute in the steady state, the share of creates answered 429 and the
-    generations failed for rate limiting, for ``--rate-limit``."""
+    generations failed for rate limiting (``rate_limited``, and ``deadline_exceeded`` before any
+    create: the queue deadline), for ``--rate-limit``."""
     assert config.rate_limit is not None
     burst = config.rate_burst or config.rate_limit
     stats = emulator.stats()
@@ -515,6 +519,17 @@ def rate_limit_report(
             .select_from(Generation)
             .where(Generation.id.in_(ids), Generation.error_code == "rate_limited")
         )
+        # Under the throttle a throttled generation waits; its only way out is the queue
+        # deadline, before any prediction was created.
+        queue_deadline = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Generation)
+            .where(
+                Generation.id.in_(ids),
+                Generation.error_code == "deadline_exceeded",
+                Generation.prediction_id.is_(None),
+            )
+        )
     out: dict[str, Any] = {
         "per_minute": config.rate_limit,
         "burst": burst,
@@ -523,6 +538,7 @@ def rate_limit_report(
         "creates_answered_429": refused,
         "create_429_fraction": round(refused / requests, 4) if requests else 0.0,
         "failed_rate_limited": int(rate_limited or 0),
+        "failed_queue_deadline": int(queue_deadline or 0),
     }
     window = steady_window(created, config.rate_limit, burst)
     if window is not None:

@@ -18,8 +18,11 @@ from ``--seed``:
   and every connection to the app database terminated with ``pg_terminate_backend``;
 - a rate-limited phase: for a window in the middle of the arrivals the emulator enforces a low
   create limit (``--rate-limit``, 20 a minute with a burst of 2), answering 429 with
-  ``Retry-After`` and ``ratelimit-*`` headers. A generation whose creates are still throttled
-  after their retries fails with ``rate_limited`` and is refunded: a failure, not a violation.
+  ``Retry-After`` and ``ratelimit-*`` headers. Under the create throttle a 429 spends none of a
+  create's retries: a throttled generation waits for its turn, and fails only at its queue
+  deadline, with ``deadline_exceeded`` and refunded (a failure, not a violation). The report
+  counts those (failed before any create) and, should one ever occur, failures with
+  ``rate_limited``.
 
 When every generation has ended, :mod:`ai_handler_dagster.proving.audit` checks the money, the
 outputs and the provider's side independently of the code that moved them, and each hold and
@@ -1163,6 +1166,7 @@ def _report(
             "creates": limiter.creates if limiter else 0,
             "throttled": limiter.throttled if limiter else 0,
             "failed_rate_limited": result.failed_by_code.get("rate_limited", 0),
+            "failed_queue_deadline": result.failed_before_create,
         }
         if not ran:
             shortfalls.append("the rate-limited phase never began")
@@ -1270,9 +1274,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['objects_checked']:>5} ({report['objects_compared_with_emulator']})",
     ]
     if phase:
-        lines.append(
-            f"  {'failed for rate limiting (after retries)':44}{phase['failed_rate_limited']:>8}"
-        )
+        lines += [
+            f"  {'failed with rate_limited':44}{phase['failed_rate_limited']:>8}",
+            f"  {'failed at the queue deadline, no create':44}{phase['failed_queue_deadline']:>8}",
+        ]
     price_checks = report.get("price_checks") or {}
     if price_checks:
         lines += ["", "prices checked against the table and the provider's counts"]

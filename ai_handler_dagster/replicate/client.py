@@ -82,6 +82,9 @@ class CreatePacer(Protocol):
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
         """The answer of a create request (201, a 429, any error with its headers)."""
 
+    def unused(self) -> None:
+        """The turn ``wait_turn`` just granted was not used: no create was sent."""
+
 
 #: Where the response hook reports the answers of the create running in this thread.
 _ANSWERS: contextvars.ContextVar[list[tuple[int, dict[str, str]]] | None] = contextvars.ContextVar(
@@ -325,7 +328,9 @@ class ReplicateClient:
         With a ``pacer``, every create request first waits for its turn (``wait_turn``, which
         may raise to give up: the queue deadline) and reports its answer; a 429 is then not
         counted against ``create_attempts`` and is not backed off here (the pacer holds every
-        create back for its ``Retry-After``).
+        create back for its ``Retry-After``). A failed ``adopt()`` is always an attempt, backed
+        off. Giving up at the queue deadline after a lost answer takes the same last look as
+        every other error; a turn granted but not used (``before_try`` raised) is handed back.
 
         Raises:
             GenerationError: terminal errors at once; retryable ones after the last attempt.
@@ -362,15 +367,32 @@ class ReplicateClient:
                     adopted = adopt()
                 except GenerationError as exc:  # the list could not be read: nothing is created
                     error = exc
+                    # An attempt, backed off: after a 429 a failing look must not loop at once,
+                    # never reaching the pacer's queue deadline or its stop.
+                    throttled = False
                     if not exc.retryable:
                         break
                     continue
                 if adopted is not None:
                     return adopted
             if pacer is not None:
-                pacer.wait_turn()
+                try:
+                    pacer.wait_turn()
+                except GenerationError as exc:  # the queue deadline
+                    if not maybe_created:
+                        raise
+                    error = exc  # a lost create's prediction gets its last look below
+                    break
             if before_try is not None:
-                before_try()
+                try:
+                    before_try()
+                except BaseException:
+                    if pacer is not None:
+                        # Nothing was sent: the turn is someone else's. The original error
+                        # matters more than a failed return.
+                        with contextlib.suppress(Exception):
+                            pacer.unused()
+                    raise
             throttled = False
             snapshot: PredictionSnapshot | None = None
             with _answers() as answers:

@@ -16,12 +16,15 @@ prediction with the requested model name, from a set of claims read once per op:
   one became a second paid prediction;
 - a retried create step created predictions for generations that had already failed.
 
-Also: a prediction made on the website with the same input is never adopted nor canceled, and
-an orphan (one of our attempts could have made it, none owns it) is canceled.
+Also: a prediction made on the website with the same input is never adopted nor canceled, an
+orphan (one of our attempts could have made it, none owns it) is canceled, and an attempt's
+first create is stamped when it is sent (after its turn at the create throttle), early enough
+for the adoption window to cover the prediction a lost create made.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -33,12 +36,13 @@ from dagster import DagsterInstance, build_op_context
 from ai_handler_dagster import adoption, ledger
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster.db.engine import make_engine, session_scope
-from ai_handler_dagster.db.models import CreateAttempt, Generation
+from ai_handler_dagster.db.models import CreateAttempt, Generation, utcnow
 from ai_handler_dagster.devstack.emulator import EmulatorHandle, Faults
 from ai_handler_dagster.devstack.s3 import LocalS3
 from ai_handler_dagster.orchestration.generation import Held, create_predictions
 from ai_handler_dagster.pricing import load_pricing
 from ai_handler_dagster.replicate.client import ReplicateClient
+from ai_handler_dagster.replicate.snapshot import parse_time
 from ai_handler_dagster.resources.database import DatabaseResource, PricingResource
 from ai_handler_dagster.resources.replicate import ReplicateResource
 from tests.support.orchestration import grant, run_pending, submit
@@ -211,3 +215,39 @@ def make_replicate_for(emulator: EmulatorHandle) -> Any:
         ).get_client()
 
     return build
+
+
+def test_the_first_create_is_stamped_when_sent_and_a_lost_one_stays_covered(
+    app_db: str, emulator: EmulatorHandle, make_replicate_for: Any
+) -> None:
+    """Regression: ``begin_create`` stamped the attempt's first create before its turn at the
+    throttle, and the first try never refreshed ``state_at``; the stamp is now written right
+    before the create is sent, and a retry after a lost answer keeps it, so the adoption
+    window starts before the prediction the lost create made."""
+    from ai_handler_dagster.throttle import PACE, CreateThrottle, Limits
+
+    emulator.configure(faults=Faults(drop_create_rate=1.0))
+    grant(app_db, "ed", 50)
+    engine = make_engine(app_db)
+    [gid] = submit(app_db, "ed", [(SKETCH, {"prompt": "stamped", **SMALL})])
+    with session_scope(engine) as session:
+        gens.start_attempt(session, gid, run_id="run-1", prices=load_pricing())
+    throttle = CreateThrottle(engine, Limits(per_minute=60 / PACE, burst=1))
+    throttle.wait_turn()  # the burst: this create's turn is a second away
+    asked = utcnow()
+    snapshot, lost = adoption.obtain(
+        engine,
+        make_replicate_for(),
+        adoption.Attempt(gid, 1, SKETCH, {"prompt": "stamped", **SMALL}),
+        webhook=None,
+        log=lambda _: None,
+        pacer=throttle.pacer(time.time() + 30),
+    )
+    assert lost  # every answer was dropped: the prediction was found in the list
+    [record] = _attempts(app_db)
+    assert record.prediction_id == snapshot.id and record.how == "adopted"
+    waited = (record.started_at - asked).total_seconds()
+    assert waited >= 0.8  # stamped after the turn, not when the step asked for one
+    made = parse_time(snapshot.raw["created_at"])
+    assert made is not None and record.started_at.timestamp() <= made + 0.5
+    assert len(emulator.predictions()) == 1  # one paid prediction

@@ -424,3 +424,109 @@ def test_a_pacer_hears_every_create_answer_with_its_headers(
     assert len(turns) == len(heard)  # a turn before each create request
     # The client leaves the waiting to the pacer: no backoff of its own after a 429.
     assert turns[-1] - turns[0] < 0.9
+
+
+def test_a_failing_look_after_a_429_counts_as_an_attempt(
+    emulator: Any, make_client: MakeClient
+) -> None:
+    """Regression: after a 429 under a pacer, an ``adopt()`` that failed retryably (the list
+    longer than the pages read since the create) looped at once, forever: no attempt counted,
+    no backoff, and the pacer (its queue deadline, its stop) never asked again."""
+    looks: list[float] = []
+
+    def adopt() -> PredictionSnapshot | None:
+        looks.append(time.monotonic())
+        if len(looks) == 1:
+            return None  # nothing found: the create is tried, and answered 429
+        if len(looks) > 20:
+            raise GenerationError(errors.INTERNAL_ERROR, "spinning")  # ends the old loop
+        raise GenerationError(errors.PROVIDER_UNAVAILABLE, "list too long", retryable=True)
+
+    class Turns:
+        def wait_turn(self) -> None:
+            pass
+
+        def answered(self, status: int, headers: Mapping[str, str]) -> None:
+            pass
+
+        def unused(self) -> None:
+            pass
+
+    emulator.configure(faults=Faults(http_429_rate=1.0, retry_after_s=0))
+    with pytest.raises(GenerationError) as raised:
+        make_client(create_attempts=3).create(
+            IMAGE, {"prompt": "spin", **SMALL}, adopt=adopt, maybe_created=True, pacer=Turns()
+        )
+    assert raised.value.code == errors.PROVIDER_UNAVAILABLE and raised.value.retryable
+    # The first look, the 429, then three failing looks (each an attempt) and the last look.
+    assert len(looks) == 5
+    assert emulator.stats()["http_429"] == 1 and emulator.stats()["creates"] == 0
+    assert looks[3] - looks[2] >= 0.04  # backed off between attempts (0.05 s at least)
+
+
+def test_a_turn_not_used_is_handed_back(emulator: Any, make_client: MakeClient) -> None:
+    """A turn granted to a create that is then not sent (noting it in flight failed) goes back
+    to the pacer, so no other create waits behind it."""
+    calls: list[str] = []
+
+    class Turns:
+        def wait_turn(self) -> None:
+            calls.append("turn")
+
+        def answered(self, status: int, headers: Mapping[str, str]) -> None:
+            calls.append("answered")
+
+        def unused(self) -> None:
+            calls.append("unused")
+
+    def before_try() -> None:
+        raise RuntimeError("the database is gone")
+
+    with pytest.raises(RuntimeError):
+        make_client().create(IMAGE, {"prompt": "x", **SMALL}, before_try=before_try, pacer=Turns())
+    assert calls == ["turn", "unused"]
+    assert emulator.stats()["creates"] == 0
+
+
+def test_the_queue_deadline_after_a_lost_answer_takes_the_last_look(
+    emulator: Any, make_client: MakeClient, any_db_url: str
+) -> None:
+    """Regression: giving up at the queue deadline after a lost answer left ``create`` at once,
+    without the last look every other error takes, so the lost create's prediction (shown by
+    the list only now) ran on, paid, owned by nobody, while its generation was refunded."""
+    from ai_handler_dagster import db
+    from ai_handler_dagster.db.engine import make_engine
+    from ai_handler_dagster.throttle import CreateThrottle, Limits
+
+    db.upgrade(any_db_url)
+    throttle = CreateThrottle(make_engine(any_db_url), Limits(per_minute=1, burst=1))
+    throttle.wait_turn()  # the only token: the next turn is a minute away
+    client = make_client()
+    late = client.create(IMAGE, {"prompt": "lost", **SMALL})  # what the lost create made
+    looks: list[int] = []
+
+    def adopt() -> PredictionSnapshot | None:
+        looks.append(1)
+        return None if len(looks) == 1 else late  # the list shows it only at the last look
+
+    found = client.create(
+        IMAGE,
+        {"prompt": "lost", **SMALL},
+        adopt=adopt,
+        maybe_created=True,
+        pacer=throttle.pacer(time.time() + 1),
+    )
+    assert found.id == late.id and len(looks) == 2
+    assert emulator.stats()["creates"] == 1  # nothing created at the deadline
+
+    # Nothing found at the last look either: the deadline's error, saying what may be left.
+    with pytest.raises(GenerationError) as raised:
+        client.create(
+            IMAGE,
+            {"prompt": "lost", **SMALL},
+            adopt=lambda: None,
+            maybe_created=True,
+            pacer=throttle.pacer(time.time() + 1),
+        )
+    assert raised.value.code == errors.DEADLINE_EXCEEDED and not raised.value.retryable
+    assert "may have started a prediction" in raised.value.message
