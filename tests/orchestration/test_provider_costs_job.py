@@ -44,6 +44,12 @@ pytestmark = pytest.mark.usefixtures("aws_env")
 
 SHIPPED = (resources.files("ai_handler_dagster") / "pricing.toml").read_text(encoding="utf-8")
 
+#: The shipped table with the image model priced as a custom model on a T4 (per second).
+PER_SECOND = SHIPPED.replace(
+    '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
+    '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
+)
+
 
 def _costs(db_url: str) -> dict[int, tuple[int | None, int | None]]:
     """generation id -> (cost on its attempt row, cost mirrored on the generation)."""
@@ -131,10 +137,7 @@ def test_a_failed_prediction_on_a_per_second_price_costs_the_seconds_it_ran(
     tmp_path: Path,
 ) -> None:
     """The image model priced as a custom model on a T4: billed per second, failed or not."""
-    per_second = SHIPPED.replace(
-        '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
-        '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
-    )
+    per_second = PER_SECOND
     assert per_second != SHIPPED
     table = tmp_path / "prices.toml"
     table.write_text(per_second)
@@ -171,10 +174,7 @@ def test_reconciliation_prices_predictions_a_dead_run_never_saw_end(
     """Regression guard: a run whose worker died is refunded by a recovery path, which cancels
     its prediction without waiting for its end; Replicate bills the seconds it ran all the
     same, so without the reconciliation sweep that cost would never be recorded."""
-    per_second = SHIPPED.replace(
-        '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
-        '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
-    )
+    per_second = PER_SECOND
     prices = parse_pricing(per_second, source="test table")
     engine = make_engine(app_db)
     client = ReplicateResource(api_token=emulator.token, base_url=emulator.base_url).get_client()
@@ -253,10 +253,7 @@ def test_a_prediction_canceled_at_its_deadline_is_priced_once_its_cancel_lands(
     deadline. That answer may still show it running, without the final ``predict_time``; the
     cost was stored as unknown and marked priced, so nobody ever recorded the seconds the
     provider billed for it. It is now left to reconciliation, which prices it once it ends."""
-    per_second = SHIPPED.replace(
-        '[models."demo/pixel-sketch".provider]\nusd_per_output = 0.003\n',
-        '[models."demo/pixel-sketch".provider]\nhardware = "nvidia-t4"\n',
-    )
+    per_second = PER_SECOND
     table = tmp_path / "prices.toml"
     table.write_text(per_second)
     monkeypatch.setenv("AI_HANDLER_PREDICTION_DEADLINE_S", "10")
