@@ -12,7 +12,8 @@ modules, each with a ``register(subparsers)`` that adds its subparsers (each wit
 :func:`build_parser` imports those modules by name and calls every ``register``:
 ``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
 (``webhooks serve|prune``), ``proving.chaos`` (``chaos``), ``priorities``
-(``priority set|unset|list``) and ``usage`` (``usage``). It imports them itself, not at the top
+(``priority set|unset|list``), ``usage`` (``usage``) and ``api.commands`` (``serve``,
+``keys create|list|revoke``). It imports them itself, not at the top
 of this module, so that importing the module stays cheap; each handler imports what it runs
 (Dagster included) only when it runs.
 """
@@ -235,6 +236,7 @@ def _with_url(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand, this module's and the other parts'."""
     from ai_handler_dagster import priorities, usage
+    from ai_handler_dagster.api import commands as api_commands
     from ai_handler_dagster.devstack import commands as devstack_commands
     from ai_handler_dagster.proving import bench, chaos
     from ai_handler_dagster.webhooks import commands as webhooks_commands
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.register(sub)
     priorities.register(sub)
     usage.register(sub)
+    api_commands.register(sub)
     return parser
 
 

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
-from ai_handler_dagster import ledger, lifetimes, priorities
+from ai_handler_dagster import events, ledger, lifetimes, priorities
 from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, utcnow
 from ai_handler_dagster.domain import (
     IN_FLIGHT,
@@ -61,6 +61,9 @@ from ai_handler_dagster.errors import (
 from ai_handler_dagster.pricing import PriceBook, UnpricedModel
 from ai_handler_dagster.provider_costs import Usage
 
+# Every state change below is also appended to the generation event log (events.py).
+events.install()
+
 __all__ = [
     "MAX_INPUT_BYTES",
     "AttemptMismatch",
@@ -69,7 +72,11 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "PredictionOwned",
+    "PriorityNotAllowed",
+    "RequestConflict",
     "UnknownGeneration",
+    "UnknownModel",
+    "UnknownUser",
     "as_dict",
     "attempts_without_cost",
     "begin_create",
@@ -106,7 +113,16 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidRequest(AiHandlerError, ValueError):
-    """A request that ``submit`` refuses; the message names what was wrong. Nothing was written."""
+    """A request that ``submit`` refuses; the message names what was wrong. Nothing was written.
+
+    ``field`` names the part of the request at fault (``user_id``, ``model``, ``input``,
+    ``request_id``, ``priority``) when one is; the subclasses say why a well-formed request was
+    refused, so that an HTTP API can answer each with its own status.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CannotAfford(InvalidRequest, ledger.InsufficientCredits):
@@ -114,6 +130,23 @@ class CannotAfford(InvalidRequest, ledger.InsufficientCredits):
 
     def __init__(self, user_id: str, available: int, needed: int) -> None:
         ledger.InsufficientCredits.__init__(self, user_id, available, needed)
+        self.field = None
+
+
+class UnknownUser(InvalidRequest):
+    """The user has no credit account (nobody granted them credits yet)."""
+
+
+class UnknownModel(InvalidRequest):
+    """The model reference is well formed but has no price (it cannot be run here)."""
+
+
+class PriorityNotAllowed(InvalidRequest):
+    """A priority in range but above what the user's tier (or the caller) may ask for."""
+
+
+class RequestConflict(InvalidRequest):
+    """The ``request_id`` was used before for a different request."""
 
 
 class UnknownGeneration(AiHandlerError, LookupError):
@@ -166,7 +199,10 @@ def _lock(session: Session, generation_id: int) -> Generation:
 
 
 def _text(value: object, what: str) -> str:
-    return check_identifier(value, what, error=InvalidRequest)
+    try:
+        return check_identifier(value, what, error=InvalidRequest)
+    except InvalidRequest as exc:
+        raise InvalidRequest(str(exc), field=what) from None
 
 
 def _check_string(value: str, where: str) -> None:
@@ -249,9 +285,10 @@ def _same_request(
         or existing.input != payload
         or (priority is not None and existing.priority != priority)
     ):
-        raise InvalidRequest(
+        raise RequestConflict(
             f"request_id {existing.request_id!r} was already used for generation {existing.id} "
-            "with a different user, model, input or priority"
+            "with a different user, model, input or priority",
+            field="request_id",
         )
     return existing
 
@@ -278,6 +315,7 @@ def submit(
     prices: PriceBook,
     hold_ttl: timedelta | None = None,
     priority: int | None = None,
+    max_priority: int | None = None,
 ) -> Generation:
     """Create a pending generation, holding its price, after validating the request.
 
@@ -291,18 +329,34 @@ def submit(
     attempt's, ``hold_key(id, 1)``) lives ``hold_ttl``, by default
     ``lifetimes.default_hold_lifetime()``; ``start_attempt`` takes it over when the run begins.
     A row an application inserts directly is held there instead.
+
+    ``max_priority`` caps the priority further (the calling API key's limit): a request above
+    it is refused, and one naming none runs at the lower of the two ceilings.
+
+    Each refusal is an ``InvalidRequest`` with ``field`` set where one part is at fault; the
+    subclasses ``UnknownUser``, ``UnknownModel``, ``PriorityNotAllowed``, ``RequestConflict``
+    and ``CannotAfford`` say why a well-formed request was refused.
     """
     user_id = _text(user_id, "user_id")
     if not isinstance(model, str):
         raise InvalidRequest(
             f"model must be a string 'owner/name[:version]' or 'deployment:owner/name', "
-            f"got {model!r}"
+            f"got {model!r}",
+            field="model",
         )
     try:
         parse_model_ref(model)
     except InvalidModelRef as exc:
-        raise InvalidRequest(str(exc)) from None
-    payload = validate_input(input)
+        raise InvalidRequest(str(exc), field="model") from None
+    if priority is not None:
+        try:
+            priorities.check_priority(priority)
+        except priorities.PriorityRefused as exc:
+            raise InvalidRequest(str(exc), field="priority") from None
+    try:
+        payload = validate_input(input)
+    except InvalidRequest as exc:
+        raise InvalidRequest(str(exc), field="input") from None
     if request_id is not None:
         request_id = _text(request_id, "request_id")
         existing = session.scalars(
@@ -313,21 +367,29 @@ def submit(
     try:
         price = prices.price_for(model)
     except UnpricedModel as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise UnknownModel(str(exc), field="model") from None
     problem = price.input_problem(payload)
     if problem is not None:
-        raise InvalidRequest(problem)
+        raise InvalidRequest(problem, field="input")
     needed = price.hold_amount(payload)
     try:
         balance = ledger.balance(session, user_id)
     except ledger.UnknownAccount:
-        raise InvalidRequest(
-            f"unknown user {user_id!r}: the user has no credit account (grant credits first)"
+        raise UnknownUser(
+            f"unknown user {user_id!r}: the user has no credit account (grant credits first)",
+            field="user_id",
         ) from None
+    if max_priority is not None and priority is not None and priority > max_priority:
+        raise PriorityNotAllowed(
+            f"priority {priority} is above the highest this caller may ask for ({max_priority})",
+            field="priority",
+        )
     try:
         granted = priorities.resolve(session, user_id, priority)
     except priorities.PriorityRefused as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise PriorityNotAllowed(str(exc), field="priority") from None
+    if max_priority is not None:
+        granted = min(granted, max_priority)
     if balance.available < needed:
         raise CannotAfford(user_id, balance.available, needed)
 

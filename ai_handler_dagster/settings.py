@@ -203,3 +203,25 @@ def credit_value_usd() -> Decimal:
     if not value.is_finite() or value <= 0 or value > 1000:
         raise ConfigError(f"{CREDIT_VALUE_VAR}={raw!r} must be more than 0 and at most 1000")
     return value
+
+
+# --- the HTTP API (ai-handler serve) ------------------------------------------------------------
+
+
+def api_rate_per_minute() -> int:
+    """Requests a minute one API key may make unless the key has its own limit
+    (``AI_HANDLER_API_RATE_PER_MIN``, default 6000); counted in the app database, so the limit
+    holds across every worker and host."""
+    return _int_setting("AI_HANDLER_API_RATE_PER_MIN", 6000, maximum=10**7)
+
+
+def api_max_body_bytes() -> int:
+    """Largest request body the API reads (``AI_HANDLER_API_MAX_BODY_BYTES``, default 1 MiB):
+    a generation's input is at most 64 KiB as JSON; a webhook a few KiB."""
+    return _int_setting("AI_HANDLER_API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+
+
+def api_body_timeout_s() -> float:
+    """Seconds a request body may take to arrive (``AI_HANDLER_API_BODY_TIMEOUT_S``, default
+    10): a client sending a byte at a time is cut off instead of holding a worker."""
+    return float(_int_setting("AI_HANDLER_API_BODY_TIMEOUT_S", 10, maximum=600))

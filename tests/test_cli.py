@@ -244,7 +244,7 @@ def test_missing_arguments_are_usage_errors(
 #: Every command of ``ai-handler``: this module's, then those the other parts register.
 COMMANDS = (
     *("db", "ledger", "credits", "submit", "status", "demo", "instance"),
-    *("dev", "bench", "webhooks", "chaos", "priority", "usage"),
+    *("dev", "bench", "webhooks", "chaos", "priority", "usage", "serve", "keys"),
 )
 
 #: The modules of the other parts whose ``register`` adds commands.
@@ -255,6 +255,7 @@ COMMAND_MODULES = (
     "ai_handler_dagster.proving.chaos",
     "ai_handler_dagster.priorities",
     "ai_handler_dagster.usage",
+    "ai_handler_dagster.api.commands",
 )
 
 

@@ -418,3 +418,77 @@ class CreateThrottle(Base):
     tokens: Mapped[float] = mapped_column(sa.Float())
     updated_at: Mapped[datetime] = mapped_column()
     blocked_until: Mapped[datetime | None] = mapped_column()
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP API (migration 0008): the generation event log, API keys, per-key request counts.
+
+
+class GenerationEvent(Base):
+    """One state change of a generation, appended in the transaction that made it.
+
+    Written by the ORM itself (``events.py`` listens to every flush), so no transition can
+    forget it; ids grow in commit order per generation, which is what a stream resumes from
+    (``Last-Event-ID``). A row an application inserts straight into ``generations`` has no
+    ``pending`` event: its first is ``queued``.
+    """
+
+    __tablename__ = "generation_events"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", GenerationStatus), name="status_valid"),
+        # A generation's events in order (a stream, a status page).
+        sa.Index("ix_generation_events_generation_id_id", "generation_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    generation_id: Mapped[int] = mapped_column(Id, sa.ForeignKey("generations.id"))
+    attempt: Mapped[int] = mapped_column()
+    status: Mapped[str] = mapped_column(sa.String(16))
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+
+
+class ApiKey(Base):
+    """A key an application calls the HTTP API with (``api/keys.py``).
+
+    Only a SHA-256 of the key's secret is kept: the secret is 256 random bits, so a fast hash
+    cannot be brute-forced and a lookup costs microseconds (a slow password hash would cost
+    every request tens of milliseconds and protect nothing more). ``key_id`` is the public part
+    of the key, shown in lists and logs. A revoked key is refused from the next request on.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"max_priority IS NULL OR (max_priority >= {MIN_PRIORITY} "
+            f"AND max_priority <= {MAX_PRIORITY})",
+            name="max_priority_range",
+        ),
+        sa.CheckConstraint(
+            "rate_per_minute IS NULL OR rate_per_minute >= 1", name="rate_per_minute_positive"
+        ),
+    )
+
+    key_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(255))
+    #: Space-separated scopes (``read``, ``submit``, ``admin``).
+    scopes: Mapped[str] = mapped_column(sa.String(255))
+    #: The highest priority requests made with this key may ask for (None: the user's ceiling).
+    max_priority: Mapped[int | None] = mapped_column()
+    #: Requests a minute this key may make (None: ``AI_HANDLER_API_RATE_PER_MIN``).
+    rate_per_minute: Mapped[int | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class ApiRequestCount(Base):
+    """Requests one key made in one minute: the per-key rate limit, shared by every worker and
+    host of the service (``api/ratelimit.py``)."""
+
+    __tablename__ = "api_request_counts"
+
+    key_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    #: The minute, as whole minutes since the epoch.
+    minute: Mapped[int] = mapped_column(sa.BigInteger(), primary_key=True)
+    count: Mapped[int] = mapped_column()

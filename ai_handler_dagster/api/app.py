@@ -1,0 +1,133 @@
+"""The ASGI app of ``ai-handler serve``: ``create_app()`` (uvicorn calls it as a factory in each
+worker).
+
+Each worker has its own engine and price book; everything shared between workers and hosts
+(keys, rate-limit counters, idempotency, the event log) lives in the app database. Errors are
+problem details (``problems.py``): a refused request, a malformed body (422 with the offending
+fields), an unknown route, and an unexpected failure (500, logged, nothing written) alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ai_handler_dagster import settings
+from ai_handler_dagster.api.limits import BodyLimits
+from ai_handler_dagster.api.problems import (
+    INTERNAL,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    Problem,
+    ProblemType,
+)
+from ai_handler_dagster.db.engine import make_engine
+from ai_handler_dagster.pricing import PriceBook, load_pricing
+
+log = logging.getLogger(__name__)
+
+#: The route modules under ``api/routes``, each with a ``router``.
+ROUTERS = ("health", "key")
+
+
+def _version() -> str:
+    try:
+        return version("ai_handler_dagster")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+def _field(location: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in location]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] if parts[0] == "body" else parts
+    return ".".join(parts) or "body"
+
+
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return exc.response(request.url.path)
+
+
+async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field(e.get("loc", ())), "message": str(e.get("msg", "invalid"))}
+        for e in exc.errors()
+    ]
+    first = errors[0] if errors else {"field": "body", "message": "invalid"}
+    detail = f"{first['field']}: {first['message']}"
+    return Problem(INVALID_REQUEST, detail, errors=errors).response(request.url.path)
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    kind: ProblemType
+    if exc.status_code == 404:
+        kind = NOT_FOUND
+    elif exc.status_code == 405:
+        kind = METHOD_NOT_ALLOWED
+    elif exc.status_code == 400:
+        kind = INVALID_REQUEST  # FastAPI's "error parsing the body" (not JSON, nested too deep)
+    else:
+        kind = ProblemType("http-error", exc.status_code, "HTTP error", "")
+    detail = exc.detail if isinstance(exc.detail, str) else kind.title
+    if kind is INVALID_REQUEST:
+        return Problem(kind, detail, errors=[{"field": "body", "message": detail}]).response(
+            request.url.path
+        )
+    return Problem(kind, detail, headers=dict(exc.headers or {})).response(request.url.path)
+
+
+async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error answering %s %s", request.method, request.url.path)
+    return Problem(INTERNAL, "the service failed to answer").response(request.url.path)
+
+
+def create_app(
+    engine: sa.Engine | None = None,
+    *,
+    prices: PriceBook | None = None,
+) -> FastAPI:
+    """The API on ``engine`` (default: ``AI_HANDLER_DATABASE_URL``, which must be migrated) with
+    ``prices`` (default: ``pricing.load_pricing()``, the table of ``AI_HANDLER_PRICING_FILE``)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            app.state.engine.dispose()
+
+    owned = engine is None
+    app = FastAPI(
+        title="ai_handler_dagster",
+        version=_version(),
+        summary="Paid AI generations: submit, follow, cancel; credits; Replicate's webhooks",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine if engine is not None else make_engine(settings.database_url())
+    app.state.prices = prices if prices is not None else load_pricing()
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.api_max_body_bytes(),
+        timeout_s=settings.api_body_timeout_s(),
+    )
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(HTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_error)
+    for name in ROUTERS:
+        module = importlib.import_module(f"ai_handler_dagster.api.routes.{name}")
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,161 @@
+"""Running the API: :func:`serve` (``ai-handler serve``: uvicorn, one or several workers) and
+:func:`start_server` (one worker in a background thread, for the embedded stack and tests).
+
+Both bind the listening socket themselves before uvicorn starts, so port 0 picks a free port
+whose number is known (and written to ``port_file``) before the first request can arrive.
+Limits against slow or greedy clients: ``limit_concurrency`` connections per worker (503
+beyond), a keep-alive timeout, h11's limit on an incomplete request head, and the body limits of
+``limits.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
+
+log = logging.getLogger(__name__)
+
+#: The factory uvicorn calls in each worker.
+APP_FACTORY = "ai_handler_dagster.api.app:create_app"
+#: Connections one worker serves at once; more are answered 503.
+LIMIT_CONCURRENCY = 1000
+#: Seconds an idle keep-alive connection stays open.
+KEEP_ALIVE_S = 5
+#: Bytes of a request head h11 buffers before refusing it.
+MAX_HEAD_BYTES = 64 * 1024
+#: The environment variable prometheus-client's multiprocess mode reads.
+METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def display_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket, as a client on this host reaches it."""
+    host, port = sock.getsockname()[:2]
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def _config(app: str | FastAPI, *, workers: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
+        workers=workers,
+        log_level=log_level.lower(),
+        access_log=False,
+        limit_concurrency=LIMIT_CONCURRENCY,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        server_header=False,
+        lifespan="on",
+    )
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` to ``path`` atomically, so a reader never sees half a number."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
+def serve(
+    host: str,
+    port: int,
+    *,
+    workers: int = 1,
+    port_file: Path | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the API in the foreground until SIGINT or SIGTERM, with ``workers`` processes.
+
+    With several workers, metrics are kept in prometheus-client's multiprocess directory
+    (``PROMETHEUS_MULTIPROC_DIR``; a fresh temporary one unless set), so ``/metrics`` adds up
+    every worker's counts.
+    """
+    sock = bind(host, port)
+    made_dir = None
+    if workers > 1 and not os.environ.get(METRICS_DIR_VAR):
+        made_dir = tempfile.mkdtemp(prefix="ai-handler-metrics-")
+        os.environ[METRICS_DIR_VAR] = made_dir
+    try:
+        if port_file is not None:
+            write_port_file(port_file, sock.getsockname()[1])
+        log.info("API listening on %s with %d worker(s)", display_url(sock), workers)
+        config = _config(APP_FACTORY, workers=workers, log_level=log_level)
+        if workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        if made_dir is not None:
+            import shutil
+
+            shutil.rmtree(made_dir, ignore_errors=True)
+
+
+class ServerHandle:
+    """An API served in a background thread: its ``url`` and ``stop()``."""
+
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, sock: socket.socket):
+        self._server = server
+        self._thread = thread
+        self._sock = sock
+        self.url = display_url(sock)
+        self.port: int = sock.getsockname()[1]
+
+    def stop(self) -> None:
+        """Stop serving (open requests finish) and release the port; safe to call twice."""
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ServerHandle({self.url})"
+
+
+def start_server(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> ServerHandle:
+    """Serve ``app`` on ``host:port`` in a background thread; returns once it accepts."""
+    sock = bind(host, port)
+    server = uvicorn.Server(_config(app, workers=1, log_level=log_level))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="api-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.01)
+    return ServerHandle(server, thread, sock)

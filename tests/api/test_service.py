@@ -1,0 +1,260 @@
+"""The service's frame: real HTTP on uvicorn, keys and scopes, the per-key limit, body limits,
+problem details, and the generation event log.
+
+Proves: a missing, malformed, unknown or revoked key is 401 and a key without the scope 403,
+each as ``application/problem+json`` with a stable ``type`` the service describes; a revoked key
+is refused on its very next request; a key over its per-minute limit gets 429 with
+``Retry-After`` (the count lives in the database, so two apps on one database share it); a body
+over the limit is 413 before it is read; every generation transition appends its event in the
+same transaction (a rolled-back submit leaves none).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.api import keys
+from ai_handler_dagster.api.app import create_app
+from ai_handler_dagster.api.server import start_server
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.models import ApiRequestCount, Generation, GenerationEvent
+from ai_handler_dagster.pricing import load_pricing
+from tests.support.api import Api, running_api
+from tests.support.db import emptied, migrated_database
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    with migrated_database(request) as url:
+        yield url
+
+
+@pytest.fixture
+def engine(db_url: str) -> sa.Engine:
+    return emptied(db_url)
+
+
+@pytest.fixture
+def api(engine: sa.Engine) -> Iterator[Api]:
+    with running_api(engine) as running:
+        yield running
+
+
+def test_health_and_readiness_need_no_key(api: Api) -> None:
+    with api.client() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json() == {"status": "ready"}
+
+
+def _is_problem(answer: object, status: int, slug: str) -> dict[str, object]:
+    import httpx
+
+    assert isinstance(answer, httpx.Response)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
+    body = answer.json()
+    assert body["type"] == f"/problems/{slug}" and body["status"] == status
+    assert body["title"] and body["detail"]
+    return dict(body)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "Bearer",
+        "Bearer nonsense",
+        "Basic dXNlcjpwYXNz",
+        "Bearer aih_000000000000_" + "x" * 43,
+    ],
+)
+def test_a_missing_malformed_or_unknown_key_is_401(api: Api, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    with api.client() as http:
+        answer = http.get("/v1/key", headers=headers)
+    _is_problem(answer, 401, "unauthorized")
+    assert answer.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_key_with_a_wrong_secret_is_401(api: Api) -> None:
+    real = api.key(keys.READ)
+    forged = real[:-4] + ("AAAA" if not real.endswith("AAAA") else "BBBB")
+    with api.client(forged) as http:
+        _is_problem(http.get("/v1/key"), 401, "unauthorized")
+
+
+def test_a_revoked_key_is_refused_on_its_next_request(api: Api) -> None:
+    key = api.key(keys.READ)
+    with api.client(key) as http:
+        assert http.get("/v1/key").status_code == 200
+        with session_scope(api.engine) as session:
+            keys.revoke(session, key)
+        _is_problem(http.get("/v1/key"), 401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("scopes", "needed", "allowed"),
+    [
+        ((keys.READ,), keys.READ, True),
+        ((keys.SUBMIT,), keys.READ, False),
+        ((keys.ADMIN,), keys.READ, True),
+        ((keys.READ,), keys.ADMIN, False),
+        ((keys.READ, keys.SUBMIT), keys.ADMIN, False),
+        ((keys.ADMIN,), keys.ADMIN, True),
+    ],
+)
+def test_scopes(api: Api, scopes: tuple[str, ...], needed: str, allowed: bool) -> None:
+    key = api.key(*scopes)
+    with api.client(key) as http:
+        answer = http.get("/v1/key", params={"scope": needed})
+    if allowed:
+        assert answer.status_code == 200
+        assert answer.json()["scopes"] == list(scopes)
+    else:
+        body = _is_problem(answer, 403, "forbidden-scope")
+        assert body["required_scope"] == needed
+
+
+def test_a_key_over_its_limit_gets_429_with_retry_after(api: Api) -> None:
+    key = api.key(keys.READ, rate_per_minute=3)
+    other = api.key(keys.READ, rate_per_minute=3)
+    with api.client(key) as http:
+        # Unless the minute turns during the test (then the first request of the new one is
+        # allowed again), the fourth request of the minute is refused.
+        start = time.time()
+        answers = [http.get("/v1/key") for _ in range(4)]
+    if int(start // 60) != int(time.time() // 60):
+        pytest.skip("the minute turned during the test")
+    assert [a.status_code for a in answers[:3]] == [200, 200, 200]
+    body = _is_problem(answers[3], 429, "rate-limited")
+    assert body["limit_per_minute"] == 3
+    assert 1 <= int(answers[3].headers["retry-after"]) <= 60
+    with api.client(other) as http:
+        assert http.get("/v1/key").status_code == 200  # each key has its own count
+
+
+def test_the_limit_is_shared_by_every_server_on_the_database(engine: sa.Engine) -> None:
+    # Two apps (as two workers or hosts would be) on one database: one count.
+    prices = load_pricing()
+    with (
+        start_server(create_app(engine, prices=prices)) as a,
+        start_server(create_app(engine, prices=prices)) as b,
+    ):
+        api_a, api_b = Api(a.url, engine), Api(b.url, engine)
+        key = api_a.key(keys.READ, rate_per_minute=2)
+        start = time.time()
+        with api_a.client(key) as one, api_b.client(key) as two:
+            codes = [one.get("/v1/key").status_code, two.get("/v1/key").status_code]
+            codes.append(one.get("/v1/key").status_code)
+    if int(start // 60) != int(time.time() // 60):
+        pytest.skip("the minute turned during the test")
+    assert codes == [200, 200, 429]
+    with session_scope(engine) as session:
+        assert session.scalar(sa.select(sa.func.sum(ApiRequestCount.count))) == 3
+
+
+def test_unknown_routes_are_problems_and_problem_types_are_described(api: Api) -> None:
+    with api.client() as http:
+        _is_problem(http.get("/v1/nothing-here"), 404, "not-found")
+        described = http.get("/problems/rate-limited").json()
+        assert described["status"] == 429 and "Retry-After" in described["description"]
+        _is_problem(http.get("/problems/no-such-problem"), 404, "not-found")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(api: Api) -> None:
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # Declares 100 MB and sends none of it: the answer comes at once.
+        sock.sendall(
+            b"POST /v1/key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413")
+    assert "/problems/body-too-large" in answer
+
+
+def test_a_streamed_body_over_the_limit_is_cut_off(api: Api) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MiB, over the 1 MiB default, without a Content-Length
+
+    with api.client(api.key(keys.READ)) as http:
+        answer = http.post("/v1/key", content=chunks())
+    _is_problem(answer, 413, "body-too-large")
+
+
+def test_the_openapi_document_names_the_bearer_scheme(api: Api) -> None:
+    with api.client() as http:
+        document = http.get("/openapi.json").json()
+    assert "/v1/key" in document["paths"]
+    schemes = document["components"]["securitySchemes"]
+    assert any(s.get("scheme") == "bearer" for s in schemes.values())
+
+
+# --- the event log ------------------------------------------------------------------------------
+
+
+def _events(engine: sa.Engine, generation_id: int) -> list[tuple[int, str, str | None]]:
+    with session_scope(engine) as session:
+        rows = session.scalars(
+            sa.select(GenerationEvent)
+            .where(GenerationEvent.generation_id == generation_id)
+            .order_by(GenerationEvent.id)
+        )
+        return [(e.attempt, e.status, e.error_code) for e in rows]
+
+
+def test_every_transition_appends_its_event(engine: sa.Engine) -> None:
+    prices = load_pricing()
+    with session_scope(engine) as session:
+        ledger.grant(session, "ann", 100, "g1")
+    with session_scope(engine) as session:
+        row = gens.submit(
+            session, user_id="ann", model="demo/pixel-sketch", input={"prompt": "a"}, prices=prices
+        )
+        gid = row.id
+    with session_scope(engine) as session:
+        gens.claim_pending(session, limit=10, batch_key_fn=lambda rows: "b1")
+    with session_scope(engine) as session:
+        gens.start_attempt(session, gid, run_id="r1", prices=prices)
+    with session_scope(engine) as session:
+        gens.fail(session, gid, code="provider_error", message="boom")
+    with session_scope(engine) as session:
+        gens.requeue(session, gid)
+    assert _events(engine, gid) == [
+        (1, "pending", None),
+        (1, "queued", None),
+        (1, "running", None),
+        (1, "failed", "provider_error"),
+        (2, "pending", None),
+    ]
+    # A transition that changes nothing (the second refund path) appends nothing.
+    with session_scope(engine) as session:
+        gens.fail(session, gid, code="x", message="y")  # pending: it fails the new attempt
+    with session_scope(engine) as session:
+        assert gens.fail(session, gid, code="x", message="again") is False
+    assert [s for _, s, _ in _events(engine, gid)][-1] == "failed"
+    assert len(_events(engine, gid)) == 6
+
+
+def test_a_refused_submit_leaves_no_event(engine: sa.Engine) -> None:
+    prices = load_pricing()
+    with session_scope(engine) as session:
+        ledger.grant(session, "bob", 1, "g1")
+    with pytest.raises(gens.CannotAfford), session_scope(engine) as session:
+        gens.submit(
+            session, user_id="bob", model="demo/pixel-sketch", input={"prompt": "a"}, prices=prices
+        )
+    with session_scope(engine) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(GenerationEvent)) == 0
+        assert session.scalar(sa.select(sa.func.count()).select_from(Generation)) == 0
