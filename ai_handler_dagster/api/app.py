@@ -25,10 +25,16 @@ from starlette.exceptions import HTTPException
 from ai_handler_dagster import settings
 from ai_handler_dagster.api.limits import BodyLimits
 from ai_handler_dagster.api.problems import (
+    BODY_TOO_LARGE,
+    FORBIDDEN_SCOPE,
     INTERNAL,
     INVALID_REQUEST,
+    MEDIA_TYPE,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
+    RATE_LIMITED,
+    REQUEST_TIMEOUT,
+    UNAUTHORIZED,
     Problem,
     ProblemType,
 )
@@ -95,6 +101,68 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
     return Problem(INTERNAL, "the service failed to answer").response(request.url.path)
 
 
+#: The problem details object every error answer is (``problems.Problem.body``).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "description": "RFC 9457 problem details; GET the `type` (a relative URI) for its meaning.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "format": "uri-reference"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+    "additionalProperties": True,
+}
+#: Answers any route may give (the body limits, an unexpected failure) and, for routes that take
+#: a key, the key's refusals.
+_EVERY_ROUTE = {413: BODY_TOO_LARGE, 408: REQUEST_TIMEOUT, 500: INTERNAL}
+_WITH_A_KEY = {401: UNAUTHORIZED, 403: FORBIDDEN_SCOPE, 429: RATE_LIMITED}
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    ref = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {MEDIA_TYPE: {"schema": ref}}}
+
+
+def _with_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with every error answer as it is sent: problem details.
+
+    FastAPI documents its 422 as ``application/json`` with its own validation schema, and knows
+    nothing of the answers middleware and dependencies give; a route declares its own error
+    statuses (``responses={404: {"description": ...}}``) and this gives each its body.
+    """
+    document.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            extra = dict(_EVERY_ROUTE)
+            if operation.get("security"):
+                extra.update(_WITH_A_KEY)
+            if operation.get("parameters") or operation.get("requestBody"):
+                extra[422] = INVALID_REQUEST
+            for status, kind in extra.items():
+                responses.setdefault(str(status), {"description": kind.title})
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    responses[status] = _problem_response(response.get("description", ""))
+    schemas = document["components"]["schemas"]
+    # FastAPI's own validation error schemas are never sent.
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return document
+
+
 def create_app(
     engine: sa.Engine | None = None,
     *,
@@ -130,4 +198,11 @@ def create_app(
     for name in ROUTERS:
         module = importlib.import_module(f"ai_handler_dagster.api.routes.{name}")
         app.include_router(module.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_problems(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

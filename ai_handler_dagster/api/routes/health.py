@@ -36,7 +36,11 @@ def readyz(engine: sa.Engine = Depends(deps.engine)) -> dict[str, str]:  # noqa:
     return {"status": "ready"}
 
 
-@router.get("/problems/{slug}", summary="What a problem type means")
+@router.get(
+    "/problems/{slug}",
+    summary="What a problem type means",
+    responses={404: {"description": "no problem type of that name"}},
+)
 def problem(slug: str) -> dict[str, Any]:
     found = describe(slug)
     if found is None:

@@ -3,7 +3,7 @@ application can check its configuration. ``?scope=`` also checks that the key ha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 
@@ -16,7 +16,7 @@ router = APIRouter(tags=["keys"])
 @router.get("/v1/key", summary="The calling API key")
 def who_am_i(
     request: Request,
-    scope: str | None = None,
+    scope: Literal["read", "submit", "admin"] | None = None,
     caller: keys.Caller = Depends(deps.require(keys.READ, any_scope=True)),  # noqa: B008
 ) -> dict[str, Any]:
     if scope is not None and not caller.has(scope):
