@@ -42,6 +42,7 @@ from ai_handler_dagster.db.models import Generation, utcnow
 from ai_handler_dagster.domain import MAX_PRIORITY, MIN_PRIORITY, GenerationStatus
 from ai_handler_dagster.pricing import PriceBook
 from ai_handler_dagster.storage.objects import StoredObject
+from ai_handler_dagster.storage.s3 import S3OutputStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generations"])
@@ -258,6 +259,12 @@ def _links(generation_id: int) -> Links:
     return Links(self=here, cancel=f"{here}/cancel")
 
 
+def _generation_of(session: Session, request_id: str) -> int | None:
+    """The id of the generation with ``request_id``, if any (the unique index answers)."""
+    found = session.scalar(sa.select(Generation.id).where(Generation.request_id == request_id))
+    return None if found is None else int(found)
+
+
 def _inserted_here(session: Session) -> set[int]:
     """The ids of generations this session inserts from now on (a row ``submit`` returns that
     is not among them was there before: a replay)."""
@@ -302,14 +309,8 @@ def submit_generation(
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
     try:
         with session_scope(engine) as session:
-            seen = (
-                request_id is not None
-                and session.scalar(
-                    sa.select(Generation.id).where(Generation.request_id == request_id)
-                )
-                is not None
-            )
-            if not seen:  # a replay writes nothing, so the backlog does not refuse it
+            # A replay writes nothing, so the backlog does not refuse it.
+            if request_id is None or _generation_of(session, request_id) is None:
                 _check_backlog(session, body.user)
             inserted = _inserted_here(session)
             row = gens.submit(
@@ -325,10 +326,9 @@ def submit_generation(
             answer = Accepted(id=row.id, status=GenerationStatus(row.status), links=_links(row.id))
             replayed = row.id not in inserted
     except gens.RequestConflict:
+        assert request_id is not None  # a conflict needs a request id
         with session_scope(engine) as session:
-            first = session.scalar(
-                sa.select(Generation.id).where(Generation.request_id == request_id)
-            )
+            first = _generation_of(session, request_id)
         raise Problem(
             IDEMPOTENCY_CONFLICT,
             f"Idempotency-Key {idempotency_key!r} was already used by this API key for "
@@ -348,12 +348,12 @@ def submit_generation(
 _store_lock = threading.Lock()
 
 
-def _output_store(request: Request) -> Any:
+def _output_store(request: Request) -> S3OutputStore:
     """The outputs IO manager's store, configured from the settings the code location's
     resources read (``definitions.build_resources``), made once per worker: its presigned links
     are the ones the Dagster UI's output metadata shows."""
     state = request.app.state
-    store = getattr(state, "output_store", None)
+    store: S3OutputStore | None = getattr(state, "output_store", None)
     if store is None:
         with _store_lock:
             store = getattr(state, "output_store", None)
@@ -374,8 +374,6 @@ def _output_store(request: Request) -> Any:
 def _outputs(request: Request, row: Generation) -> list[Output]:
     if not row.outputs:
         return []
-    from ai_handler_dagster.storage.s3 import S3OutputStore
-
     store = _output_store(request)
     ttl = settings.api_output_link_ttl_s()
     expires = utcnow() + timedelta(seconds=ttl)
