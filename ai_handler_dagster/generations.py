@@ -501,7 +501,7 @@ _USERS_PER_STATEMENT = 100
 # The distinct users of one pending priority in user-id order, one index seek each (a "skip
 # scan" over ix_generations_status_priority_user_id_id), at most :most of them; a scan of the
 # whole priority would read every pending row. Each database gets the form its planner seeks
-# with: PostgreSQL, given "status = ... AND user_id > ...", may walk ix_generations_user_id
+# with: PostgreSQL, given "status = ... AND user_id > ...", may walk ix_generations_user_id_id
 # instead (reading a user's every row to find one of this priority), so there the bounds are
 # row comparisons on the index's leading columns, in the index's order, which no other index
 # serves; SQLite seeks only with the equalities (with row comparisons it scans the priority).
@@ -577,7 +577,7 @@ def _choose(
 def _in_flight_by_user(session: Session) -> dict[str, int]:
     """Generations queued or running per user. The sensor keeps them under
     ``AI_HANDLER_MAX_IN_FLIGHT``, so this reads a bounded number of rows."""
-    # Counted here, not with GROUP BY: SQLite would group along ix_generations_user_id, reading
+    # Counted here, not with GROUP BY: SQLite would group along ix_generations_user_id_id, reading
     # every row of the table, rather than read the few in-flight rows through a status index.
     return dict(
         Counter(

@@ -225,3 +225,35 @@ def api_body_timeout_s() -> float:
     """Seconds a request body may take to arrive (``AI_HANDLER_API_BODY_TIMEOUT_S``, default
     10): a client sending a byte at a time is cut off instead of holding a worker."""
     return float(_int_setting("AI_HANDLER_API_BODY_TIMEOUT_S", 10, maximum=600))
+
+
+def api_max_backlog_per_user() -> int:
+    """Most generations one user may have waiting (pending or queued) for ``POST
+    /v1/generations`` to accept another (``AI_HANDLER_API_MAX_BACKLOG_PER_USER``, default 1000);
+    beyond it the API answers 429. Rows applications insert with SQL are not limited by it."""
+    return _int_setting("AI_HANDLER_API_MAX_BACKLOG_PER_USER", 1000, maximum=10**6)
+
+
+def api_max_backlog() -> int:
+    """Most generations waiting (pending or queued) in all for ``POST /v1/generations`` to
+    accept another (``AI_HANDLER_API_MAX_BACKLOG``, default 10000); beyond it the API answers
+    429. The check counts at most this many rows, so it costs the same whatever the backlog."""
+    return _int_setting("AI_HANDLER_API_MAX_BACKLOG", 10_000, maximum=10**6)
+
+
+def api_output_link_ttl_s() -> int:
+    """Seconds the presigned output links of ``GET /v1/generations/{id}`` stay valid
+    (``AI_HANDLER_API_OUTPUT_LINK_TTL_S``, default 3600, 60 s to 7 days, the most S3 allows)."""
+    return _int_setting("AI_HANDLER_API_OUTPUT_LINK_TTL_S", 3600, minimum=60, maximum=7 * 86400)
+
+
+def s3_endpoint_url() -> str | None:
+    """An S3-compatible endpoint instead of AWS's (``AI_HANDLER_S3_ENDPOINT_URL``; the embedded
+    stack sets its local one), or None."""
+    return os.environ.get("AI_HANDLER_S3_ENDPOINT_URL", "").strip() or None
+
+
+def s3_region() -> str:
+    """The S3 region (``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else ``us-east-1``), as the
+    code location's S3 resource reads it."""
+    return os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))

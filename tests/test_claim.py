@@ -273,7 +273,7 @@ def _rows_read(plans: list[dict[str, Any]]) -> int:
     )
 
 
-#: The indexes a claim may read generations through (never ix_generations_user_id: walking a
+#: The indexes a claim may read generations through (never ix_generations_user_id_id: walking a
 #: user's every row, of any status and priority, is a scan of that user's history).
 CLAIM_INDEXES = {
     "ix_generations_status_priority_user_id_id",

@@ -240,11 +240,13 @@ class Generation(Base):
         sa.Index("ix_generations_status_pending_since_id", "status", "pending_since", "id"),
         # Reprocessing backfills select a day of requests.
         sa.Index("ix_generations_created_at", "created_at"),
+        # A user's generations newest first, a page at a time (GET /v1/generations?user=).
+        sa.Index("ix_generations_user_id_id", "user_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     request_id: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
-    user_id: Mapped[str] = mapped_column(sa.String(255), index=True)
+    user_id: Mapped[str] = mapped_column(sa.String(255))
     model: Mapped[str] = mapped_column(sa.String(255))
     input: Mapped[dict[str, Any]] = mapped_column()
     status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
