@@ -546,9 +546,11 @@ def store_outputs(
     ended = {
         a.generation_id
         for a in awaited
-        if a.generation_id not in rows
-        or rows[a.generation_id].attempt != a.attempt
-        or rows[a.generation_id].status != GenerationStatus.RUNNING
+        if a.generation_id in rows
+        and (
+            rows[a.generation_id].attempt != a.attempt
+            or rows[a.generation_id].status != GenerationStatus.RUNNING
+        )
     }
     for generation_id in sorted(ended):
         context.log.warning(f"generation {generation_id} ended before its outputs were stored")
