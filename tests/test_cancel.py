@@ -329,7 +329,7 @@ def test_an_unknown_generation_is_reported(engine: sa.Engine) -> None:
 
 # --- races --------------------------------------------------------------------------------------
 
-ROUNDS = 6
+ROUNDS = 12
 THREADS = 6
 
 
