@@ -6,8 +6,8 @@ error, a refused request, an unknown user), 1 for a failed check, an unusable da
 ``GenerationError`` (the provider or a step failed). Anything else is a bug: its traceback shows.
 
 Commands of this module: ``db upgrade``, ``ledger verify``, ``credits grant|show``, ``submit``,
-``status``, ``demo`` and ``instance write``. The other parts keep their commands in their own
-modules, each with a ``register(subparsers)`` that adds its subparsers (each with
+``status``, ``cancel``, ``demo`` and ``instance write``. The other parts keep their commands in
+their own modules, each with a ``register(subparsers)`` that adds its subparsers (each with
 ``set_defaults(handler=...)``, a function from the parsed arguments to an exit code).
 :func:`build_parser` imports those modules by name and calls every ``register``:
 ``devstack.commands`` (``dev``), ``proving.bench`` (``bench``), ``webhooks.commands``
@@ -195,6 +195,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a generation (and its prediction at the provider); prints the generation."""
+    from ai_handler_dagster.cancel import cancel_generation, provider_client
+    from ai_handler_dagster.db.engine import make_engine
+
+    if not args.id.isascii() or not args.id.isdigit():
+        raise UsageError(f"ID must be a generation id (a whole number), got {args.id!r}")
+    result = cancel_generation(make_engine(args.url), int(args.id), client=provider_client())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2, ensure_ascii=False))
+        return 0
+    row = result.generation
+    how = "canceled" if result.changed else "was already canceled"
+    print(f"generation {row['id']} {how}; hold {row['hold_id']} released")
+    if result.prediction_id:
+        print(f"prediction {result.prediction_id}: cancel {result.provider}")
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------
 
 
@@ -299,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("id", metavar="ID")
     _with_url(status)
     status.set_defaults(handler=cmd_status)
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel a generation: release its hold, cancel its prediction"
+    )
+    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("--json", action="store_true", help="print the result as JSON")
+    _with_url(cancel)
+    cancel.set_defaults(handler=cmd_cancel)
 
     demo = sub.add_parser("demo", help="run the demo on the embedded stack")
     demo.add_argument("--json", action="store_true", help="also print the result as JSON")

@@ -28,6 +28,8 @@ code                      retryable  meaning
                                      something; nothing is charged
 ``run_failed``            no         the Dagster run failed, crashed or was canceled before this
                                      generation finished
+``canceled_by_request``   no         the application canceled it (``ai-handler cancel``, the
+                                     HTTP API's cancel, ``cancel.cancel_generation``)
 ``internal_error``        no         a bug or an unexpected state in this project
 ========================  =========  ==========================================================
 """
@@ -51,6 +53,7 @@ OUTPUT_REJECTED: Final = "output_rejected"
 OUTPUT_EXPIRED: Final = "output_expired"
 EMPTY_OUTPUT: Final = "empty_output"
 RUN_FAILED: Final = "run_failed"
+CANCELED_BY_REQUEST: Final = "canceled_by_request"
 INTERNAL_ERROR: Final = "internal_error"
 
 #: Every stable code, for validation (e.g. a CHECK constraint or a CLI filter).
@@ -71,6 +74,7 @@ ALL_CODES: Final[frozenset[str]] = frozenset(
         OUTPUT_EXPIRED,
         EMPTY_OUTPUT,
         RUN_FAILED,
+        CANCELED_BY_REQUEST,
         INTERNAL_ERROR,
     }
 )

@@ -3,8 +3,8 @@
 ::
 
     pending --claim_pending--> queued --start_attempt--> running --succeed--> succeeded
-                                  |                         |
-                                  +---------fail------------+--> failed | canceled
+       |                          |                         |
+       +-----------------cancel---+---------fail------------+--> failed | canceled
                                                                     |
                             pending (attempt + 1) <---requeue-------+
 
@@ -17,7 +17,8 @@ its credits still held.
 Retries are safe: ``start_attempt`` on a running attempt returns it (one hold per attempt, keyed
 ``gen:{id}:a{attempt}:hold``); ``succeed`` on a succeeded row returns it; ``fail`` on a terminal row
 does nothing and returns False, so the failure hook, the run-failure sensor and reconciliation may
-all fire for one generation and exactly one refund happens.
+all fire for one generation and exactly one refund happens. ``cancel`` (an application's
+request) is the same ending under the same lock, so it races each of them to one ending too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from ai_handler_dagster import events, ledger, lifetimes, priorities
-from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, utcnow
+from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, PredictionState, utcnow
 from ai_handler_dagster.domain import (
     IN_FLIGHT,
     MAX_PRIORITY,
@@ -47,11 +49,13 @@ from ai_handler_dagster.domain import (
     GenerationStatus,
     HoldStatus,
     InvalidModelRef,
+    PredictionStatus,
     check_identifier,
     check_text,
     parse_model_ref,
 )
 from ai_handler_dagster.errors import (
+    CANCELED_BY_REQUEST,
     DEADLINE_EXCEEDED,
     INSUFFICIENT_CREDITS,
     INVALID_REQUEST,
@@ -67,7 +71,9 @@ events.install()
 __all__ = [
     "MAX_INPUT_BYTES",
     "AttemptMismatch",
+    "Cancellation",
     "CannotAfford",
+    "CannotCancel",
     "EmptyOutput",
     "InvalidRequest",
     "InvalidTransition",
@@ -80,6 +86,7 @@ __all__ = [
     "as_dict",
     "attempts_without_cost",
     "begin_create",
+    "cancel",
     "claim_pending",
     "cost_unknown",
     "create_in_flight",
@@ -1008,7 +1015,10 @@ def begin_create(
 def _mark(session: Session, generation_id: int, attempt: int, state: str) -> None:
     """Move an attempt that owns nothing yet to ``state`` as of now."""
     record = session.get(CreateAttempt, (generation_id, attempt), with_for_update=True)
-    if record is None or record.state == AttemptState.OWNED:
+    # Owned and abandoned are for good: an attempt whose generation ended (canceled while its
+    # create was in flight) must not look busy again, or the orphan sweeps would spare the
+    # prediction a late or lost answer made.
+    if record is None or record.state in (AttemptState.OWNED, AttemptState.ABANDONED):
         return
     now = utcnow()
     if state == AttemptState.LOST:
@@ -1035,7 +1045,17 @@ def create_in_flight(
     now too, not when the step began (it may have waited long for a turn at the create
     throttle). Committed before the request is sent, so the window still covers the real
     create. Returns the time written (None: the attempt owns its prediction already).
+
+    ``InvalidTransition`` (nothing is written, and the caller must not send the create) if the
+    generation no longer runs this attempt: it was canceled or failed while the create waited
+    for its turn or backed off between tries.
     """
+    row = _lock(session, generation_id)  # the generation first: the lock order of begin_create
+    _check_attempt(row, attempt)
+    if row.status != GenerationStatus.RUNNING:
+        raise InvalidTransition(
+            f"generation {generation_id} is {row.status}, not running: no create is sent"
+        )
     _mark(session, generation_id, attempt, AttemptState.CREATING)
     record = session.get(CreateAttempt, (generation_id, attempt))
     if record is None or record.state != AttemptState.CREATING:
@@ -1302,6 +1322,92 @@ def fail(
         record.state, record.state_at = AttemptState.ABANDONED, now
     session.flush()
     return True
+
+
+class CannotCancel(InvalidTransition):
+    """The generation cannot be canceled any more: it succeeded or failed already, or its
+    prediction already succeeded at the provider (``finishing``: the run completes and charges
+    it). ``status`` is the generation's status; nothing was written."""
+
+    def __init__(self, row: Generation, *, finishing: bool = False) -> None:
+        if finishing:
+            message = (
+                f"generation {row.id}'s prediction {row.prediction_id} already succeeded; the "
+                "generation is being completed (and charged), so it is not canceled"
+            )
+        else:
+            message = f"generation {row.id} already {row.status}; it is not canceled"
+        super().__init__(message)
+        self.generation_id = row.id
+        self.status = row.status
+        self.finishing = finishing
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What ``cancel`` did: the generation (canceled), whether this call canceled it (False: it
+    was canceled before), and the prediction to cancel at the provider once committed."""
+
+    row: Generation
+    changed: bool
+    prediction_id: str | None
+
+
+def cancel(
+    session: Session,
+    generation_id: int,
+    *,
+    message: str = "canceled by request",
+    provider_succeeded: Collection[str] = (),
+    now: datetime | None = None,
+) -> Cancellation:
+    """Cancel the generation at an application's request, under its row lock.
+
+    - ``pending``, ``queued`` or ``running``: ``canceled`` (code ``canceled_by_request``) and
+      its hold released, in the caller's transaction (``fail`` with status canceled: an attempt
+      whose create is in flight is abandoned, so its late answer is canceled and a lost one's
+      prediction is an orphan the sweeps cancel). The run notices at its next step; the caller
+      cancels ``prediction_id`` at the provider after the commit.
+    - ``canceled`` already: nothing changes (``changed`` False): a repeated cancel is answered
+      as the first one was.
+    - ``succeeded`` or ``failed``: ``CannotCancel`` with the status, nothing written.
+    - ``running`` with a prediction that already succeeded at the provider (the webhook
+      receiver recorded it, or the caller saw it: ``provider_succeeded`` holds its id):
+      ``CannotCancel`` (``finishing``): the work is done and paid, so the run stores it and
+      charges it. A cancel that wins the race against the provider's success instead discards
+      that output: nothing is charged for it, and finalize deletes what it stored.
+    """
+    row = _lock(session, generation_id)
+    if row.status == GenerationStatus.CANCELED:
+        return Cancellation(row, False, row.prediction_id)
+    if row.status in TERMINAL:
+        raise CannotCancel(row)
+    if (
+        row.status == GenerationStatus.RUNNING
+        and row.prediction_id is not None
+        and (
+            row.prediction_id in provider_succeeded
+            or _prediction_succeeded(session, row.prediction_id)
+        )
+    ):
+        raise CannotCancel(row, finishing=True)
+    fail(
+        session,
+        generation_id,
+        code=CANCELED_BY_REQUEST,
+        message=message,
+        status=GenerationStatus.CANCELED,
+        now=now,
+    )
+    return Cancellation(row, True, row.prediction_id)
+
+
+def _prediction_succeeded(session: Session, prediction_id: str) -> bool:
+    """Whether the webhook receiver recorded the prediction's success."""
+    status = session.scalar(
+        sa.select(PredictionState.status).where(PredictionState.prediction_id == prediction_id)
+    )
+    return status == PredictionStatus.SUCCEEDED
 
 
 def requeue(session: Session, generation_id: int, *, include_succeeded: bool = False) -> Generation:

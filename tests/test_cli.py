@@ -243,7 +243,7 @@ def test_missing_arguments_are_usage_errors(
 
 #: Every command of ``ai-handler``: this module's, then those the other parts register.
 COMMANDS = (
-    *("db", "ledger", "credits", "submit", "status", "demo", "instance"),
+    *("db", "ledger", "credits", "submit", "status", "cancel", "demo", "instance"),
     *("dev", "bench", "webhooks", "chaos", "priority", "usage", "serve", "keys"),
 )
 

@@ -44,7 +44,7 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing
 log = logging.getLogger(__name__)
 
 #: The route modules under ``api/routes``, each with a ``router``.
-ROUTERS = ("health", "key", "generations", "models")
+ROUTERS = ("health", "key", "generations", "cancel", "models")
 
 
 def _version() -> str:

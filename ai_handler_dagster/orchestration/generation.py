@@ -358,8 +358,10 @@ def create_predictions(
             _fail(engine, generation_id, error, attempt=row.attempt)
             return generation_id, None, error.code
         except gens.InvalidTransition as exc:
-            # The generation ended meanwhile (refunded by another path): nothing to create.
+            # The generation ended meanwhile (canceled, or refunded by another path): nothing
+            # to create. A create of it already sent may have lost its answer: sweep orphans.
             context.log.warning(f"generation {generation_id}: {exc}")
+            lost.append(generation_id)
             return generation_id, None, "ended"
         if was_lost:
             lost.append(generation_id)
@@ -481,9 +483,16 @@ def await_predictions(
             error = error or GenerationError(
                 INTERNAL_ERROR, f"prediction {snapshot.id} ended as {snapshot.status}"
             )
-            _fail(engine, generation_id, error, attempt=attempts[generation_id])
             failed[generation_id] = error.code
-            context.log.warning(f"generation {generation_id} failed: {error.code}: {error.message}")
+            if _fail(engine, generation_id, error, attempt=attempts[generation_id]):
+                context.log.warning(
+                    f"generation {generation_id} failed: {error.code}: {error.message}"
+                )
+            else:  # it had ended first (canceled by its application, refunded elsewhere)
+                context.log.info(
+                    f"generation {generation_id} had ended; its prediction {snapshot.id} "
+                    f"is {snapshot.status}"
+                )
             if snapshot.unreadable is not None:
                 # It may still be running at the provider: stop paying for it if we can.
                 with contextlib.suppress(GenerationError):
@@ -531,9 +540,25 @@ def store_outputs(
     generation only."""
     engine = database.engine()
     policy = output_policy.policy()
+    # A generation that ended since its prediction succeeded (canceled by its application,
+    # refunded by another path) gets nothing stored: finalize would only delete it again.
+    rows = _load(engine, [a.generation_id for a in awaited])
+    ended = {
+        a.generation_id
+        for a in awaited
+        if a.generation_id in rows
+        and (
+            rows[a.generation_id].attempt != a.attempt
+            or rows[a.generation_id].status != GenerationStatus.RUNNING
+        )
+    }
+    for generation_id in sorted(ended):
+        context.log.warning(f"generation {generation_id} ended before its outputs were stored")
     staging = tempfile.mkdtemp(prefix="ai-handler-outputs-")
 
     def stage(item: AwaitedPrediction) -> tuple[int, AttemptFiles | None]:
+        if item.generation_id in ended:
+            return item.generation_id, None
         try:
             # A passing network error or 5xx from the file host: try again shortly.
             files = retries.retrying(attempts=DOWNLOAD_ATTEMPTS, base_s=DOWNLOAD_BACKOFF_S)(
