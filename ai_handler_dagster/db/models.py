@@ -196,10 +196,12 @@ class LedgerEntry(Base):
             sqlite_where=_OPENING_WHERE,
             postgresql_where=_OPENING_WHERE,
         ),
+        # An account's statement, newest first, a page at a time (migration 0011).
+        sa.Index("ix_ledger_entries_account_id_id", "account_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"), index=True)
+    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"))
     hold_id: Mapped[int | None] = mapped_column(sa.ForeignKey("holds.id"), index=True)
     kind: Mapped[str] = mapped_column(sa.String(16))
     amount: Mapped[int] = mapped_column(Credits)
@@ -240,6 +242,10 @@ class Generation(Base):
         sa.Index("ix_generations_status_pending_since_id", "status", "pending_since", "id"),
         # Reprocessing backfills select a day of requests.
         sa.Index("ix_generations_created_at", "created_at"),
+        # /metrics: counts by status and error code, and the generations that ended lately
+        # (migration 0011).
+        sa.Index("ix_generations_status_error_code", "status", "error_code"),
+        sa.Index("ix_generations_finished_at", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
