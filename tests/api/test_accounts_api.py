@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from ai_handler_dagster import ledger
 from ai_handler_dagster.api import keys
-from ai_handler_dagster.api.routes.accounts import MAX_PAGE
+from ai_handler_dagster.api.routes.accounts import MAX_PAGE, page_query
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Account, LedgerEntry, utcnow
 from tests.support.api import Api, running_api
@@ -191,9 +191,28 @@ def test_pages_stay_stable_while_new_entries_arrive(api: Api) -> None:
 )
 def test_a_bad_limit_or_cursor_is_422(api: Api, params: dict[str, Any], field: str) -> None:
     _every_kind(api.engine, "ann")
+    before = _written(api.engine)
     with api.client(api.key(keys.READ)) as http:
         body = _problem(http.get("/v1/users/ann/ledger", params=params), 422, "invalid-request")
     assert [e["field"] for e in body["errors"]] == [field]
+    assert _written(api.engine) == before
+
+
+def test_a_statement_page_is_one_index_range_scan(engine: sa.Engine) -> None:
+    """Regression: with only an index on account_id, PostgreSQL sorted every entry of the
+    account for each page."""
+    statement = page_query(1, 100, 51).compile(engine, compile_kwargs={"literal_binds": True})
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # tiny tables here
+            rows = connection.exec_driver_sql(f"EXPLAIN {statement}")
+            plan = "\n".join(r[0] for r in rows)
+            assert "Index Scan Backward using ix_ledger_entries_account_id_id" in plan, plan
+        else:
+            rows = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}")
+            plan = "\n".join(str(r[-1]) for r in rows)
+            assert "USING INDEX ix_ledger_entries_account_id_id" in plan, plan
+    assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan
 
 
 # --- scopes -------------------------------------------------------------------------------------

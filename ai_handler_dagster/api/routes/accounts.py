@@ -158,6 +158,23 @@ def _links(user: str) -> dict[str, str]:
     return {"credits": f"/v1/users/{user}/credits", "ledger": f"/v1/users/{user}/ledger"}
 
 
+def page_query(
+    account_id: int, before: int | None, limit: int
+) -> sa.Select[LedgerEntry, int | None]:
+    """Up to ``limit`` of the account's entries older than ``before``, newest first, each with
+    its hold's generation: one backward range scan of ``(account_id, id)``."""
+    query = (
+        sa.select(LedgerEntry, Hold.generation_id)
+        .outerjoin(Hold, Hold.id == LedgerEntry.hold_id)
+        .where(LedgerEntry.account_id == account_id)
+        .order_by(LedgerEntry.id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(LedgerEntry.id < before)
+    return query
+
+
 @router.get(
     "/v1/users/{user}/credits",
     summary="A user's balance, held and available credits",
@@ -190,16 +207,7 @@ def statement(
     before = _decode_cursor(cursor) if cursor is not None else None
     with session_scope(engine) as session:
         account = _account(session, user)
-        query = (
-            sa.select(LedgerEntry, Hold.generation_id)
-            .outerjoin(Hold, Hold.id == LedgerEntry.hold_id)
-            .where(LedgerEntry.account_id == account.id)
-            .order_by(LedgerEntry.id.desc())
-            .limit(limit + 1)
-        )
-        if before is not None:
-            query = query.where(LedgerEntry.id < before)
-        rows = session.execute(query).all()
+        rows = session.execute(page_query(account.id, before, limit + 1)).all()
     page = rows[:limit]
     entries = [
         Entry(
