@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from ai_handler_dagster import settings
 from ai_handler_dagster.api.limits import BodyLimits
+from ai_handler_dagster.api.metrics import RequestMetrics
 from ai_handler_dagster.api.problems import (
     BODY_TOO_LARGE,
     FORBIDDEN_SCOPE,
@@ -44,7 +45,7 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing
 log = logging.getLogger(__name__)
 
 #: The route modules under ``api/routes``, each with a ``router``.
-ROUTERS = ("health", "key", "generations", "cancel", "models")
+ROUTERS = ("health", "key", "generations", "cancel", "models", "accounts", "metrics")
 
 
 def _version() -> str:
@@ -191,6 +192,8 @@ def create_app(
         max_bytes=settings.api_max_body_bytes(),
         timeout_s=settings.api_body_timeout_s(),
     )
+    # Outermost: a request's duration includes reading its body and any refusal.
+    app.add_middleware(RequestMetrics)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(HTTPException, _on_http)

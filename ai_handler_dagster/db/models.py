@@ -196,10 +196,12 @@ class LedgerEntry(Base):
             sqlite_where=_OPENING_WHERE,
             postgresql_where=_OPENING_WHERE,
         ),
+        # An account's statement, newest first, a page at a time (migration 0010).
+        sa.Index("ix_ledger_entries_account_id_id", "account_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"), index=True)
+    account_id: Mapped[int] = mapped_column(sa.ForeignKey("accounts.id"))
     hold_id: Mapped[int | None] = mapped_column(sa.ForeignKey("holds.id"), index=True)
     kind: Mapped[str] = mapped_column(sa.String(16))
     amount: Mapped[int] = mapped_column(Credits)
@@ -242,6 +244,10 @@ class Generation(Base):
         sa.Index("ix_generations_created_at", "created_at"),
         # A user's generations newest first, a page at a time (GET /v1/generations?user=).
         sa.Index("ix_generations_user_id_id", "user_id", "id"),
+        # /metrics: counts by status and error code, and the generations that ended lately
+        # (migration 0010).
+        sa.Index("ix_generations_status_error_code", "status", "error_code"),
+        sa.Index("ix_generations_finished_at", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
