@@ -38,7 +38,7 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing
 log = logging.getLogger(__name__)
 
 #: The route modules under ``api/routes``, each with a ``router``.
-ROUTERS = ("health", "key")
+ROUTERS = ("health", "key", "webhooks")
 
 
 def _version() -> str:
