@@ -1,9 +1,10 @@
 """``ai-handler demo``: the main job end to end, headless, on the embedded stack.
 
-Starts the stack (emulator, local S3, Dagster daemon), grants a demo user credits, submits a set of
-generations (two of which the emulator fails on purpose), waits for every one to settle while
-showing progress, prints a summary, checks the ledger and the S3 objects, and stops everything.
-Exits non-zero if any expectation is off.
+Starts the stack (emulator, local S3, the HTTP API that receives the webhooks, Dagster daemon),
+prints the API's URL and a key valid while the demo runs, grants a demo user credits, submits a
+set of generations (two of which the emulator fails on purpose), waits for every one to settle
+while showing progress, prints a summary, checks the ledger and the S3 objects, and stops
+everything. Exits non-zero if any expectation is off.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def run_demo(
         out.write(f"Starting the embedded stack in {config.state_dir} ...\n")
     with stack:
         stack.apply_env()
+        key = stack.local_api_key()
         if not quiet:
+            out.write(f"  HTTP API            {stack.api_url}\n")
+            out.write(f"  API key (admin)     {key} (valid while the demo runs)\n")
             out.write(f"  Replicate emulator  {stack.emulator_url}\n")
             out.write(f"  local S3            {stack.s3_url} (bucket {DEFAULT_BUCKET})\n")
             out.write(f"  Dagster instance    {stack.dagster_home}\n")

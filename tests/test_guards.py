@@ -16,9 +16,9 @@ Proves that:
   requests progress together through real sensor ticks and job runs: the first runs carry both
   users, and the small user's requests are all done before the big backlog is.
 
-The webhook receiver's refusals (bad signatures, replays, stale timestamps, oversized or
-malformed bodies, unknown paths) are proven in ``tests/webhooks`` (``test_verify.py``,
-``test_server.py``, ``test_store.py``, ``test_end_to_end.py``) and not repeated here.
+The webhook route's refusals (bad signatures, replays, stale timestamps, oversized or
+malformed bodies, a missing secret) are proven in ``tests/webhooks`` (``test_verify.py``,
+``test_route.py``, ``test_store.py``, ``test_end_to_end.py``) and not repeated here.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_secrets_never_reach_events_logs_config_or_storage(tmp_path: Path) -> No
     pricing.write_text(PRICES)
     config = stack_config(
         state,
-        # The stack's receiver fetches its signing secret with the emulator's default token.
+        # The stack's API would fetch its signing secret with the emulator's default token.
         webhooks=False,
         extra_env={
             "EMULATOR_TOKEN": REPLICATE_TOKEN,  # what the emulator process accepts

@@ -45,7 +45,10 @@ from ai_handler_dagster.pricing import PriceBook, load_pricing
 log = logging.getLogger(__name__)
 
 #: The route modules under ``api/routes``, each with a ``router``.
-ROUTERS = ("health", "key", "generations", "cancel", "models", "accounts", "metrics")
+ROUTERS = (
+    *("health", "key", "generations", "cancel", "models", "accounts", "metrics"),
+    "webhooks",
+)
 
 
 def _version() -> str:

@@ -1,4 +1,5 @@
-"""``ai-handler dev``: the embedded stack with the Dagster UI, in the foreground until Ctrl-C."""
+"""``ai-handler dev``: the embedded stack with the Dagster UI and the HTTP API, in the foreground
+until Ctrl-C; prints the API's URL and a local key (revoked when it stops)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ DEV_USER = "demo"
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Start the emulator, local S3 and ``dagster dev`` (UI + daemon); grant the demo user."""
+    """Start the emulator, local S3, the API and ``dagster dev`` (UI + daemon); grant the demo
+    user; print where everything is and a key for the API."""
     from ai_handler_dagster import ledger
     from ai_handler_dagster.db.engine import make_engine, session_scope
 
@@ -42,10 +44,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
             # Granted once per state folder: the key makes a restart a no-op.
             ledger.grant(session, DEV_USER, args.credits, key=f"dev-grant:{DEV_USER}")
             credits = ledger.balance(session, DEV_USER)
+        key = stack.local_api_key()
         wait_for_port("127.0.0.1", args.port, 120, stack.processes.get("dagster-dev"))
         out.write(
             "\nai_handler_dagster is up.\n"
             f"  Dagster UI          http://127.0.0.1:{args.port}\n"
+            f"  HTTP API            {stack.api_url} (docs at {stack.api_url}/docs)\n"
+            f"  API key (admin)     {key}\n"
+            "                      (valid until this stack stops)\n"
             f"  Replicate emulator  {stack.emulator_url}\n"
             f"  local S3            {stack.s3_url} (bucket {DEFAULT_BUCKET})\n"
             f"  app database        {stack.app_db_url}\n"
@@ -54,6 +60,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             f"  .venv/bin/ai-handler submit --user {DEV_USER} --model demo/pixel-sketch "
             '--input \'{"prompt": "a lighthouse at dusk"}\'\n'
             "Then watch it in the UI (Runs), or: .venv/bin/ai-handler status <id>\n"
+            "Or ask the API who the key is:\n"
+            f"  curl -H 'Authorization: Bearer {key}' {stack.api_url}/v1/key\n"
             "Ctrl-C stops everything.\n"
         )
         try:

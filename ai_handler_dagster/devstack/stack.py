@@ -1,6 +1,7 @@
 """The embedded stack: every process the project needs on one machine, started and stopped as one.
 
 - the Replicate emulator and the local S3 endpoint (subprocesses on free loopback ports),
+- the HTTP API (``ai-handler serve``, one worker), which also receives the emulator's webhooks,
 - a Dagster instance in the state folder (SQLite by default, PostgreSQL on request),
 - ``dagster-daemon`` (sensors, run queue, run monitoring), and optionally the webserver/UI.
 
@@ -73,7 +74,7 @@ class StackConfig:
     webserver_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_to_files: bool = True
-    #: Run the webhook receiver and have creates ask for completion webhooks (else poll only).
+    #: Give the API the signing secret and have creates ask for its webhooks (else poll only).
     webhooks: bool = True
     #: The workspace Dagster loads; the default, the repository's ``workspace.yaml``, runs the
     #: project's code location.
@@ -92,12 +93,14 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.emulator_url = ""
         self.s3_url = ""
+        self.api_url = ""
         self.webhook_url = ""
         self.dagster_home = config.state_dir / "dagster_home"
         self.logs_dir = config.state_dir / "logs"
         self.app_db_url = config.app_db_url or f"sqlite:///{config.state_dir / 'app.db'}"
         self._log_files: list[object] = []
         self._lock: IO[str] | None = None
+        self._key_id: str | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -113,8 +116,7 @@ class Stack:
             self._prepare()
             self._start_emulator()
             self._start_s3()
-            if self.config.webhooks:
-                self._start_webhooks()
+            self._start_api()
             if self.config.webserver_port is not None:
                 self._start_dagster_dev()
             elif self.config.daemon:
@@ -124,16 +126,48 @@ class Stack:
             raise
 
     def stop(self) -> None:
-        """Stop every process (daemon first, so no new run starts), then close the logs."""
+        """Stop every process (daemon first, so no new run starts), revoke the local key, then
+        close the logs."""
         for name in reversed(list(self.processes)):
             self._terminate(name)
         self.processes.clear()
+        if self._key_id is not None:
+            self._revoke_local_key(self._key_id)
+            self._key_id = None
         for handle in self._log_files:
             handle.close()  # type: ignore[attr-defined]
         self._log_files.clear()
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
+
+    def local_api_key(self) -> str:
+        """A key for the stack's API (``api_url``), made at the first call and revoked when the
+        stack stops, so no key outlives the processes it was shown for.
+
+        An admin key: it belongs to the local operator, who can already grant credits with the
+        CLI on this database; read+submit would only hide ``POST /v1/users/{user}/grants`` and
+        the other admin routes from the person trying them.
+        """
+        from ai_handler_dagster.api import keys
+        from ai_handler_dagster.db.engine import make_engine, session_scope
+
+        if self._key_id is not None:
+            raise RuntimeError("the local key was made already; it is shown once")
+        with session_scope(make_engine(self.app_db_url)) as session:
+            full, info = keys.create(session, name="local operator", scopes=[keys.ADMIN])
+        self._key_id = info.key_id
+        return full
+
+    def _revoke_local_key(self, key_id: str) -> None:
+        from ai_handler_dagster.api import keys
+        from ai_handler_dagster.db.engine import make_engine, session_scope
+
+        try:
+            with session_scope(make_engine(self.app_db_url)) as session:
+                keys.revoke(session, key_id)
+        except Exception as exc:  # stopping must go on; the key stays listed in `keys list`
+            sys.stderr.write(f"could not revoke the local API key {key_id}: {exc}\n")
 
     def instance_config(self) -> dict[str, Any]:
         """The stack's Dagster instance: the shipped settings with its overrides and storage."""
@@ -256,30 +290,70 @@ class Stack:
         wait_for_port("127.0.0.1", port, 30, proc)
         self.emulator_url = f"http://127.0.0.1:{port}"
 
-    def _start_webhooks(self) -> None:
-        """The webhook receiver; only it holds the signing secret (fetched like on Replicate)."""
+    def _start_api(self) -> None:
+        """``ai-handler serve`` on a free port; with webhooks, only it holds the signing secret
+        (fetched from the emulator as from Replicate) and creates name its webhook route."""
         from ai_handler_dagster.webhooks.config import SECRET_VAR, fetch_secret
+        from ai_handler_dagster.webhooks.receiver import WEBHOOK_PATH
 
-        # The emulator may be injecting 500s already.
-        secret = retries.retrying(attempts=5, base_s=0.5, retry_on=Exception)(
-            fetch_secret, self.emulator_url, EMULATOR_TOKEN
-        )
-        port = free_port()
+        extra_env = {}
+        if self.config.webhooks:
+            # The emulator may be injecting 500s already.
+            extra_env[SECRET_VAR] = retries.retrying(attempts=5, base_s=0.5, retry_on=Exception)(
+                fetch_secret, self.emulator_url, EMULATOR_TOKEN
+            )
+        port_file = self.config.state_dir / "api.port"
+        port_file.unlink(missing_ok=True)
         proc = self._spawn(
-            "webhooks",
+            "api",
             [
                 sys.executable,
                 "-m",
-                "ai_handler_dagster.webhooks",
+                "ai_handler_dagster.cli",
+                "serve",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0",
+                "--port-file",
+                str(port_file),
+                "--log-level",
+                "warning",
             ],
-            extra_env={SECRET_VAR: secret},
+            extra_env=extra_env,
         )
-        wait_for_port("127.0.0.1", port, 30, proc)
-        self.webhook_url = f"http://127.0.0.1:{port}/webhooks/replicate"
+        self.api_url = f"http://127.0.0.1:{self._read_port(port_file, proc, 60)}"
+        self._wait_ready(self.api_url + "/readyz", proc, 60)
+        if self.config.webhooks:
+            self.webhook_url = self.api_url + WEBHOOK_PATH
+
+    @staticmethod
+    def _read_port(path: Path, proc: subprocess.Popen, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with code {proc.returncode} before listening")
+            text = path.read_text().strip() if path.exists() else ""
+            if text:
+                return int(text)
+            time.sleep(0.1)
+        raise TimeoutError(f"no port in {path} after {timeout_s:.0f}s")
+
+    @staticmethod
+    def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with code {proc.returncode} before ready")
+            try:
+                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
     def _start_s3(self) -> None:
         port = free_port()

@@ -325,7 +325,7 @@ def create_predictions(
     prices = pricing.book()
     attempts = {h.generation_id: h.attempt for h in held}
     rows = _load(engine, attempts)
-    # With a receiver configured, Replicate reports the end of each prediction by webhook and
+    # With webhooks configured, Replicate reports the end of each prediction by webhook and
     # the await step mostly reads the database instead of polling the API.
     webhook = public_webhook_url()
     step_started = utcnow()

@@ -96,7 +96,7 @@ def _process_kind(pid: int) -> str:
     for needle, kind in (
         ("devstack.emulator", "emulator"),
         ("devstack.s3", "s3"),
-        ("ai_handler_dagster.webhooks", "webhooks"),
+        ("ai_handler_dagster.cli serve", "api"),
         ("ai_handler_dagster.runtime.daemon", "daemon"),
         ("dagster-daemon", "daemon"),
         ("code-server", "code_server"),
@@ -669,7 +669,7 @@ def register(sub: Any) -> None:
         metavar="B",
         help="with --rate-limit: creates let through at once (default: a minute's worth)",
     )
-    p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhook receiver)")
+    p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhooks asked for)")
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")

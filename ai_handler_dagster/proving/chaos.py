@@ -1,9 +1,10 @@
 """``ai-handler chaos``: a seeded soak through the real stack, with faults, then an audit.
 
 The stack runs as in production (app database and Dagster storage on PostgreSQL, the Replicate
-emulator, the local S3 endpoint, the webhook receiver and a real ``dagster-daemon``). An
-application's load arrives over a window: several users, two of them racing on balances too
-small for all their requests, so some must be refused with ``insufficient_credits``. The load
+emulator, the local S3 endpoint, the HTTP API that receives the webhooks, and a real
+``dagster-daemon``). An application's load arrives over a window: several users, two of them
+racing on balances too small for all their requests, so some must be refused with
+``insufficient_credits``. The load
 mixes every kind of price: images per output (``num_outputs`` from 1 to the price's maximum, or
 left out), text per token (``max_tokens`` short enough to cut the text, up to the maximum, or
 left out), and the two models pinned to their versions, which the soak's price table charges per

@@ -1,4 +1,5 @@
-"""Settings of the webhook receiver and of the steps that ask Replicate for webhooks.
+"""Settings of the webhook route (``POST /webhooks/replicate`` of ``ai-handler serve``) and of
+the steps that ask Replicate for webhooks.
 
 Read when called, never at import time. The secret is read here and nowhere else; it is never
 logged, printed or put into run config.
@@ -6,6 +7,8 @@ logged, printed or put into run config.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from urllib.parse import urlsplit
 
@@ -13,7 +16,7 @@ from ai_handler_dagster.settings import ConfigError
 
 #: The ``whsec_...`` signing secret (``GET /v1/webhooks/default/secret`` on Replicate).
 SECRET_VAR = "AI_HANDLER_WEBHOOK_SECRET"
-#: Public URL of the receiver's route, given to Replicate as ``webhook`` on every create
+#: Public URL of the service's webhook route, given to Replicate as ``webhook`` on every create
 #: (e.g. ``https://hooks.example.com/webhooks/replicate``). Unset: no webhooks, polling only.
 URL_VAR = "AI_HANDLER_WEBHOOK_URL"
 
@@ -21,11 +24,12 @@ URL_VAR = "AI_HANDLER_WEBHOOK_URL"
 def webhook_secret() -> str:
     """The signing secret from ``AI_HANDLER_WEBHOOK_SECRET``.
 
+    Checked strictly here: ``standardwebhooks`` decodes leniently (it drops what is not base64),
+    so a mistyped secret would otherwise refuse every delivery as a bad signature.
+
     Raises:
         ConfigError: it is unset or not ``whsec_`` followed by base64.
     """
-    from ai_handler_dagster.webhooks.receiver import decode_secret
-
     secret = os.environ.get(SECRET_VAR, "").strip()
     if not secret:
         raise ConfigError(
@@ -33,15 +37,17 @@ def webhook_secret() -> str:
             "(GET /v1/webhooks/default/secret on Replicate)"
         )
     try:
-        decode_secret(secret)
-    except ValueError as exc:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
         # The message names the problem, never the value.
-        raise ConfigError(f"{SECRET_VAR}: {exc}") from None
+        raise ConfigError(f"{SECRET_VAR} is not 'whsec_' followed by base64")
     return secret
 
 
 def public_webhook_url() -> str | None:
-    """The receiver URL to send with creates (``AI_HANDLER_WEBHOOK_URL``), or None if unset.
+    """The webhook URL to send with creates (``AI_HANDLER_WEBHOOK_URL``), or None if unset.
 
     Raises:
         ConfigError: it is set but not an absolute http(s) URL.

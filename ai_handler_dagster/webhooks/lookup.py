@@ -1,4 +1,4 @@
-"""Prediction states recorded by the webhook receiver, as ``wait_many`` lookups.
+"""Prediction states recorded by the webhook route, as ``wait_many`` lookups.
 
 ``wait_many(client, ids, lookup=..., expect_webhooks=True)`` asks the lookup first and
 yields a terminal state without any API request; the API is then polled only every

@@ -37,7 +37,7 @@ _statements: dict[str, tuple[sa.Executable, sa.Executable]] = {}
 _statements_lock = threading.Lock()
 # SQLite has one write lock per database. Writers of this process queue on a Python lock instead
 # of on SQLite's busy handler, which sleeps in growing steps and wastes most of the time a busy
-# receiver has; writers of other processes still wait on busy_timeout.
+# webhook route has; writers of other processes still wait on busy_timeout.
 _sqlite_write_locks: dict[int, threading.Lock] = {}
 
 

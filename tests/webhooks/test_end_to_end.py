@@ -1,10 +1,10 @@
-"""End to end: the emulator sends signed webhooks, the receiver records them, waiting reads them.
+"""End to end: the emulator sends signed webhooks, the service records them, waiting reads them.
 
 Proves, on SQLite and PostgreSQL: predictions created with the unmodified ``replicate`` client
-and ``webhook=<receiver>/webhooks/replicate`` (every event: start, logs, output, completed)
+and ``webhook=<service>/webhooks/replicate`` (every event: start, logs, output, completed)
 land in ``prediction_states`` with their terminal state and final output, using the secret
 from ``GET /v1/webhooks/default/secret``; ``wait_many`` with the lookup and ``expect_webhooks``
-yields them all with one GET each (polling alone would need many); with a receiver that refuses
+yields them all with one GET each (polling alone would need many); with a service that refuses
 every webhook (another secret) nothing is recorded and ``wait_many`` still finishes by polling.
 """
 
@@ -27,10 +27,12 @@ from ai_handler_dagster.devstack.emulator import (
 from ai_handler_dagster.replicate.client import ReplicateClient
 from ai_handler_dagster.replicate.waiting import wait_many
 from ai_handler_dagster.resources.replicate import ReplicateResource
-from ai_handler_dagster.webhooks import start_receiver
-from ai_handler_dagster.webhooks.config import fetch_secret
+from ai_handler_dagster.webhooks import WEBHOOK_PATH
+from ai_handler_dagster.webhooks.config import SECRET_VAR, fetch_secret
 from ai_handler_dagster.webhooks.lookup import make_batched_lookup, make_lookup
+from tests.support.api import running_api
 from tests.support.webhooks import SECRET, state_of
+from tests.webhooks.conftest import Deliveries
 
 
 @pytest.fixture
@@ -73,13 +75,17 @@ def _create(client: replicate.Client, url: str, n: int) -> dict[str, str]:
 
 
 def test_webhooks_land_in_the_database_and_replace_polling(
-    engine: sa.Engine, emulator: EmulatorHandle
+    engine: sa.Engine,
+    emulator: EmulatorHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    deliveries: Deliveries,
 ) -> None:
-    # The secret comes from the API, as in production.
+    # The secret comes from the provider's API, as in production.
     secret = fetch_secret(emulator.base_url, emulator.token)
     assert secret == emulator.webhook_secret
-    with start_receiver(engine, secret) as receiver:
-        made = _create(_client(emulator), receiver.webhook_url, 5)
+    monkeypatch.setenv(SECRET_VAR, secret)
+    with running_api(engine) as api:
+        made = _create(_client(emulator), api.url + WEBHOOK_PATH, 5)
         # Webhooks alone: a GET is only due every 30 s, far beyond this test.
         resource = _resource(emulator, poll_max_s=30.0)
         started = time.monotonic()
@@ -108,18 +114,26 @@ def test_webhooks_land_in_the_database_and_replace_polling(
             assert payload["input"] == {"prompt": prompt}
             found = make_lookup(engine)(pid)
             assert found is not None and found.status == expected
-        stats = receiver.stats()
     # Every event of every prediction was delivered once and answered 204.
     webhooks = emulator.stats()["webhooks"]
     assert webhooks["failed"] == 0 and webhooks["retried"] == 0
-    assert stats["accepted"] + stats.get("out_of_order", 0) == webhooks["delivered"]
+    counted = deliveries.since_start()
+    assert set(counted) <= {"accepted", "out_of_order"}
+    assert counted["accepted"] + counted.get("out_of_order", 0) == webhooks["delivered"]
     assert webhooks["delivered"] >= 3 * len(made)
 
 
-def test_refused_webhooks_fall_back_to_polling(engine: sa.Engine, emulator: EmulatorHandle) -> None:
-    # A receiver with another secret refuses every delivery: the webhook never arrives.
-    with start_receiver(engine, SECRET) as receiver:
-        made = _create(_client(emulator), receiver.webhook_url, 3)
+def test_refused_webhooks_fall_back_to_polling(
+    engine: sa.Engine,
+    emulator: EmulatorHandle,
+    monkeypatch: pytest.MonkeyPatch,
+    deliveries: Deliveries,
+) -> None:
+    # A service with another secret refuses every delivery: the webhook never arrives.
+    assert emulator.webhook_secret != SECRET
+    monkeypatch.setenv(SECRET_VAR, SECRET)
+    with running_api(engine) as api:
+        made = _create(_client(emulator), api.url + WEBHOOK_PATH, 3)
         resource = _resource(emulator, poll_max_s=0.3, webhook_fallback_s=0.3)
         finished = list(
             wait_many(
@@ -132,8 +146,9 @@ def test_refused_webhooks_fall_back_to_polling(engine: sa.Engine, emulator: Emul
         )
         assert sorted(s.id for s in finished) == sorted(made)
         assert all(s.is_terminal for s in finished)
-        assert receiver.stats().get("401", 0) >= len(made)
-        assert receiver.stats().get("accepted", 0) == 0
+        counted = deliveries.since_start()
+        assert counted.get("refused_401", 0) >= len(made)
+        assert set(counted) == {"refused_401"}
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM prediction_states")).scalar() == 0
     # Polling found them: at least one GET each, after the fallback interval.

@@ -1,4 +1,4 @@
-"""Lookups read what the receiver recorded, cheaply, and never fail the wait.
+"""Lookups read what the webhook route recorded, cheaply, and never fail the wait.
 
 Proves, on SQLite and PostgreSQL: ``make_lookup`` answers ``None`` for an unknown prediction and
 the recorded prediction (status, output, metrics, raw payload) for a known one; ``lookup_many``

@@ -21,10 +21,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from ai_handler_dagster.http_server import BodyTooLarge, LocalHTTPServer, TrackedHandler
-
 from .config import EmulatorConfig
 from .engine import ApiError, Engine, model_for, not_found, validation_error
+from .http import BodyTooLarge, LocalHTTPServer, TrackedHandler
 from .models import MODELS, VERSIONS, DemoModel
 from .ratelimit import Budget, TokenBucket
 from .webhooks import WEBHOOK_EVENTS

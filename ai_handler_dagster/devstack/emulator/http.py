@@ -1,4 +1,5 @@
-"""The stdlib HTTP server under the webhook receiver and the Replicate emulator.
+"""The stdlib HTTP server under the Replicate emulator (a development tool: the service the
+project ships, ``ai-handler serve``, runs on uvicorn).
 
 :class:`LocalHTTPServer` is a ``ThreadingHTTPServer`` for bursts and clean stops: daemon request
 threads, a deep listen queue, IPv6 when the host has a ``:``, and the open connections kept so
