@@ -14,6 +14,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ai_handler_dagster.errors import AiHandlerError
+
 MEDIA_TYPE = "application/problem+json"
 
 
@@ -101,7 +103,7 @@ UNAVAILABLE = problem_type(
 )
 
 
-class Problem(Exception):
+class Problem(AiHandlerError):
     """A refusal to send as problem details: its type, the detail for this occurrence, extra
     members and extra headers (``Retry-After``, ``WWW-Authenticate``)."""
 
