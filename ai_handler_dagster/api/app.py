@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ai_handler_dagster import settings
-from ai_handler_dagster.api.limits import BodyLimits
+from ai_handler_dagster.api.limits import BodyLimits, CatchAll
 from ai_handler_dagster.api.metrics import RequestMetrics
 from ai_handler_dagster.api.problems import (
     BODY_TOO_LARGE,
@@ -98,11 +98,6 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
             request.url.path
         )
     return Problem(kind, detail, headers=dict(exc.headers or {})).response(request.url.path)
-
-
-async def _on_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return Problem(INTERNAL, "the service failed to answer").response(request.url.path)
 
 
 #: The problem details object every error answer is (``problems.Problem.body``).
@@ -190,6 +185,8 @@ def create_app(
     )
     app.state.engine = engine if engine is not None else make_engine(settings.database_url())
     app.state.prices = prices if prices is not None else load_pricing()
+    # Innermost: an unexpected failure is answered here; the middlewares around it see a 500.
+    app.add_middleware(CatchAll)
     app.add_middleware(
         BodyLimits,
         max_bytes=settings.api_max_body_bytes(),
@@ -200,7 +197,6 @@ def create_app(
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_invalid)
     app.add_exception_handler(HTTPException, _on_http)
-    app.add_exception_handler(Exception, _on_error)
     for name in ROUTERS:
         module = importlib.import_module(f"ai_handler_dagster.api.routes.{name}")
         app.include_router(module.router)

@@ -13,10 +13,21 @@ reading them whole costs nothing. Other limits are the server's: uvicorn's
 from __future__ import annotations
 
 import asyncio
+import logging
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ai_handler_dagster.api.problems import BODY_TOO_LARGE, REQUEST_TIMEOUT, Problem
+from ai_handler_dagster.api.problems import (
+    BODY_TOO_LARGE,
+    INTERNAL,
+    INVALID_REQUEST,
+    REQUEST_TIMEOUT,
+    Problem,
+)
+from ai_handler_dagster.domain import InvalidText, check_text
+
+log = logging.getLogger(__name__)
 
 
 class BodyLimits:
@@ -28,6 +39,14 @@ class BodyLimits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        unclean = _unclean_target(scope)
+        if unclean is not None:
+            field, why = unclean
+            problem = Problem(
+                INVALID_REQUEST, f"{field}: {why}", errors=[{"field": field, "message": why}]
+            )
+            await self._refuse(problem, scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
@@ -90,6 +109,53 @@ class BodyLimits:
         response = problem.response(scope.get("path"))
         response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+def _unclean_target(scope: Scope) -> tuple[str, str] | None:
+    """The path or a query parameter holding text no route accepts (a NUL, a control
+    character, a lone surrogate), as ``(field, message)``; None when the target is clean. Such
+    text can reach no identifier, and PostgreSQL refuses a NUL outright, so it is refused here,
+    once, for every route."""
+    try:
+        check_text(scope.get("path", ""), "path", error=InvalidText)
+        raw = scope.get("query_string", b"").decode("utf-8", errors="surrogateescape")
+        for name, value in parse_qsl(raw, keep_blank_values=True, errors="surrogateescape"):
+            check_text(name, "query", error=InvalidText)
+            check_text(value, f"query.{name}", error=InvalidText)
+    except InvalidText as exc:
+        where, _, message = str(exc).partition(" ")
+        return where, message
+    return None
+
+
+class CatchAll:
+    """Answers an unexpected failure with a 500 problem itself (and logs it), instead of letting
+    it reach Starlette's outermost error handler, which answers and then re-raises it: the server
+    would then drop the connection, failing the client's next request on it too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope["path"])
+            if started:
+                raise  # half an answer is out: only closing the connection tells the client
+            response = Problem(INTERNAL, "the service failed to answer").response(scope["path"])
+            await response(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -258,3 +258,44 @@ def test_a_refused_submit_leaves_no_event(engine: sa.Engine) -> None:
     with session_scope(engine) as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(GenerationEvent)) == 0
         assert session.scalar(sa.select(sa.func.count()).select_from(Generation)) == 0
+
+
+# --- regressions found by the fuzz test -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options"),
+    [
+        ("GET", "/v1/generations", {"params": {"user": "a\x00b"}}),
+        ("GET", "/v1/users/a%00b/credits", {}),
+        ("GET", "/v1/users/a%00b/ledger", {}),
+        ("POST", "/v1/generations", {"json": {"user": "a\x00", "model": "m/n", "input": {}}}),
+    ],
+)
+def test_a_nul_in_a_user_id_is_refused_not_a_server_error(
+    api: Api, method: str, path: str, options: dict[str, object]
+) -> None:
+    # Each answered 500: PostgreSQL refuses a NUL in a string ("A string literal cannot contain
+    # NUL"), and the user id reached a query before any check (the submit's backlog count too).
+    with api.client(api.key(keys.ADMIN)) as http:
+        answer = http.request(method, path, **options)  # type: ignore[arg-type]
+    body = _is_problem(answer, 422, "invalid-request")
+    assert body["errors"]
+    with session_scope(api.engine) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Generation)) == 0
+
+
+def test_an_unexpected_failure_is_a_500_problem_and_the_connection_lives_on(
+    engine: sa.Engine,
+) -> None:
+    # Starlette's outermost handler answered the 500 and then re-raised, so the server dropped
+    # the connection: the client's next request on it failed with a reset.
+    app = create_app(engine, prices=load_pricing())
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    with start_server(app) as handle, Api(handle.url, engine).client() as http:
+        _is_problem(http.get("/broken"), 500, "internal-error")
+        assert http.get("/healthz").json() == {"status": "ok"}

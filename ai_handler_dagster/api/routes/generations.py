@@ -39,7 +39,13 @@ from ai_handler_dagster.api import deps, keys
 from ai_handler_dagster.api.problems import INVALID_REQUEST, NOT_FOUND, Problem, problem_type
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, utcnow
-from ai_handler_dagster.domain import MAX_PRIORITY, MIN_PRIORITY, GenerationStatus
+from ai_handler_dagster.domain import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    GenerationStatus,
+    InvalidText,
+    check_identifier,
+)
 from ai_handler_dagster.pricing import PriceBook
 from ai_handler_dagster.storage.objects import StoredObject
 from ai_handler_dagster.storage.s3 import S3OutputStore
@@ -188,6 +194,13 @@ class GenerationPage(BaseModel):
 # --- refusals -----------------------------------------------------------------------------------
 
 
+def _check_identifier(field: str, value: str) -> None:
+    try:
+        check_identifier(value, field, error=InvalidText)
+    except InvalidText as exc:
+        raise _invalid(field, str(exc).removeprefix(f"{field} ")) from None
+
+
 def _invalid(field: str, message: str) -> Problem:
     return Problem(
         INVALID_REQUEST, f"{field}: {message}", errors=[{"field": field, "message": message}]
@@ -309,8 +322,10 @@ def submit_generation(
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
     try:
         with session_scope(engine) as session:
-            # A replay writes nothing, so the backlog does not refuse it.
+            # A replay writes nothing, so the backlog does not refuse it. The user id is
+            # checked first: it goes into the backlog's query.
             if request_id is None or _generation_of(session, request_id) is None:
+                _check_identifier("user", body.user)
                 _check_backlog(session, body.user)
             inserted = _inserted_here(session)
             row = gens.submit(
