@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -103,6 +104,10 @@ def serve(
             write_port_file(port_file, sock.getsockname()[1])
         log.info("API listening on %s with %d worker(s)", display_url(sock), workers)
         config = _config(APP_FACTORY, workers=workers, log_level=log_level)
+        # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again to the handler it
+        # found: with these, a stop asked for by signal ends here and the command exits 0.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         if workers > 1:
             Multiprocess(config, sockets=[sock]).run()
         else:
