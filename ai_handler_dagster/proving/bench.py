@@ -588,6 +588,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rate_burst is not None and args.rate_limit is None:
         sys.stderr.write("error: --rate-burst needs --rate-limit\n")
         return 2
+    if args.api_load:
+        from ai_handler_dagster.proving import api_load
+
+        report = api_load.run_load(
+            api_load.LoadConfig(
+                pg_admin_url=args.pg_url,
+                count=args.count,
+                clients=args.clients,
+                users=args.users,
+                api_workers=args.api_workers,
+                health_count=args.health_count,
+                rate=args.rate,
+                progress=not args.quiet,
+            )
+        )
+        api_load.print_report(report)
+        return 0 if api_load.ok(report) else 1
     base = BenchConfig(
         count=args.count,
         latency=args.latency,
@@ -670,6 +687,24 @@ def register(sub: Any) -> None:
         help="with --rate-limit: creates let through at once (default: a minute's worth)",
     )
     p.add_argument("--no-webhooks", action="store_true", help="poll only (no webhooks asked for)")
+    load = p.add_argument_group(
+        "the HTTP API's load (--api-load)",
+        "submits a second and their latency through ai-handler serve on PostgreSQL, against "
+        "the same server's GET /healthz; --count submits",
+    )
+    load.add_argument("--api-load", action="store_true", help="run the API load instead")
+    load.add_argument("--clients", type=int, default=32, help="requests in flight (default 32)")
+    load.add_argument("--users", type=int, default=100, help="users spread over (default 100)")
+    load.add_argument("--api-workers", type=int, default=2, help="serve --workers (default 2)")
+    load.add_argument(
+        "--health-count", type=int, default=3000, help="GET /healthz requests (default 3000)"
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="requests a second, open loop (default: as fast as --clients allow)",
+    )
     p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")
