@@ -3,13 +3,14 @@
 
 Both bind the listening socket themselves before uvicorn starts, so port 0 picks a free port
 whose number is known (and written to ``port_file``) before the first request can arrive.
-Limits against slow or greedy clients: ``limit_concurrency`` connections per worker (503
-beyond), a keep-alive timeout, h11's limit on an incomplete request head, and the body limits of
-``limits.py``.
+Limits against slow or greedy clients: a deadline for each request head (:class:`HeadDeadline`)
+and for its body (``limits.py``), at most ``LIMIT_CONCURRENCY`` connections per worker (503
+beyond), a keep-alive timeout between requests, and the body size limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
+
+from ai_handler_dagster import settings
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,70 @@ APP_FACTORY = "ai_handler_dagster.api.app:create_app"
 LIMIT_CONCURRENCY = 1000
 #: Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_S = 5
-#: Bytes of a request head h11 buffers before refusing it.
+#: Bytes of a request head buffered before the connection is closed.
 MAX_HEAD_BYTES = 64 * 1024
 #: The environment variable prometheus-client's multiprocess mode reads.
 METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class HeadDeadline(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for each request head.
+
+    uvicorn times out an idle keep-alive connection only after a response, so a client that
+    connects and sends its head a byte at a time (or never) holds a connection for ever, and a
+    thousand of them take every connection a worker allows (``LIMIT_CONCURRENCY``). Here a
+    connection whose request head is not complete ``AI_HANDLER_API_BODY_TIMEOUT_S`` after it
+    opened, or after the request's first byte, is closed; the body's own deadline is
+    ``limits.BodyLimits``'. A head growing past ``MAX_HEAD_BYTES`` is not buffered further: the
+    connection is closed.
+    """
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(settings.api_body_timeout_s(), self._late)
+
+    def _disarm(self) -> None:
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            # Bytes already received without a complete head (one read is bounded by the
+            # transport): past the limit the connection is closed, nothing more is buffered.
+            if self._head_bytes > MAX_HEAD_BYTES:
+                log.info("closed a connection whose request head is over %d bytes", MAX_HEAD_BYTES)
+                self._disarm()
+                self.transport.close()
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def _late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.info("closed a connection whose request head did not arrive in time")
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -62,12 +126,12 @@ def _config(app: str | FastAPI, *, workers: int, log_level: str) -> uvicorn.Conf
     return uvicorn.Config(
         app,
         factory=isinstance(app, str),
+        http=HeadDeadline,
         workers=workers,
         log_level=log_level.lower(),
         access_log=False,
         limit_concurrency=LIMIT_CONCURRENCY,
         timeout_keep_alive=KEEP_ALIVE_S,
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         server_header=False,
         lifespan="on",
     )

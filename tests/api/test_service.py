@@ -285,6 +285,19 @@ def test_a_nul_in_a_user_id_is_refused_not_a_server_error(
         assert session.scalar(sa.select(sa.func.count()).select_from(Generation)) == 0
 
 
+def test_a_ledger_cursor_past_64_bits_is_refused_not_a_server_error(api: Api) -> None:
+    # SQLite cannot bind an integer over 64 bits: the decoded cursor answered 500 there.
+    import base64
+
+    with session_scope(api.engine) as session:
+        ledger.grant(session, "ann", 5, "g1")
+    for digits in ("9" * 19, "9" * 40, "0"):
+        cursor = base64.urlsafe_b64encode(f"le:{digits}".encode()).decode().rstrip("=")
+        with api.client(api.key(keys.READ)) as http:
+            answer = http.get("/v1/users/ann/ledger", params={"cursor": cursor})
+        _is_problem(answer, 422, "invalid-request")
+
+
 def test_an_unexpected_failure_is_a_500_problem_and_the_connection_lives_on(
     engine: sa.Engine,
 ) -> None:
@@ -299,3 +312,42 @@ def test_an_unexpected_failure_is_a_500_problem_and_the_connection_lives_on(
     with start_server(app) as handle, Api(handle.url, engine).client() as http:
         _is_problem(http.get("/broken"), 500, "internal-error")
         assert http.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_request_head_that_never_completes_is_cut_off(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn's keep-alive timeout starts only after a response: a client that opened
+    # connections and sent half a head held them for ever, and a thousand of them took every
+    # connection a worker allows (its next clients got 503).
+    monkeypatch.setenv("AI_HANDLER_API_BODY_TIMEOUT_S", "1")
+    with start_server(create_app(engine, prices=load_pricing())) as handle:
+        host, port = handle.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: unfinished
+            started = time.monotonic()
+            assert sock.recv(1024) == b""  # the server closed it
+            assert time.monotonic() - started < 5
+        with Api(handle.url, engine).client() as http:
+            assert http.get("/healthz").status_code == 200
+
+
+def test_a_request_head_past_its_limit_is_not_buffered(engine: sa.Engine) -> None:
+    from ai_handler_dagster.api.server import MAX_HEAD_BYTES
+
+    with start_server(create_app(engine, prices=load_pricing())) as handle:
+        host, port = handle.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            closed = False
+            try:
+                for _ in range(4 * MAX_HEAD_BYTES // 4096):
+                    sock.sendall(b"X-Pad: " + b"p" * 4089 + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if not closed:
+                try:
+                    closed = sock.recv(1024) == b""
+                except ConnectionResetError:
+                    closed = True  # closed with unread data: the peer sees a reset
+        assert closed
