@@ -123,9 +123,9 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     },
     "additionalProperties": True,
 }
-#: Answers any route may give (the body limits, an unexpected failure) and, for routes that take
-#: a key, the key's refusals.
-_EVERY_ROUTE = {413: BODY_TOO_LARGE, 408: REQUEST_TIMEOUT, 500: INTERNAL}
+#: Answers any route may give (the body limits, a NUL or control character in the path or query,
+#: an unexpected failure) and, for routes that take a key, the key's refusals.
+_EVERY_ROUTE = {413: BODY_TOO_LARGE, 408: REQUEST_TIMEOUT, 422: INVALID_REQUEST, 500: INTERNAL}
 _WITH_A_KEY = {401: UNAUTHORIZED, 403: FORBIDDEN_SCOPE, 429: RATE_LIMITED}
 
 
@@ -148,8 +148,6 @@ def _with_problems(document: dict[str, Any]) -> dict[str, Any]:
             extra = dict(_EVERY_ROUTE)
             if operation.get("security"):
                 extra.update(_WITH_A_KEY)
-            if operation.get("parameters") or operation.get("requestBody"):
-                extra[422] = INVALID_REQUEST
             for status, kind in extra.items():
                 responses.setdefault(str(status), {"description": kind.title})
             for status, response in responses.items():

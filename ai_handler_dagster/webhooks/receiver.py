@@ -94,6 +94,10 @@ def parse_prediction(body: bytes) -> dict[str, Any]:
     """
     try:
         data = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        # A signed body can still be nested deeper than the decoder recurses: a bad body (400),
+        # not a failure of ours that Replicate would retry for ever.
+        raise ValueError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):

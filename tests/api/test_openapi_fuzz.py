@@ -24,7 +24,7 @@ from tests.support.db import emptied, migrated_database
 from tests.support.webhooks import SECRET
 
 
-@pytest.fixture(scope="module", params=["postgres"])
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
     with migrated_database(request) as url:
         yield url

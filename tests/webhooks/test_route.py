@@ -278,3 +278,13 @@ def test_300_deliveries_from_8_threads_are_all_recorded(
     # Far below the hundreds a second it manages; only a pathological slowdown trips this.
     assert elapsed < 20, f"300 deliveries took {elapsed:.1f}s"
     print(f"{engine.dialect.name}: 300 deliveries in {elapsed:.2f}s ({300 / elapsed:.0f}/s)")
+
+
+def test_a_signed_body_nested_too_deeply_is_400_not_500(api: Api, engine: sa.Engine) -> None:
+    # json.loads raises RecursionError, which is no ValueError: it escaped as a 500, and
+    # Replicate would have retried the delivery for ever.
+    raw = b'{"id": "p1", "status": "succeeded", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    headers, body = signed(raw, msg_id="msg_deep")
+    with api.client() as http:
+        _problem(http.post(WEBHOOK_PATH, content=body, headers=headers), 400, "webhook-malformed")
+    assert table_rows(engine) == ([], [])

@@ -145,7 +145,13 @@ def _decode_cursor(cursor: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
     number = text.removeprefix(_CURSOR_PREFIX)
-    if not text.startswith(_CURSOR_PREFIX) or not number.isascii() or not number.isdigit():
+    # An id past a 64-bit integer is no cursor of ours (and SQLite cannot even bind it).
+    if (
+        not text.startswith(_CURSOR_PREFIX)
+        or not number.isascii()
+        or not number.isdigit()
+        or not 1 <= int(number) < 2**63
+    ):
         raise Problem(
             INVALID_REQUEST,
             "cursor: not a cursor this service gave out",
