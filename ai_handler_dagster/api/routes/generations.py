@@ -13,7 +13,7 @@ requests racing past it at the same moment can each be accepted, so the backlog 
 the number of concurrent submits. Rows applications insert with SQL are not limited by it.
 
 ``Idempotency-Key`` (optional) is stored as the generation's ``request_id``, namespaced by the
-calling key (``key:<key id>:<Idempotency-Key>``): two applications cannot collide, and the
+calling key (``key:<key id>:<Idempotency-Key>``): two API keys cannot collide, and the
 unique index on ``request_id`` makes concurrent repeats safe (``submit`` returns the winner's
 row or refuses another body). It lasts as long as the generation row, which is never deleted.
 """
