@@ -174,6 +174,17 @@ def create_app(
         if owned:
             app.state.engine.dispose()
 
+    # Every setting the routes read, read once now: a bad value stops the worker at start with
+    # its message, instead of answering every request 500.
+    for setting in (
+        settings.api_rate_per_minute,
+        settings.api_max_body_bytes,
+        settings.api_body_timeout_s,
+        settings.api_max_backlog_per_user,
+        settings.api_max_backlog,
+        settings.api_output_link_ttl_s,
+    ):
+        setting()
     owned = engine is None
     app = FastAPI(
         title="ai_handler_dagster",

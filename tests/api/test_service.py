@@ -351,3 +351,14 @@ def test_a_request_head_past_its_limit_is_not_buffered(engine: sa.Engine) -> Non
                 except ConnectionResetError:
                     closed = True  # closed with unread data: the peer sees a reset
         assert closed
+
+
+def test_a_bad_setting_stops_the_app_at_start(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backlog limit out of range made every submit answer 500 while the service looked up.
+    from ai_handler_dagster.settings import ConfigError
+
+    monkeypatch.setenv("AI_HANDLER_API_MAX_BACKLOG_PER_USER", str(10**9))
+    with pytest.raises(ConfigError, match="AI_HANDLER_API_MAX_BACKLOG_PER_USER"):
+        create_app(engine, prices=load_pricing())
