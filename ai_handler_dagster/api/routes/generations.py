@@ -24,6 +24,7 @@ import base64
 import binascii
 import logging
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -57,6 +58,8 @@ router = APIRouter(prefix="/v1", tags=["generations"])
 MAX_ID = 2**63 - 1
 #: Letters, digits and ``. _ : ~ -``, so that ``key:<key id>:<it>`` fits ``request_id`` (255).
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:~-]{1,200}$"
+#: Seconds a worker's reading of everyone's backlog stays good (``_GlobalBacklog``).
+GLOBAL_BACKLOG_TTL_S = 1.0
 #: What a backlog refusal asks the client to wait: about a few sensor ticks' worth of claims.
 BACKLOG_RETRY_AFTER_S = 10
 #: Statuses of a generation waiting for its run (what the backlog limit counts).
@@ -252,9 +255,51 @@ def _check_backlog(session: Session, user: str) -> None:
     )
     if _capped_count(session, mine, per_user) >= per_user:
         raise _backlog_full("user", f"user {user!r} has {per_user} generations waiting", per_user)
-    everyone = sa.select(Generation.id).where(Generation.status.in_(WAITING))
-    if _capped_count(session, everyone, total) >= total:
+    if _GLOBAL.waiting(session, total) >= total:
         raise _backlog_full("global", f"{total} generations are waiting", total)
+
+
+class _GlobalBacklog:
+    """Everyone's waiting generations, as this worker estimates them.
+
+    Counting them for every submit reads up to the limit's worth of index entries (10,000 by
+    default) per request, which under load costs more than the submit itself. So the count is
+    read at most every ``GLOBAL_BACKLOG_TTL_S`` and, between reads, the worker adds what it
+    accepted itself; an estimate at or over the limit is read again before anything is refused.
+    Submits of other workers and rows inserted with SQL are seen at the next read: the limit is
+    soft by that much, as it is for racing submits anyway.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: dict[str, tuple[int, float]] = {}
+        self._accepted: dict[str, int] = {}
+
+    @staticmethod
+    def _key(session: Session) -> str:
+        return session.get_bind().engine.url.render_as_string(hide_password=True)
+
+    def waiting(self, session: Session, limit: int) -> int:
+        key, now = self._key(session), time.monotonic()
+        with self._lock:
+            read = self._read.get(key)
+            if read is not None and now - read[1] < GLOBAL_BACKLOG_TTL_S:
+                estimate = read[0] + self._accepted.get(key, 0)
+                if estimate < limit:
+                    return estimate
+        everyone = sa.select(Generation.id).where(Generation.status.in_(WAITING))
+        count = _capped_count(session, everyone, limit)
+        with self._lock:
+            self._read[key], self._accepted[key] = (count, now), 0
+        return count
+
+    def accepted(self, session: Session) -> None:
+        key = self._key(session)
+        with self._lock:
+            self._accepted[key] = self._accepted.get(key, 0) + 1
+
+
+_GLOBAL = _GlobalBacklog()
 
 
 def _backlog_full(scope: str, why: str, limit: int) -> Problem:
@@ -340,6 +385,8 @@ def submit_generation(
             )
             answer = Accepted(id=row.id, status=GenerationStatus(row.status), links=_links(row.id))
             replayed = row.id not in inserted
+            if not replayed:
+                _GLOBAL.accepted(session)
     except gens.RequestConflict:
         assert request_id is not None  # a conflict needs a request id
         with session_scope(engine) as session:
