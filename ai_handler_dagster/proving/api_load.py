@@ -190,8 +190,8 @@ def _start_server(url: str, workers: int, folder: Path) -> tuple[subprocess.Pope
         "AI_HANDLER_DATABASE_URL": url,
         # The load is the point: neither the key's rate nor a backlog limit may refuse it.
         "AI_HANDLER_API_RATE_PER_MIN": str(10**7),
-        "AI_HANDLER_API_MAX_BACKLOG": str(10**9),
-        "AI_HANDLER_API_MAX_BACKLOG_PER_USER": str(10**9),
+        "AI_HANDLER_API_MAX_BACKLOG": str(10**6),
+        "AI_HANDLER_API_MAX_BACKLOG_PER_USER": str(10**6),
     }
     log = (folder / "serve.log").open("wb")
     process = subprocess.Popen(
