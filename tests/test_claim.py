@@ -279,6 +279,9 @@ CLAIM_INDEXES = {
     "ix_generations_status_priority_user_id_id",
     "ix_generations_status_pending_since_id",
     "ix_generations_status_id",
+    # /metrics's index (migration 0010) also leads with status: the planner may read the
+    # in-flight rows (queued, running) through it, as many entries as through status_id.
+    "ix_generations_status_error_code",
     "pk_generations",
 }
 
