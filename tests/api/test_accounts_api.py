@@ -11,7 +11,6 @@ amount, reason, key, user) writes no account and no entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,27 +23,10 @@ from ai_handler_dagster.api import keys
 from ai_handler_dagster.api.routes.accounts import MAX_PAGE, page_query
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Account, LedgerEntry, utcnow
-from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database, race
+from tests.support.api import Api
+from tests.support.db import race
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> sa.Engine:
-    return emptied(db_url)
-
-
-@pytest.fixture
-def api(engine: sa.Engine) -> Iterator[Api]:
-    with running_api(engine) as running:
-        yield running
 
 
 def _problem(answer: httpx.Response, status: int, slug: str) -> dict[str, Any]:

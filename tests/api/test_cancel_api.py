@@ -33,7 +33,6 @@ from ai_handler_dagster.devstack.emulator import (
 from ai_handler_dagster.pricing import PriceBook, load_pricing
 from ai_handler_dagster.replicate.client import ReplicateClient, ReplicateSettings
 from tests.support.api import Api
-from tests.support.db import emptied, migrated_database
 
 PROBLEM = "application/problem+json"
 SKETCH = "demo/pixel-sketch"
@@ -44,17 +43,6 @@ OUTPUT = {
     "sha256": "ab" * 32,
     "content_type": "image/png",
 }
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> sa.Engine:
-    return emptied(db_url)
 
 
 @pytest.fixture(scope="module")

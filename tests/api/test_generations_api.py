@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,28 +28,11 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, GenerationEvent, Hold, LedgerEntry
 from ai_handler_dagster.devstack.s3 import start_local_s3
 from ai_handler_dagster.pricing import load_pricing
-from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database, race
+from tests.support.api import Api
+from tests.support.db import race
 
 PROBLEM = "application/problem+json"
 IMAGE = "demo/pixel-sketch"  # 5 credits per output, num_outputs 1..4 (default 1)
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> sa.Engine:
-    return emptied(db_url)
-
-
-@pytest.fixture
-def api(engine: sa.Engine) -> Iterator[Api]:
-    with running_api(engine) as running:
-        yield running
 
 
 def _grant(engine: sa.Engine, user: str, amount: int) -> None:

@@ -40,30 +40,12 @@ from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Account, Generation, utcnow
 from ai_handler_dagster.domain import GenerationStatus
 from ai_handler_dagster.pricing import load_pricing
-from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database
+from tests.support.api import Api
 
 #: A metric registered the way any other module of the service would register its own.
 WIDGETS = Counter("ai_handler_test_widgets_total", "Widgets this test made", ["outcome"])
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> sa.Engine:
-    return emptied(db_url)
-
-
-@pytest.fixture
-def api(engine: sa.Engine) -> Iterator[Api]:
-    with running_api(engine) as running:
-        yield running
 
 
 def _samples(text: str) -> Samples:

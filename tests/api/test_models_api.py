@@ -21,7 +21,7 @@ from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, GenerationEvent, Hold, LedgerEntry
 from ai_handler_dagster.pricing import parse_pricing
 from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database
+from tests.support.db import emptied
 
 PROBLEM = "application/problem+json"
 
@@ -53,12 +53,6 @@ max_input_tokens = 300
 [models."deployment:acme/private"]
 credits = 4
 """
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
 
 
 @pytest.fixture

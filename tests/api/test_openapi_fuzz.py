@@ -20,14 +20,8 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.api import keys
 from ai_handler_dagster.db.engine import session_scope
 from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database
+from tests.support.db import emptied
 from tests.support.webhooks import SECRET
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

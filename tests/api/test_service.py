@@ -26,27 +26,9 @@ from ai_handler_dagster.api.server import start_server
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import ApiRequestCount, Generation, GenerationEvent
 from ai_handler_dagster.pricing import load_pricing
-from tests.support.api import Api, running_api
-from tests.support.db import emptied, migrated_database
+from tests.support.api import Api
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    with migrated_database(request) as url:
-        yield url
-
-
-@pytest.fixture
-def engine(db_url: str) -> sa.Engine:
-    return emptied(db_url)
-
-
-@pytest.fixture
-def api(engine: sa.Engine) -> Iterator[Api]:
-    with running_api(engine) as running:
-        yield running
 
 
 def test_health_and_readiness_need_no_key(api: Api) -> None:
