@@ -2,7 +2,7 @@
 
 The service runs as production runs it: ``ai-handler serve`` with ``--api-workers`` processes
 on a scratch PostgreSQL database, the shipped price table, one key. A load generator (asyncio
-and httpx, in this process, so it shares the machine with the server) keeps at most
+and aiohttp, in this process, so it shares the machine with the server) keeps at most
 ``--clients`` requests in flight, sending as fast as they are answered or, with ``--rate R``,
 R requests a second (open loop: latency counts from when a request was due):
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import sqlalchemy as sa
 
@@ -106,19 +107,21 @@ async def _drive(
     latencies: list[float] = []
     ids: list[int] = []
     next_index = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(
-        base_url=url, headers=headers, limits=limits, timeout=30
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(
+        url, headers=headers, connector=connector, timeout=timeout
     ) as client:
         began = time.perf_counter()
 
         async def one(index: int, due: float) -> None:
-            answer = await request(client, index)
+            async with request(client, index) as answer:
+                body = await answer.read()
             latencies.append(time.perf_counter() - due)
-            statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
-            if answer.status_code == 202:
-                ids.append(int(answer.json()["id"]))
+            statuses[answer.status] = statuses.get(answer.status, 0) + 1
+            if answer.status == 202:
+                ids.append(int(json.loads(body)["id"]))
 
         async def worker() -> None:
             nonlocal next_index
@@ -139,12 +142,12 @@ async def _drive(
     return Phase(name, statuses, wall, latencies, ids)
 
 
-def _health(client: httpx.AsyncClient, _index: int) -> Any:
+def _health(client: aiohttp.ClientSession, _index: int) -> Any:
     return client.get("/healthz")
 
 
 def _submitter(users: int) -> Any:
-    def submit(client: httpx.AsyncClient, index: int) -> Any:
+    def submit(client: aiohttp.ClientSession, index: int) -> Any:
         body = {"user": f"load-{index % users:03d}", "model": MODEL, "input": INPUT}
         return client.post("/v1/generations", json=body)
 
