@@ -131,9 +131,10 @@ def priority_aging_s() -> int:
 
 
 def db_pool_max() -> int:
-    """Most connections one process opens to the app database (``AI_HANDLER_DB_POOL_MAX``,
-    default 16). Every run worker, sensor process and CLI has its own pool, so this times the
-    number of processes must stay under the server's ``max_connections``."""
+    """Most connections one pool opens to the app database (``AI_HANDLER_DB_POOL_MAX``,
+    default 16). Every run worker, sensor process and CLI has its own pool and an API worker
+    two (the second for its key checks), so this times the number of pools must stay under the
+    server's ``max_connections``."""
     return _int_setting("AI_HANDLER_DB_POOL_MAX", 16)
 
 

@@ -39,7 +39,7 @@ from ai_handler_dagster.api.problems import (
     Problem,
     ProblemType,
 )
-from ai_handler_dagster.db.engine import make_engine
+from ai_handler_dagster.db.engine import make_counter_engine, make_engine
 from ai_handler_dagster.pricing import PriceBook, load_pricing
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if app.state.counter_engine is not app.state.engine:
+            app.state.counter_engine.dispose()
         if owned:
             app.state.engine.dispose()
 
@@ -193,6 +195,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine = engine if engine is not None else make_engine(settings.database_url())
+    # Keys are checked and requests counted on their own connections (deps.require).
+    app.state.counter_engine = make_counter_engine(app.state.engine)
     app.state.prices = prices if prices is not None else load_pricing()
     # Innermost: an unexpected failure is answered here; the middlewares around it see a 500.
     app.add_middleware(CatchAll)

@@ -1,9 +1,10 @@
 """What routes depend on: the app's database engine and price book, and the calling key.
 
 ``require(scope)`` is the dependency of every authenticated route: it reads the bearer key,
-checks it and its scope, and counts the request against the key's per-minute limit, all in one
-short transaction. Missing, malformed, unknown or revoked keys are 401; a key without the scope
-403; over its limit 429 with ``Retry-After``.
+checks it, counts the request against the key's per-minute limit (one statement on
+PostgreSQL, ``ratelimit.admit``) and checks its scope. Missing, malformed, unknown or revoked
+keys are 401; a key without the scope 403 (the request counts); over its limit 429 with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,27 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ai_handler_dagster import settings
 from ai_handler_dagster.api import keys, ratelimit
 from ai_handler_dagster.api.problems import FORBIDDEN_SCOPE, RATE_LIMITED, UNAUTHORIZED, Problem
-from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.pricing import PriceBook
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer aih_...`")
 
 
-def engine(request: Request) -> sa.Engine:
+def engine_of(request: Request) -> sa.Engine:
     """The app database's engine (one per worker)."""
     value: sa.Engine = request.app.state.engine
     return value
 
 
-def prices(request: Request) -> PriceBook:
+# The dependencies are coroutines although they do no I/O: FastAPI runs a plain function
+# dependency in its thread pool, a thread hop per request for reading an attribute.
+
+
+async def engine(request: Request) -> sa.Engine:
+    """The app database's engine (one per worker)."""
+    return engine_of(request)
+
+
+async def prices(request: Request) -> PriceBook:
     """The price book the worker loaded at start."""
     value: PriceBook = request.app.state.prices
     return value
@@ -50,18 +59,25 @@ def require(scope: str, *, any_scope: bool = False) -> Callable[..., keys.Caller
             raise Problem(
                 UNAUTHORIZED, "no API key: send 'Authorization: Bearer <key>'", headers=challenge
             )
-        with session_scope(engine(request)) as session:
-            found = keys.authenticate(session, credentials.credentials)
-            if found is None:
-                raise Problem(UNAUTHORIZED, "the API key is unknown or revoked", headers=challenge)
-            if not any_scope and not found.has(scope):
-                raise Problem(
-                    FORBIDDEN_SCOPE,
-                    f"the key {found.key_id} lacks the '{scope}' scope",
-                    required_scope=scope,
-                )
-            limit = found.rate_per_minute or settings.api_rate_per_minute()
-            verdict = ratelimit.count_request(session, found.key_id, limit)
+        # On the counter engine: the key's row and its count are read and written in one
+        # autocommit statement on PostgreSQL, so the key's counter row, which all its requests
+        # update, stays locked only while that statement runs.
+        counter: sa.Engine = request.app.state.counter_engine
+        with counter.connect() as connection:
+            admission = ratelimit.admit(
+                connection, credentials.credentials, default_limit=settings.api_rate_per_minute()
+            )
+            connection.commit()  # SQLite's transaction; nothing to do in autocommit
+        found, verdict = admission.caller, admission.verdict
+        if found is None or verdict is None:
+            raise Problem(UNAUTHORIZED, "the API key is unknown or revoked", headers=challenge)
+        if not any_scope and not found.has(scope):
+            raise Problem(
+                FORBIDDEN_SCOPE,
+                f"the key {found.key_id} lacks the '{scope}' scope",
+                required_scope=scope,
+            )
+        limit = verdict.limit
         if not verdict.allowed:
             raise Problem(
                 RATE_LIMITED,

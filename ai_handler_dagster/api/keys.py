@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -148,14 +149,33 @@ def revoke(session: Session, key_id: str) -> KeyInfo:
     return _info(row)
 
 
-def authenticate(session: Session, presented: str) -> Caller | None:
-    """The caller a presented key belongs to, or None if it is malformed, unknown or revoked.
-    One primary-key read; the comparison of hashes is constant-time."""
+#: The columns a request's key check reads: one primary-key lookup, built once.
+CALLER_COLUMNS = (
+    ApiKey.key_id,
+    ApiKey.secret_sha256,
+    ApiKey.name,
+    ApiKey.scopes,
+    ApiKey.max_priority,
+    ApiKey.rate_per_minute,
+    ApiKey.revoked_at,
+)
+_CALLER = sa.select(*CALLER_COLUMNS).where(ApiKey.key_id == sa.bindparam("key_id"))
+
+
+def parse(presented: str) -> tuple[str, str] | None:
+    """A presented key's id and secret, or None if it is not shaped like a key."""
     match = _KEY.fullmatch(presented.strip())
-    if match is None:
-        return None
-    key_id, secret = match.groups()
-    row = session.get(ApiKey, key_id)
+    return None if match is None else (match.group(1), match.group(2))
+
+
+def digest(secret: str) -> str:
+    """What is stored of a secret (its SHA-256, hex)."""
+    return _hash(secret)
+
+
+def caller_of(row: Any, secret: str) -> Caller | None:
+    """The caller a key row (``CALLER_COLUMNS``) stands for if ``secret`` is its secret and it
+    is not revoked; None otherwise. The comparison of hashes is constant-time."""
     if row is None or row.revoked_at is not None:
         return None
     if not hmac.compare_digest(row.secret_sha256, _hash(secret)):
@@ -167,3 +187,13 @@ def authenticate(session: Session, presented: str) -> Caller | None:
         row.max_priority,
         row.rate_per_minute,
     )
+
+
+def authenticate(connection: sa.Connection | Session, presented: str) -> Caller | None:
+    """The caller a presented key belongs to, or None if it is malformed, unknown or revoked.
+    One primary-key read (a Core statement: every request pays it)."""
+    parsed = parse(presented)
+    if parsed is None:
+        return None
+    key_id, secret = parsed
+    return caller_of(connection.execute(_CALLER, {"key_id": key_id}).first(), secret)

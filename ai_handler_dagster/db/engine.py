@@ -86,6 +86,25 @@ def _create_engine(url: URL) -> Engine:
     return sa.create_engine(url, **kwargs)
 
 
+def make_counter_engine(engine: Engine) -> Engine:
+    """A second engine on ``engine``'s PostgreSQL database for bookkeeping that may lag: each
+    statement its own transaction (autocommit), and commits that do not wait for the disk
+    (``synchronous_commit=off``), so a crash can forget the last fraction of a second of what it
+    wrote. The HTTP API counts requests on it; nothing that moves credits or a generation may
+    use it. On SQLite it is ``engine`` itself (its writes need their transaction)."""
+    if engine.dialect.name == "sqlite":
+        return engine
+    return sa.create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c synchronous_commit=off"},
+        pool_pre_ping=True,
+        pool_size=min(POOL_SIZE, settings.db_pool_max()),
+        max_overflow=max(0, settings.db_pool_max() - POOL_SIZE),
+        pool_timeout=120,
+    )
+
+
 def _create_sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file::memory:")

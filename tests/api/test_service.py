@@ -23,7 +23,7 @@ from ai_handler_dagster import ledger
 from ai_handler_dagster.api import keys
 from ai_handler_dagster.api.app import create_app
 from ai_handler_dagster.api.server import start_server
-from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.db.engine import make_counter_engine, session_scope
 from ai_handler_dagster.db.models import ApiRequestCount, Generation, GenerationEvent
 from ai_handler_dagster.pricing import load_pricing
 from tests.support.api import Api
@@ -142,6 +142,60 @@ def test_the_limit_is_shared_by_every_server_on_the_database(engine: sa.Engine) 
     assert codes == [200, 200, 429]
     with session_scope(engine) as session:
         assert session.scalar(sa.select(sa.func.sum(ApiRequestCount.count))) == 3
+
+
+def _counted(engine: sa.Engine, key: str) -> int:
+    key_id = key.split("_")[1]
+    with session_scope(engine) as session:
+        total = session.scalar(
+            sa.select(sa.func.sum(ApiRequestCount.count)).where(ApiRequestCount.key_id == key_id)
+        )
+    return int(total or 0)
+
+
+def test_only_a_valid_keys_requests_spend_its_limit(api: Api) -> None:
+    # The count is taken in the statement that reads the key (ratelimit.admit): a request with
+    # the right id and a wrong secret must not count, or anyone who saw a key id in a log could
+    # exhaust the key's limit; a revoked key's requests do not count either. A request of a
+    # valid key that lacks the route's scope does count (it was made).
+    key = api.key(keys.READ, rate_per_minute=100)
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    with api.client(forged) as http:
+        for _ in range(3):
+            _is_problem(http.get("/v1/key"), 401, "unauthorized")
+    assert _counted(api.engine, key) == 0
+    with api.client(key) as http:
+        assert http.get("/v1/key").status_code == 200
+        answer = http.post(
+            "/v1/users/someone/grants", json={"amount": 1}, headers={"Idempotency-Key": "k"}
+        )
+        _is_problem(answer, 403, "forbidden-scope")
+    assert _counted(api.engine, key) == 2
+    with session_scope(api.engine) as session:
+        keys.revoke(session, key)
+    with api.client(key) as http:
+        _is_problem(http.get("/v1/key"), 401, "unauthorized")
+    assert _counted(api.engine, key) == 2
+
+
+def test_request_counts_commit_without_waiting_for_the_disk_and_money_does(
+    engine: sa.Engine,
+) -> None:
+    # The counter engine's commits may lag (a crash forgets the last counts); every other
+    # engine's, which move credits, must wait for the disk.
+    counter = make_counter_engine(engine)
+    if engine.dialect.name == "sqlite":
+        assert counter is engine
+        return
+    try:
+        with counter.connect() as connection:
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+            assert connection.connection.dbapi_connection.autocommit is True
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+            assert connection.connection.dbapi_connection.autocommit is False
+    finally:
+        counter.dispose()
 
 
 def test_unknown_routes_are_problems_and_problem_types_are_described(api: Api) -> None:

@@ -110,7 +110,7 @@ async def replicate_webhook(request: Request) -> Response:
     # The body is already in memory (limits.BodyLimits read it); the database work runs in the
     # threadpool like every other route's.
     body = await request.body()
-    answer = await run_in_threadpool(handle, deps.engine(request), request.headers, body, secret)
+    answer = await run_in_threadpool(handle, deps.engine_of(request), request.headers, body, secret)
     DELIVERIES.labels(outcome=answer.outcome).inc()
     if answer.status == 204:
         return Response(status_code=204)
