@@ -6,7 +6,8 @@ when its change committed. It is written by an ORM ``after_flush`` listener rath
 transition, so a new transition cannot forget it; every transition lives in ``generations.py``,
 which installs it when imported, so the listener is installed wherever a generation can change.
 Rows an application inserts with SQL (not through the ORM) get their first event when the
-request sensor claims them (``queued``).
+request sensor claims them (``queued``). ``generations.submission`` writes a new generation with
+Core statements, its ``pending`` event (``FIRST_EVENT``) among them.
 
 The HTTP API reads the log for a generation's history; streams resume from an event id.
 """
@@ -21,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from ai_handler_dagster.db.models import Generation, GenerationEvent, utcnow
+from ai_handler_dagster.domain import GenerationStatus
 
 
 def _changed(row: Generation) -> bool:
@@ -52,6 +54,17 @@ def _append_events(session: Session, _context: Any) -> None:
             for row in rows
         ],
     )
+
+
+#: A new generation's first event (``pending``), for ``generations.submission``, which writes the
+#: generation with Core statements (the listener sees only ORM flushes).
+FIRST_EVENT = sa.insert(GenerationEvent).values(
+    generation_id=sa.bindparam("event_generation_", type_=GenerationEvent.generation_id.type),
+    attempt=1,
+    status=GenerationStatus.PENDING,
+    error_code=None,
+    at=sa.bindparam("event_at_", type_=GenerationEvent.at.type),
+)
 
 
 def install() -> None:

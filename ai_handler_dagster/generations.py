@@ -23,6 +23,7 @@ request) is the same ending under the same lock, so it races each of them to one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,10 +36,18 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, defer, make_transient_to_detached
 
 from ai_handler_dagster import events, ledger, lifetimes, priorities
-from ai_handler_dagster.db.models import CreateAttempt, Generation, Hold, PredictionState, utcnow
+from ai_handler_dagster.db.engine import is_sqlite
+from ai_handler_dagster.db.models import (
+    Account,
+    CreateAttempt,
+    Generation,
+    Hold,
+    PredictionState,
+    utcnow,
+)
 from ai_handler_dagster.domain import (
     IN_FLIGHT,
     MAX_PRIORITY,
@@ -156,6 +165,14 @@ class RequestConflict(InvalidRequest):
     """The ``request_id`` was used before for a different request."""
 
 
+class TooManyWaiting(InvalidRequest):
+    """The user already has ``max_waiting`` generations waiting (pending or queued)."""
+
+    def __init__(self, user_id: str, limit: int) -> None:
+        super().__init__(f"user {user_id!r} has {limit} generations waiting", field=None)
+        self.limit = limit
+
+
 class UnknownGeneration(AiHandlerError, LookupError):
     """No generation has this id."""
 
@@ -174,6 +191,11 @@ class EmptyOutput(AiHandlerError):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+#: The statuses of a generation that waits for a run (``submission``'s ``max_waiting`` counts
+#: them; so do the HTTP API's backlog limits).
+WAITING = (GenerationStatus.PENDING, GenerationStatus.QUEUED)
 
 
 def hold_key(generation_id: int, attempt: int) -> str:
@@ -312,6 +334,15 @@ def _finish(
 # --- transitions ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Submission:
+    """What ``submission`` did: the generation, and whether this call created it (False: a
+    repeated ``request_id`` answered with the first request's row)."""
+
+    generation: Generation
+    created: bool
+
+
 def submit(
     session: Session,
     *,
@@ -323,7 +354,36 @@ def submit(
     hold_ttl: timedelta | None = None,
     priority: int | None = None,
     max_priority: int | None = None,
+    max_waiting: int | None = None,
 ) -> Generation:
+    """Create a pending generation, holding its price: ``submission``'s generation."""
+    return submission(
+        session,
+        user_id=user_id,
+        model=model,
+        input=input,
+        request_id=request_id,
+        prices=prices,
+        hold_ttl=hold_ttl,
+        priority=priority,
+        max_priority=max_priority,
+        max_waiting=max_waiting,
+    ).generation
+
+
+def submission(
+    session: Session,
+    *,
+    user_id: str,
+    model: str,
+    input: dict[str, Any],
+    request_id: str | None = None,
+    prices: PriceBook,
+    hold_ttl: timedelta | None = None,
+    priority: int | None = None,
+    max_priority: int | None = None,
+    max_waiting: int | None = None,
+) -> Submission:
     """Create a pending generation, holding its price, after validating the request.
 
     Refuses with ``InvalidRequest`` (nothing written) an unknown user, a malformed or unpriced
@@ -338,11 +398,19 @@ def submit(
     A row an application inserts directly is held there instead.
 
     ``max_priority`` caps the priority further (the calling API key's limit): a request above
-    it is refused, and one naming none runs at the lower of the two ceilings.
+    it is refused, and one naming none runs at the lower of the two ceilings. With
+    ``max_waiting`` a user who already has that many generations waiting is refused
+    (``TooManyWaiting``). It is a load limit, not money: counted in the statement that locks
+    the account, it sees what had committed when that statement began, so submits of one user
+    that race each other can pass it by as many as race.
+
+    On PostgreSQL a new generation costs three statements: the account locked together with
+    what the checks read and the new ids, then every write (generation, hold, entry, account,
+    event) as one statement.
 
     Each refusal is an ``InvalidRequest`` with ``field`` set where one part is at fault; the
     subclasses ``UnknownUser``, ``UnknownModel``, ``PriorityNotAllowed``, ``RequestConflict``
-    and ``CannotAfford`` say why a well-formed request was refused.
+    ``TooManyWaiting`` and ``CannotAfford`` say why a well-formed request was refused.
     """
     user_id = _text(user_id, "user_id")
     if not isinstance(model, str):
@@ -370,7 +438,7 @@ def submit(
             sa.select(Generation).where(Generation.request_id == request_id)
         ).first()
         if existing is not None:
-            return _same_request(existing, user_id, model, payload, priority)
+            return Submission(_same_request(existing, user_id, model, payload, priority), False)
     try:
         price = prices.price_for(model)
     except UnpricedModel as exc:
@@ -379,50 +447,76 @@ def submit(
     if problem is not None:
         raise InvalidRequest(problem, field="input")
     needed = price.hold_amount(payload)
-    try:
-        balance = ledger.balance(session, user_id)
-    except ledger.UnknownAccount:
+    if max_waiting is not None and (isinstance(max_waiting, bool) or max_waiting < 1):
+        raise ValueError(f"max_waiting must be a positive whole number, got {max_waiting!r}")
+    dialect = "sqlite" if is_sqlite(session) else "postgresql"
+    session.flush()  # what a query through the session would do first (autoflush)
+    connection = session.connection()
+    # Locked now, so what is available cannot change before the hold is placed.
+    found = connection.execute(
+        _LOCK_FOR_SUBMIT[dialect], {"user_id": user_id, "waiting_cap": max_waiting or 0}
+    ).first()
+    if found is None:
         raise UnknownUser(
             f"unknown user {user_id!r}: the user has no credit account (grant credits first)",
             field="user_id",
-        ) from None
+        )
+    account = ledger.LockedAccount(found.id, user_id, found.balance, found.held)
     if max_priority is not None and priority is not None and priority > max_priority:
         raise PriorityNotAllowed(
             f"priority {priority} is above the highest this caller may ask for ({max_priority})",
             field="priority",
         )
     try:
-        granted = priorities.resolve(session, user_id, priority)
+        granted = priorities.resolve_under(priorities.ceiling_of(found.ceiling), user_id, priority)
     except priorities.PriorityRefused as exc:
         raise PriorityNotAllowed(str(exc), field="priority") from None
     if max_priority is not None:
         granted = min(granted, max_priority)
-    if balance.available < needed:
-        raise CannotAfford(user_id, balance.available, needed)
+    if max_waiting is not None and found.waiting >= max_waiting:
+        raise TooManyWaiting(user_id, max_waiting)
+    if account.available < needed:
+        raise CannotAfford(user_id, account.available, needed)
 
-    row = Generation(
-        request_id=request_id,
-        user_id=user_id,
-        model=model,
-        input=payload,
-        status=GenerationStatus.PENDING,
-        attempt=1,
-        priority=granted,
-    )
+    now = utcnow()
     ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
+    generation_id, hold_id = int(found.generation_id), int(found.hold_id)
+    values = {
+        "request_id": request_id,
+        "user_id": user_id,
+        "model": model,
+        "input": payload,
+        "priority": granted,
+    }
+    params = {
+        **{f"new_{k}_": v for k, v in values.items()},
+        "new_id_": generation_id,
+        "new_at_": now,
+        **ledger.hold_params(
+            account,
+            hold_id,
+            needed,
+            hold_key(generation_id, 1),
+            generation_id=generation_id,
+            expires_at=now + ttl,
+            now=now,
+        ),
+        "event_generation_": generation_id,
+        "event_at_": now,
+    }
+    # Only a repeated request_id can meet a unique index here (the hold's key is made from the
+    # new id), so only then does a SAVEPOINT keep the caller's transaction usable after losing
+    # the race to a concurrent duplicate.
+    scope = session.begin_nested() if request_id is not None else contextlib.nullcontext()
     try:
-        # A SAVEPOINT, so a concurrent duplicate request_id (or a concurrent submit that took
-        # the credits) leaves the caller's transaction usable and nothing written.
-        with session.begin_nested():
-            session.add(row)
-            session.flush()
-            held = ledger.hold(
-                session, user_id, needed, hold_key(row.id, 1), generation_id=row.id, ttl=ttl
-            )
-            row.hold_id, row.amount_held = held.id, held.amount
-            session.flush()
-    except ledger.InsufficientCredits as exc:
-        raise CannotAfford(user_id, exc.available, exc.needed) from None
+        with scope:
+            # Asked for again: the session emits its SAVEPOINT when its connection is next used.
+            writer = session.connection()
+            if dialect == "postgresql":
+                writer.execute(_WRITE_SUBMISSION, params)
+            else:
+                for statement in _SUBMISSION_WRITES:
+                    writer.execute(statement, params)
     except IntegrityError:
         if request_id is None:
             raise
@@ -431,8 +525,108 @@ def submit(
         ).first()
         if winner is None:
             raise
-        return _same_request(winner, user_id, model, payload, priority)
-    return row
+        return Submission(_same_request(winner, user_id, model, payload, priority), False)
+    ledger.forget_account(session, account.id)
+    row = Generation(
+        id=generation_id,
+        **values,
+        status=GenerationStatus.PENDING,
+        attempt=1,
+        pending_since=now,
+        created_at=now,
+        updated_at=now,
+        hold_id=hold_id,
+        amount_held=needed,
+        amount_charged=0,
+        **dict.fromkeys(_NULL_AT_SUBMIT),
+    )
+    # Persistent without reading it back: every column is the value just written.
+    make_transient_to_detached(row)
+    session.add(row)
+    return Submission(row, True)
+
+
+def _lock_for_submit(dialect: str) -> sa.Executable:
+    """The user's account, locked, with what submit's checks read (the operator's priority
+    ceiling; the generations waiting, counted up to ``waiting_cap``) and the ids the new
+    generation and its hold will have: one round trip."""
+    waiting = sa.select(Generation.id).where(
+        # Through ix_generations_status_priority_user_id_id: naming every status and priority
+        # (as literals, so the statement compiles once) lets both databases seek (status,
+        # priority, user) directly rather than walk the user's history or every waiting row.
+        Generation.status.in_([sa.literal_column(f"'{s}'") for s in WAITING]),
+        Generation.priority.in_(
+            [sa.literal_column(str(p)) for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
+        ),
+        Generation.user_id == sa.bindparam("user_id"),
+    )
+    capped = waiting.limit(sa.bindparam("waiting_cap", type_=sa.Integer)).subquery()
+    return (
+        sa.select(
+            Account.id,
+            Account.balance,
+            Account.held,
+            priorities.LISTED_CEILING.label("ceiling"),
+            sa.select(sa.func.count()).select_from(capped).scalar_subquery().label("waiting"),
+            ledger.next_id(Generation, dialect).label("generation_id"),
+            ledger.next_id(Hold, dialect).label("hold_id"),
+        )
+        .where(Account.user_id == sa.bindparam("user_id"))
+        .with_for_update(of=Account)
+    )
+
+
+_LOCK_FOR_SUBMIT = {d: _lock_for_submit(d) for d in ("postgresql", "sqlite")}
+
+
+def _new(name: str) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"new_{name}_", type_=Generation.__table__.c[name].type)
+
+
+#: A submission's writes in an order every foreign key accepts one at a time (SQLite checks each
+#: statement): the hold, its entry and the account's ``held``; the generation; its first event.
+_SUBMISSION_WRITES: tuple[sa.Executable, ...] = (
+    *ledger.HOLD_WRITES,
+    sa.insert(Generation).values(
+        id=_new("id"),
+        request_id=_new("request_id"),
+        user_id=_new("user_id"),
+        model=_new("model"),
+        input=_new("input"),
+        status=GenerationStatus.PENDING,
+        attempt=1,
+        priority=_new("priority"),
+        pending_since=sa.bindparam("new_at_", type_=Generation.pending_since.type),
+        created_at=sa.bindparam("new_at_", type_=Generation.created_at.type),
+        updated_at=sa.bindparam("new_at_", type_=Generation.updated_at.type),
+        hold_id=sa.bindparam("hold_id_", type_=Generation.hold_id.type),
+        amount_held=sa.bindparam("hold_amount_", type_=Generation.amount_held.type),
+        amount_charged=0,
+    ),
+    events.FIRST_EVENT,
+)
+#: The same writes as one PostgreSQL statement (data-modifying CTEs; foreign keys are checked
+#: when the whole statement ends), so a submission's writes cost one round trip.
+_WRITE_SUBMISSION = sa.select(sa.literal(1)).add_cte(
+    *(statement.cte(f"write_{i}") for i, statement in enumerate(_SUBMISSION_WRITES))  # type: ignore[attr-defined]
+)
+
+#: The columns a new generation leaves empty, set on the object ``submission`` returns so
+#: reading them does not load the row again.
+_NULL_AT_SUBMIT = (
+    "batch_key",
+    "dagster_run_id",
+    "prediction_id",
+    "prediction_model",
+    "prediction_version",
+    "provider_cost_nusd",
+    "outputs",
+    "error_code",
+    "error_message",
+    "queued_at",
+    "started_at",
+    "finished_at",
+)
 
 
 def claim_pending(

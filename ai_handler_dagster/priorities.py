@@ -28,12 +28,15 @@ from ai_handler_dagster.domain import MAX_PRIORITY, MIN_PRIORITY, check_identifi
 from ai_handler_dagster.errors import AiHandlerError
 
 __all__ = [
+    "LISTED_CEILING",
     "PriorityRefused",
     "ceiling",
+    "ceiling_of",
     "check_priority",
     "listed",
     "register",
     "resolve",
+    "resolve_under",
     "set_ceiling",
     "unset_ceiling",
 ]
@@ -54,20 +57,37 @@ def check_priority(value: object, what: str = "priority") -> int:
     return value
 
 
+#: The operator's ceiling for a user (None: not listed), as a scalar subquery a caller can put
+#: in its own statement (``generations.submission`` reads it with the account it locks).
+LISTED_CEILING = (
+    sa.select(UserPriority.max_priority)
+    .where(UserPriority.user_id == sa.bindparam("user_id"))
+    .scalar_subquery()
+)
+_CEILING = sa.select(LISTED_CEILING)
+
+
+def ceiling_of(listed_value: int | None) -> int:
+    """The ceiling of a user whose ``user_priorities`` value is ``listed_value`` (None: the
+    user is not listed, so ``AI_HANDLER_DEFAULT_PRIORITY``)."""
+    return settings.default_priority() if listed_value is None else int(listed_value)
+
+
 def ceiling(session: Session, user_id: str) -> int:
     """The highest priority ``user_id`` may ask for (and gets when asking none): the operator's
     value for the user, else ``AI_HANDLER_DEFAULT_PRIORITY``."""
-    listed_value = session.scalar(
-        sa.select(UserPriority.max_priority).where(UserPriority.user_id == user_id)
-    )
-    return settings.default_priority() if listed_value is None else int(listed_value)
+    return ceiling_of(session.connection().execute(_CEILING, {"user_id": user_id}).scalar())
 
 
 def resolve(session: Session, user_id: str, requested: object | None) -> int:
     """The priority a request of ``user_id`` runs at: ``requested``, or the user's ceiling when
     it is None. ``PriorityRefused`` (nothing written) if it is out of range or above the
     ceiling."""
-    allowed = ceiling(session, user_id)
+    return resolve_under(ceiling(session, user_id), user_id, requested)
+
+
+def resolve_under(allowed: int, user_id: str, requested: object | None) -> int:
+    """``resolve`` for a user whose ceiling is already known to be ``allowed``."""
     if requested is None:
         return allowed
     value = check_priority(requested)

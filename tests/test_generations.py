@@ -261,6 +261,45 @@ def test_concurrent_submits_with_one_request_id_make_one_row(
     assert count(engine, Generation) == 1
 
 
+def test_max_waiting_refuses_a_user_with_that_many_waiting(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine, amount=1000)
+    fund(engine, user="bob", amount=1000)
+    for _ in range(3):
+        submit(engine, prices, max_waiting=3)
+    with pytest.raises(gens.TooManyWaiting, match="'alice' has 3 generations waiting") as info:
+        submit(engine, prices, max_waiting=3)
+    assert info.value.limit == 3
+    assert count(engine, Generation) == 3 and balance(engine).held == 3 * 5
+    # Another user's backlog is their own; without a limit nothing is counted.
+    assert submit(engine, prices, user_id="bob", max_waiting=3).status == "pending"
+    assert submit(engine, prices).status == "pending"
+    assert_consistent(engine)
+
+
+def test_a_submission_says_whether_it_created_the_row(engine: sa.Engine, prices: PriceBook) -> None:
+    fund(engine)
+
+    def send(session: Session) -> gens.Submission:
+        return gens.submission(
+            session,
+            user_id="alice",
+            model=SKETCH,
+            input={"prompt": "x"},
+            prices=prices,
+            request_id="once",
+        )
+
+    first, again = tx(engine, send), tx(engine, send)
+    assert first.created and not again.created
+    assert first.generation.id == again.generation.id
+    # The returned row is the stored one, column for column, without a second read.
+    stored = row(engine, first.generation.id)
+    for column in Generation.__table__.columns:
+        assert getattr(first.generation, column.key) == getattr(stored, column.key), column.key
+
+
 # --- claim and start --------------------------------------------------------------------------
 
 

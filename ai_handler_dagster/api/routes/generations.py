@@ -44,8 +44,6 @@ from ai_handler_dagster.domain import (
     MAX_PRIORITY,
     MIN_PRIORITY,
     GenerationStatus,
-    InvalidText,
-    check_identifier,
 )
 from ai_handler_dagster.pricing import PriceBook
 from ai_handler_dagster.storage.objects import StoredObject
@@ -63,7 +61,7 @@ GLOBAL_BACKLOG_TTL_S = 1.0
 #: What a backlog refusal asks the client to wait: about a few sensor ticks' worth of claims.
 BACKLOG_RETRY_AFTER_S = 10
 #: Statuses of a generation waiting for its run (what the backlog limit counts).
-WAITING = (GenerationStatus.PENDING, GenerationStatus.QUEUED)
+WAITING = gens.WAITING
 #: ``submit``'s names for the request's parts, as the HTTP request names them.
 _FIELDS = {"user_id": "user", "request_id": "header.idempotency-key"}
 
@@ -197,13 +195,6 @@ class GenerationPage(BaseModel):
 # --- refusals -----------------------------------------------------------------------------------
 
 
-def _check_identifier(field: str, value: str) -> None:
-    try:
-        check_identifier(value, field, error=InvalidText)
-    except InvalidText as exc:
-        raise _invalid(field, str(exc).removeprefix(f"{field} ")) from None
-
-
 def _invalid(field: str, message: str) -> Problem:
     return Problem(
         INVALID_REQUEST, f"{field}: {message}", errors=[{"field": field, "message": message}]
@@ -230,6 +221,8 @@ def refusal(
         return Problem(UNKNOWN_MODEL, str(exc), model=model)
     if isinstance(exc, gens.PriorityNotAllowed):
         return Problem(PRIORITY_NOT_ALLOWED, str(exc))
+    if isinstance(exc, gens.TooManyWaiting):
+        return _backlog_full("user", str(exc), exc.limit)
     field = _FIELDS.get(exc.field or "", exc.field or "body")
     return _invalid(field, str(exc))
 
@@ -238,25 +231,16 @@ def refusal(
 
 
 def _capped_count(session: Session, query: sa.Select[Any], cap: int) -> int:
-    # Counting a capped subquery reads at most ``cap`` index entries, however many rows match.
-    inner = query.limit(cap).subquery()
-    return int(session.scalar(sa.select(sa.func.count()).select_from(inner)) or 0)
+    return int(session.connection().execute(query, {"cap": cap}).scalar() or 0)
 
 
-def _check_backlog(session: Session, user: str) -> None:
-    per_user, total = settings.api_max_backlog_per_user(), settings.api_max_backlog()
-    # Through ix_generations_status_priority_user_id_id: naming every priority lets both
-    # databases seek (status, priority, user) directly, 20 short range reads, rather than walk
-    # the user's whole history or every waiting row.
-    mine = sa.select(Generation.id).where(
-        Generation.status.in_(WAITING),
-        Generation.priority.in_(range(MIN_PRIORITY, MAX_PRIORITY + 1)),
-        Generation.user_id == user,
-    )
-    if _capped_count(session, mine, per_user) >= per_user:
-        raise _backlog_full("user", f"user {user!r} has {per_user} generations waiting", per_user)
-    if _GLOBAL.waiting(session, total) >= total:
-        raise _backlog_full("global", f"{total} generations are waiting", total)
+# Counting a capped subquery reads at most ``cap`` index entries, however many rows match.
+_WAITING = sa.select(sa.func.count()).select_from(
+    sa.select(Generation.id)
+    .where(Generation.status.in_(WAITING))
+    .limit(sa.bindparam("cap", type_=sa.Integer))
+    .subquery()
+)
 
 
 class _GlobalBacklog:
@@ -287,8 +271,7 @@ class _GlobalBacklog:
                 estimate = read[0] + self._accepted.get(key, 0)
                 if estimate < limit:
                     return estimate
-        everyone = sa.select(Generation.id).where(Generation.status.in_(WAITING))
-        count = _capped_count(session, everyone, limit)
+        count = _capped_count(session, _WAITING, limit)
         with self._lock:
             self._read[key], self._accepted[key] = (count, now), 0
         return count
@@ -323,19 +306,6 @@ def _generation_of(session: Session, request_id: str) -> int | None:
     return None if found is None else int(found)
 
 
-def _inserted_here(session: Session) -> set[int]:
-    """The ids of generations this session inserts from now on (a row ``submit`` returns that
-    is not among them was there before: a replay)."""
-    ids: set[int] = set()
-
-    def on_insert(_session: Session, instance: object) -> None:
-        if isinstance(instance, Generation):
-            ids.add(instance.id)
-
-    sa.event.listen(session, "pending_to_persistent", on_insert)
-    return ids
-
-
 @router.post(
     "/generations",
     status_code=202,
@@ -367,13 +337,14 @@ def submit_generation(
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
     try:
         with session_scope(engine) as session:
-            # A replay writes nothing, so the backlog does not refuse it. The user id is
-            # checked first: it goes into the backlog's query.
-            if request_id is None or _generation_of(session, request_id) is None:
-                _check_identifier("user", body.user)
-                _check_backlog(session, body.user)
-            inserted = _inserted_here(session)
-            row = gens.submit(
+            # The user's own backlog is counted by submission, with the account locked. A
+            # replay writes nothing, so the global backlog does not refuse it.
+            total = settings.api_max_backlog()
+            if _GLOBAL.waiting(session, total) >= total and (
+                request_id is None or _generation_of(session, request_id) is None
+            ):
+                raise _backlog_full("global", f"{total} generations are waiting", total)
+            submitted = gens.submission(
                 session,
                 user_id=body.user,
                 model=body.model,
@@ -382,9 +353,11 @@ def submit_generation(
                 prices=prices,
                 priority=body.priority,
                 max_priority=caller.max_priority,
+                max_waiting=settings.api_max_backlog_per_user(),
             )
+            row = submitted.generation
             answer = Accepted(id=row.id, status=GenerationStatus(row.status), links=_links(row.id))
-            replayed = row.id not in inserted
+            replayed = not submitted.created
             if not replayed:
                 _GLOBAL.accepted(session)
     except gens.RequestConflict:
