@@ -434,11 +434,9 @@ def submission(
         raise InvalidRequest(str(exc), field="input") from None
     if request_id is not None:
         request_id = _text(request_id, "request_id")
-        existing = session.scalars(
-            sa.select(Generation).where(Generation.request_id == request_id)
-        ).first()
-        if existing is not None:
-            return Submission(_same_request(existing, user_id, model, payload, priority), False)
+        replay = _replay(session, request_id, user_id, model, payload, priority)
+        if replay is not None:
+            return replay
     try:
         price = prices.price_for(model)
     except UnpricedModel as exc:
@@ -461,6 +459,13 @@ def submission(
             f"unknown user {user_id!r}: the user has no credit account (grant credits first)",
             field="user_id",
         )
+    if request_id is not None:
+        # Read again now that the lock is ours: a duplicate that held it committed meanwhile,
+        # and this repeat must answer its row, not be refused for the credits it holds
+        # (regression: a retry of a request the user could afford once was answered 402).
+        replay = _replay(session, request_id, user_id, model, payload, priority)
+        if replay is not None:
+            return replay
     account = ledger.LockedAccount(found.id, user_id, found.balance, found.held)
     if max_priority is not None and priority is not None and priority > max_priority:
         raise PriorityNotAllowed(
@@ -520,12 +525,10 @@ def submission(
     except IntegrityError:
         if request_id is None:
             raise
-        winner = session.scalars(
-            sa.select(Generation).where(Generation.request_id == request_id)
-        ).first()
-        if winner is None:
+        replay = _replay(session, request_id, user_id, model, payload, priority)
+        if replay is None:
             raise
-        return Submission(_same_request(winner, user_id, model, payload, priority), False)
+        return replay
     ledger.forget_account(session, account.id)
     row = Generation(
         id=generation_id,
@@ -540,10 +543,61 @@ def submission(
         amount_charged=0,
         **dict.fromkeys(_NULL_AT_SUBMIT),
     )
-    # Persistent without reading it back: every column is the value just written.
+    # Persistent without reading it back: every column is the value just written. Unlike a row
+    # the ORM inserted, the session would keep it after a rollback of this transaction (the
+    # row then does not exist, and on SQLite its id is given to the next insert), so it is
+    # expunged then, as the ORM expunges its own inserts (_forget_rolled_back).
     make_transient_to_detached(row)
     session.add(row)
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    session.info.setdefault(_WRITTEN, []).append((row, innermost))
     return Submission(row, True)
+
+
+#: ``Session.info`` key: the rows ``submission`` attached, with the transaction that wrote them.
+_WRITTEN = "ai_handler_dagster.submitted"
+
+
+@sa.event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back(session: Session, previous_transaction: Any) -> None:
+    written = session.info.get(_WRITTEN)
+    if not written:
+        return
+    kept = []
+    for row, transaction in written:
+        ended = transaction
+        while ended is not None and ended is not previous_transaction:
+            ended = ended.parent
+        if ended is None:
+            kept.append((row, transaction))
+        elif row in session:
+            session.expunge(row)
+    session.info[_WRITTEN] = kept
+
+
+@sa.event.listens_for(Session, "after_commit")
+def _forget_committed(session: Session) -> None:
+    session.info.pop(_WRITTEN, None)
+
+
+def _replay(
+    session: Session,
+    request_id: str,
+    user_id: str,
+    model: str,
+    payload: dict[str, Any],
+    priority: int | None,
+) -> Submission | None:
+    """The first request's row if ``request_id`` was used (``RequestConflict`` if for another
+    request), None if it was not."""
+    existing = session.scalars(
+        sa.select(Generation)
+        .where(Generation.request_id == request_id)
+        .execution_options(populate_existing=True)
+    ).first()
+    if existing is None:
+        return None
+    return Submission(_same_request(existing, user_id, model, payload, priority), False)
 
 
 def _lock_for_submit(dialect: str) -> sa.Executable:

@@ -352,6 +352,7 @@ def hold_params(
 ) -> dict[str, Any]:
     """The parameters of ``HOLD_WRITES`` for a hold of ``amount`` on a locked ``account`` that
     affords it (the caller checked what ``hold`` checks)."""
+    _check_amount(amount)
     return {
         "hold_id_": hold_id,
         "hold_account_": account.id,
@@ -368,7 +369,7 @@ def forget_account(session: Session, account_id: int) -> None:
     """Expire the session's copy of the account, if it holds one, after a Core write to it."""
     cached = session.identity_map.get(_ACCOUNT.identity_key_from_primary_key((account_id,)))
     if cached is not None:
-        session.expire(cached, ["held", "updated_at"])
+        session.expire(cached)
 
 
 _ACCOUNT = sa.inspect(Account)
@@ -527,7 +528,9 @@ def hold(
         if winner is None:
             raise
         return same_or_conflict(winner)
-    return session.get_one(Hold, hold_id)
+    # Read, not taken from the identity map: on SQLite a rolled-back hold's id is reused, and
+    # the session may still hold that hold's object (regression: hold returned another hold).
+    return session.get_one(Hold, hold_id, populate_existing=True)
 
 
 def _end(

@@ -76,6 +76,7 @@ def ceiling_of(listed_value: int | None) -> int:
 def ceiling(session: Session, user_id: str) -> int:
     """The highest priority ``user_id`` may ask for (and gets when asking none): the operator's
     value for the user, else ``AI_HANDLER_DEFAULT_PRIORITY``."""
+    session.flush()  # as a query through the session would (autoflush)
     return ceiling_of(session.connection().execute(_CEILING, {"user_id": user_id}).scalar())
 
 

@@ -261,6 +261,50 @@ def test_concurrent_submits_with_one_request_id_make_one_row(
     assert count(engine, Generation) == 1
 
 
+def test_repeats_of_a_request_the_user_can_afford_once_are_replays_not_402(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    # Regression: a repeat that waited on the account lock while the first request committed
+    # read the account afterwards, with the first request's hold, and was refused for lack of
+    # credits instead of answering the first request's row. The request_id is read again once
+    # the lock is held.
+    fund(engine, amount=5)  # one SKETCH request
+    for round_ in range(5):
+        results = race(8, lambda i, r=round_: submit(engine, prices, request_id=f"once-{r}").id)
+        assert all(isinstance(r, int) for r in results), results
+        assert len(set(results)) == 1
+        gens_id = results[0]
+        tx(engine, lambda s, g=gens_id: gens.fail(s, g, code="test", message="free the credits"))
+    assert count(engine, Generation) == 5
+    assert_consistent(engine)
+
+
+def test_a_rolled_back_submission_leaves_nothing_in_the_session(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    # Regression: the row submission returns is attached without an ORM insert, so a rollback
+    # did not expunge it: the session kept a row that did not exist, and on SQLite (which gives
+    # the id to the next insert) the next submit in the session failed to attach its own.
+    fund(engine)
+
+    def send(session: Session) -> Generation:
+        return gens.submit(session, user_id="alice", model=SKETCH, input={"p": 1}, prices=prices)
+
+    with Session(engine, expire_on_commit=False) as session:
+        first = send(session)
+        session.rollback()
+        assert first not in session
+        with session.begin_nested() as savepoint:
+            second = send(session)
+            savepoint.rollback()
+        assert second not in session
+        third = send(session)
+        session.commit()
+        assert third in session
+    assert count(engine, Generation) == 1 and balance(engine).held == 5
+    assert_consistent(engine)
+
+
 def test_max_waiting_refuses_a_user_with_that_many_waiting(
     engine: sa.Engine, prices: PriceBook
 ) -> None:

@@ -279,6 +279,20 @@ def test_verify_finds_a_status_that_disagrees_with_entries(engine: sa.Engine) ->
 # --- concurrency ------------------------------------------------------------------------------
 
 
+def test_a_hold_after_a_rolled_back_one_is_the_new_hold(engine: sa.Engine) -> None:
+    # Regression: on SQLite a rolled-back hold's id is reused, and hold() answered the session's
+    # stale object of the rolled-back hold (its amount and key) instead of the new one.
+    in_tx(engine, lambda s: ledger.grant(s, "alice", 100, "g"))
+    with session_scope(engine) as session:
+        with session.begin_nested() as savepoint:
+            ledger.hold(session, "alice", 5, "k1")
+            savepoint.rollback()
+        held = ledger.hold(session, "alice", 7, "k2")
+        assert (held.amount, held.idempotency_key) == (7, "k2")
+    assert bal(engine, "alice").held == 7
+    assert_clean(engine)
+
+
 def test_32_threads_racing_for_holds_get_exactly_what_is_affordable(engine: sa.Engine) -> None:
     affordable, price = 11, 7
     in_tx(engine, lambda s: ledger.grant(s, "alice", affordable * price + price - 1, "g"))

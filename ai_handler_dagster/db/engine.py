@@ -94,15 +94,27 @@ def make_counter_engine(engine: Engine) -> Engine:
     use it. On SQLite it is ``engine`` itself (its writes need their transaction)."""
     if engine.dialect.name == "sqlite":
         return engine
-    return sa.create_engine(
+    counter = sa.create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c synchronous_commit=off"},
         pool_pre_ping=True,
         pool_size=min(POOL_SIZE, settings.db_pool_max()),
         max_overflow=max(0, settings.db_pool_max() - POOL_SIZE),
         pool_timeout=120,
     )
+
+    @event.listens_for(counter, "connect")
+    def _lagging_commits(dbapi_connection: Any, _record: Any) -> None:
+        # A statement, not connect_args' "options": those would replace the options the
+        # database URL may carry (a search_path, a statement_timeout).
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SET synchronous_commit TO off")
+        finally:
+            cursor.close()
+        dbapi_connection.commit()  # the setting outlives this transaction (if one began)
+
+    return counter
 
 
 def _create_sqlite_engine(url: URL) -> Engine:

@@ -196,6 +196,17 @@ def test_request_counts_commit_without_waiting_for_the_disk_and_money_does(
             assert connection.connection.dbapi_connection.autocommit is False
     finally:
         counter.dispose()
+    # Options the database URL carries survive (regression: connect_args replaced them).
+    with_options = engine.url.update_query_dict({"options": "-c statement_timeout=5000"})
+    source = sa.create_engine(with_options)
+    counter = make_counter_engine(source)
+    try:
+        with counter.connect() as connection:
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "5s"
+            assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+    finally:
+        counter.dispose()
+        source.dispose()
 
 
 def test_unknown_routes_are_problems_and_problem_types_are_described(api: Api) -> None:
