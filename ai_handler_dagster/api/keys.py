@@ -63,7 +63,8 @@ class KeyInfo:
     revoked_at: datetime | None
 
 
-def _hash(secret: str) -> str:
+def digest(secret: str) -> str:
+    """What is stored of a secret (its SHA-256, hex)."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -105,7 +106,7 @@ def create(
     secret = secrets.token_urlsafe(32)
     row = ApiKey(
         key_id=key_id,
-        secret_sha256=_hash(secret),
+        secret_sha256=digest(secret),
         name=name,
         scopes=" ".join(chosen),
         max_priority=max_priority,
@@ -168,17 +169,12 @@ def parse(presented: str) -> tuple[str, str] | None:
     return None if match is None else (match.group(1), match.group(2))
 
 
-def digest(secret: str) -> str:
-    """What is stored of a secret (its SHA-256, hex)."""
-    return _hash(secret)
-
-
 def caller_of(row: Any, secret: str) -> Caller | None:
     """The caller a key row (``CALLER_COLUMNS``) stands for if ``secret`` is its secret and it
     is not revoked; None otherwise. The comparison of hashes is constant-time."""
     if row is None or row.revoked_at is not None:
         return None
-    if not hmac.compare_digest(row.secret_sha256, _hash(secret)):
+    if not hmac.compare_digest(row.secret_sha256, digest(secret)):
         return None
     return Caller(
         row.key_id,

@@ -76,14 +76,18 @@ def dispose_engines() -> None:
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url)
-    kwargs: dict[str, Any] = {
+    return sa.create_engine(url, **_pool_options())
+
+
+def _pool_options() -> dict[str, Any]:
+    """The pool of every PostgreSQL engine."""
+    return {
         "pool_pre_ping": True,
         "pool_size": min(POOL_SIZE, settings.db_pool_max()),
         "max_overflow": max(0, settings.db_pool_max() - POOL_SIZE),
         # Pool waits longer than the default 30 s: 32 busy threads must queue, not fail.
         "pool_timeout": 120,
     }
-    return sa.create_engine(url, **kwargs)
 
 
 def make_counter_engine(engine: Engine) -> Engine:
@@ -94,14 +98,7 @@ def make_counter_engine(engine: Engine) -> Engine:
     use it. On SQLite it is ``engine`` itself (its writes need their transaction)."""
     if engine.dialect.name == "sqlite":
         return engine
-    counter = sa.create_engine(
-        engine.url,
-        isolation_level="AUTOCOMMIT",
-        pool_pre_ping=True,
-        pool_size=min(POOL_SIZE, settings.db_pool_max()),
-        max_overflow=max(0, settings.db_pool_max() - POOL_SIZE),
-        pool_timeout=120,
-    )
+    counter = sa.create_engine(engine.url, isolation_level="AUTOCOMMIT", **_pool_options())
 
     @event.listens_for(counter, "connect")
     def _lagging_commits(dbapi_connection: Any, _record: Any) -> None:
