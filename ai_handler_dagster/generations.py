@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, make_transient_to_detached
 
@@ -44,8 +45,11 @@ from ai_handler_dagster.db.models import (
     Account,
     CreateAttempt,
     Generation,
+    GenerationEvent,
     Hold,
+    LedgerEntry,
     PredictionState,
+    UserPriority,
     utcnow,
 )
 from ai_handler_dagster.domain import (
@@ -55,6 +59,7 @@ from ai_handler_dagster.domain import (
     TERMINAL,
     UNSUCCESSFUL,
     AttemptState,
+    EntryKind,
     GenerationStatus,
     HoldStatus,
     InvalidModelRef,
@@ -89,6 +94,7 @@ __all__ = [
     "PredictionOwned",
     "PriorityNotAllowed",
     "RequestConflict",
+    "SubmitRequest",
     "UnknownGeneration",
     "UnknownModel",
     "UnknownUser",
@@ -113,6 +119,7 @@ __all__ = [
     "resume",
     "start_attempt",
     "stored_request_problem",
+    "submissions",
     "submit",
     "succeed",
     "validate_input",
@@ -162,7 +169,11 @@ class PriorityNotAllowed(InvalidRequest):
 
 
 class RequestConflict(InvalidRequest):
-    """The ``request_id`` was used before for a different request."""
+    """The ``request_id`` was used before, by ``generation_id``, for a different request."""
+
+    def __init__(self, message: str, *, field: str | None, generation_id: int) -> None:
+        super().__init__(message, field=field)
+        self.generation_id = generation_id
 
 
 class TooManyWaiting(InvalidRequest):
@@ -301,23 +312,18 @@ def stored_request_problem(row: Generation) -> str | None:
     return None
 
 
-def _same_request(
-    existing: Generation,
-    user_id: str,
-    model: str,
-    payload: dict[str, Any],
-    priority: int | None = None,
-) -> Generation:
+def _same_request(existing: Generation, request: SubmitRequest) -> Generation:
     if (
-        existing.user_id != user_id
-        or existing.model != model
-        or existing.input != payload
-        or (priority is not None and existing.priority != priority)
+        existing.user_id != request.user_id
+        or existing.model != request.model
+        or existing.input != request.input
+        or (request.priority is not None and existing.priority != request.priority)
     ):
         raise RequestConflict(
             f"request_id {existing.request_id!r} was already used for generation {existing.id} "
             "with a different user, model, input or priority",
             field="request_id",
+            generation_id=existing.id,
         )
     return existing
 
@@ -406,95 +412,44 @@ def submission(
 
     On PostgreSQL a new generation costs three statements: the account locked together with
     what the checks read and the new ids, then every write (generation, hold, entry, account,
-    event) as one statement.
+    event) as one statement. ``submissions`` does the same for many requests at once.
 
     Each refusal is an ``InvalidRequest`` with ``field`` set where one part is at fault; the
     subclasses ``UnknownUser``, ``UnknownModel``, ``PriorityNotAllowed``, ``RequestConflict``
     ``TooManyWaiting`` and ``CannotAfford`` say why a well-formed request was refused.
     """
-    user_id = _text(user_id, "user_id")
-    if not isinstance(model, str):
-        raise InvalidRequest(
-            f"model must be a string 'owner/name[:version]' or 'deployment:owner/name', "
-            f"got {model!r}",
-            field="model",
-        )
-    try:
-        parse_model_ref(model)
-    except InvalidModelRef as exc:
-        raise InvalidRequest(str(exc), field="model") from None
-    if priority is not None:
-        try:
-            priorities.check_priority(priority)
-        except priorities.PriorityRefused as exc:
-            raise InvalidRequest(str(exc), field="priority") from None
-    try:
-        payload = validate_input(input)
-    except InvalidRequest as exc:
-        raise InvalidRequest(str(exc), field="input") from None
-    if request_id is not None:
-        request_id = _text(request_id, "request_id")
-        replay = _replay(session, request_id, user_id, model, payload, priority)
+    request = _checked(SubmitRequest(user_id, model, input, request_id, priority, max_priority))
+    _check_max_waiting(max_waiting)
+    if request.request_id is not None:
+        replay = _replay(session, request)
         if replay is not None:
             return replay
-    try:
-        price = prices.price_for(model)
-    except UnpricedModel as exc:
-        raise UnknownModel(str(exc), field="model") from None
-    problem = price.input_problem(payload)
-    if problem is not None:
-        raise InvalidRequest(problem, field="input")
-    needed = price.hold_amount(payload)
-    if max_waiting is not None and (isinstance(max_waiting, bool) or max_waiting < 1):
-        raise ValueError(f"max_waiting must be a positive whole number, got {max_waiting!r}")
+    needed = _needed(prices, request)
     dialect = "sqlite" if is_sqlite(session) else "postgresql"
     session.flush()  # what a query through the session would do first (autoflush)
     connection = session.connection()
     # Locked now, so what is available cannot change before the hold is placed.
     found = connection.execute(
-        _LOCK_FOR_SUBMIT[dialect], {"user_id": user_id, "waiting_cap": max_waiting or 0}
+        _LOCK_FOR_SUBMIT[dialect], {"user_id": request.user_id, "waiting_cap": max_waiting or 0}
     ).first()
     if found is None:
-        raise UnknownUser(
-            f"unknown user {user_id!r}: the user has no credit account (grant credits first)",
-            field="user_id",
-        )
-    if request_id is not None:
+        raise _unknown_user(request.user_id)
+    if request.request_id is not None:
         # Read again now that the lock is ours: a duplicate that held it committed meanwhile,
         # and this repeat must answer its row, not be refused for the credits it holds
         # (regression: a retry of a request the user could afford once was answered 402).
-        replay = _replay(session, request_id, user_id, model, payload, priority)
+        replay = _replay(session, request)
         if replay is not None:
             return replay
-    account = ledger.LockedAccount(found.id, user_id, found.balance, found.held)
-    if max_priority is not None and priority is not None and priority > max_priority:
-        raise PriorityNotAllowed(
-            f"priority {priority} is above the highest this caller may ask for ({max_priority})",
-            field="priority",
-        )
-    try:
-        granted = priorities.resolve_under(priorities.ceiling_of(found.ceiling), user_id, priority)
-    except priorities.PriorityRefused as exc:
-        raise PriorityNotAllowed(str(exc), field="priority") from None
-    if max_priority is not None:
-        granted = min(granted, max_priority)
-    if max_waiting is not None and found.waiting >= max_waiting:
-        raise TooManyWaiting(user_id, max_waiting)
-    if account.available < needed:
-        raise CannotAfford(user_id, account.available, needed)
-
+    account = ledger.LockedAccount(found.id, request.user_id, found.balance, found.held)
+    granted = _granted(
+        request, found.ceiling, found.waiting, account.available, needed, max_waiting
+    )
     now = utcnow()
-    ttl = hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime()
+    expires_at = now + (hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime())
     generation_id, hold_id = int(found.generation_id), int(found.hold_id)
-    values = {
-        "request_id": request_id,
-        "user_id": user_id,
-        "model": model,
-        "input": payload,
-        "priority": granted,
-    }
     params = {
-        **{f"new_{k}_": v for k, v in values.items()},
+        **{f"new_{k}_": v for k, v in _values(request, granted).items()},
         "new_id_": generation_id,
         "new_at_": now,
         **ledger.hold_params(
@@ -503,7 +458,7 @@ def submission(
             needed,
             hold_key(generation_id, 1),
             generation_id=generation_id,
-            expires_at=now + ttl,
+            expires_at=expires_at,
             now=now,
         ),
         "event_generation_": generation_id,
@@ -512,7 +467,7 @@ def submission(
     # Only a repeated request_id can meet a unique index here (the hold's key is made from the
     # new id), so only then does a SAVEPOINT keep the caller's transaction usable after losing
     # the race to a concurrent duplicate.
-    scope = session.begin_nested() if request_id is not None else contextlib.nullcontext()
+    scope = session.begin_nested() if request.request_id is not None else contextlib.nullcontext()
     try:
         with scope:
             # Asked for again: the session emits its SAVEPOINT when its connection is next used.
@@ -523,16 +478,299 @@ def submission(
                 for statement in _SUBMISSION_WRITES:
                     writer.execute(statement, params)
     except IntegrityError:
-        if request_id is None:
+        if request.request_id is None:
             raise
-        replay = _replay(session, request_id, user_id, model, payload, priority)
+        replay = _replay(session, request)
         if replay is None:
             raise
         return replay
     ledger.forget_account(session, account.id)
+    return _attach(session, request, granted, generation_id, hold_id, needed, now)
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One request of ``submissions``: ``submission``'s arguments that differ per request."""
+
+    user_id: str
+    model: str
+    input: dict[str, Any]
+    request_id: str | None = None
+    priority: int | None = None
+    max_priority: int | None = None
+
+
+def submissions(
+    session: Session,
+    requests: Sequence[SubmitRequest],
+    *,
+    prices: PriceBook,
+    hold_ttl: timedelta | None = None,
+    max_waiting: int | None = None,
+) -> list[Submission | InvalidRequest]:
+    """``submission`` for each of ``requests`` in the caller's transaction, with few statements
+    for all of them: each answer is the ``Submission`` or the refusal (an ``InvalidRequest``,
+    not raised) that ``submission`` would give the request, in order, had the requests come one
+    after another, the earlier ones' holds counting against the later ones' credits.
+
+    On PostgreSQL every account the requests name is locked with one statement (in id order,
+    as concurrent batches lock them, so two batches cannot deadlock), which also reads what the
+    checks need and allocates the new ids; the repeats' earlier rows are read with one more; and
+    every write of every accepted request is one statement, whatever their number. A request
+    whose ``request_id`` an earlier one in the batch uses, and every accepted request if that
+    write meets a unique index (a concurrent duplicate won), is submitted alone afterwards. On
+    SQLite, whose writers hold the database's lock, the requests go through ``submission`` one
+    after another.
+
+    ``ValueError`` for a bad ``max_waiting``; a database error propagates (roll back).
+    """
+    _check_max_waiting(max_waiting)
+    answers: list[Submission | InvalidRequest | None] = [None] * len(requests)
+    alone = is_sqlite(session)
+    one_by_one = list(range(len(requests))) if alone else []
+    checked: dict[int, SubmitRequest] = {}
+    seen: set[str] = set()
+    for i, raw in enumerate(requests):
+        if alone:
+            break
+        try:
+            request = _checked(raw)
+        except InvalidRequest as exc:
+            answers[i] = exc
+            continue
+        if request.request_id is not None:
+            if request.request_id in seen:
+                one_by_one.append(i)  # after the first, which may create what it repeats
+                continue
+            seen.add(request.request_id)
+        checked[i] = request
+    if checked:
+        accepted = _submit_together(session, checked, answers, prices, hold_ttl, max_waiting)
+        if accepted is not None:
+            one_by_one.extend(accepted)
+            one_by_one.sort()
+    for i in one_by_one:
+        raw = requests[i]
+        try:
+            answers[i] = submission(
+                session,
+                user_id=raw.user_id,
+                model=raw.model,
+                input=raw.input,
+                request_id=raw.request_id,
+                prices=prices,
+                hold_ttl=hold_ttl,
+                priority=raw.priority,
+                max_priority=raw.max_priority,
+                max_waiting=max_waiting,
+            )
+        except InvalidRequest as exc:
+            answers[i] = exc
+    assert all(answer is not None for answer in answers)  # every request was answered
+    return answers  # type: ignore[return-value]
+
+
+def _submit_together(
+    session: Session,
+    requests: Mapping[int, SubmitRequest],
+    answers: list[Submission | InvalidRequest | None],
+    prices: PriceBook,
+    hold_ttl: timedelta | None,
+    max_waiting: int | None,
+) -> list[int] | None:
+    """PostgreSQL's ``submissions`` of checked requests with distinct request ids: fills
+    ``answers``; returns None, or the positions of the accepted requests to submit alone
+    because the write met a unique index (nothing of it was kept)."""
+    session.flush()
+    connection = session.connection()
+    users = sorted({request.user_id for request in requests.values()})
+    locked = {
+        row.user_id: row
+        for row in connection.execute(
+            _LOCK_FOR_BATCH,
+            {"users": users, "waiting_cap": max_waiting or 0, "n": len(requests)},
+        )
+    }
+    repeats = [r.request_id for r in requests.values() if r.request_id is not None]
+    earlier = {}
+    if repeats:
+        earlier = {
+            row.request_id: row
+            for row in session.scalars(
+                sa.select(Generation)
+                .where(Generation.request_id.in_(repeats))
+                .execution_options(populate_existing=True)
+            )
+        }
+    first = next(iter(locked.values()), None)
+    new_ids = iter(first.generation_ids if first is not None else ())
+    new_hold_ids = iter(first.hold_ids if first is not None else ())
+    spent: Counter[str] = Counter()  # credits this batch holds, per user
+    queued: Counter[str] = Counter()  # generations this batch adds, per user
+    now = utcnow()
+    expires_at = now + (hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime())
+    writes: list[tuple[int, SubmitRequest, int, int, int, int, int]] = []
+    for i, request in requests.items():
+        try:
+            if request.request_id is not None and request.request_id in earlier:
+                existing = _same_request(earlier[request.request_id], request)
+                answers[i] = Submission(existing, False)
+                continue
+            needed = _needed(prices, request)
+            found = locked.get(request.user_id)
+            if found is None:
+                raise _unknown_user(request.user_id)
+            available = found.balance - found.held - spent[request.user_id]
+            waiting = found.waiting + queued[request.user_id]
+            granted = _granted(request, found.ceiling, waiting, available, needed, max_waiting)
+        except InvalidRequest as exc:
+            answers[i] = exc
+            continue
+        ledger.check_amount(needed)
+        spent[request.user_id] += needed
+        queued[request.user_id] += 1
+        writes.append((i, request, granted, next(new_ids), next(new_hold_ids), found.id, needed))
+    if not writes:
+        return None
+    batch = [w[1] for w in writes]
+    params: dict[str, Any] = {
+        "at": now,
+        "expires_at": expires_at,
+        "ids_": [w[3] for w in writes],
+        "request_ids_": [r.request_id for r in batch],
+        "user_ids_": [r.user_id for r in batch],
+        "models_": [r.model for r in batch],
+        "inputs_": [json.dumps(r.input) for r in batch],
+        "prioritys_": [w[2] for w in writes],
+        "hold_ids_": [w[4] for w in writes],
+        "hold_keys_": [hold_key(w[3], 1) for w in writes],
+        "account_ids_": [w[5] for w in writes],
+        "amounts_": [w[6] for w in writes],
+    }
+    scope = session.begin_nested() if repeats else contextlib.nullcontext()
+    try:
+        with scope:
+            session.connection().execute(_WRITE_BATCH, params)
+    except IntegrityError:
+        if not repeats:
+            raise
+        return [w[0] for w in writes]
+    for account_id in {w[5] for w in writes}:
+        ledger.forget_account(session, account_id)
+    for i, request, granted, generation_id, hold_id, _account, needed in writes:
+        answers[i] = _attach(session, request, granted, generation_id, hold_id, needed, now)
+    return None
+
+
+def _checked(request: SubmitRequest) -> SubmitRequest:
+    """``request`` as it will be stored, if well formed (``InvalidRequest`` otherwise): what
+    ``submission`` checks before it reads anything."""
+    user_id = _text(request.user_id, "user_id")
+    model = request.model
+    if not isinstance(model, str):
+        raise InvalidRequest(
+            f"model must be a string 'owner/name[:version]' or 'deployment:owner/name', "
+            f"got {model!r}",
+            field="model",
+        )
+    try:
+        parse_model_ref(model)
+    except InvalidModelRef as exc:
+        raise InvalidRequest(str(exc), field="model") from None
+    if request.priority is not None:
+        try:
+            priorities.check_priority(request.priority)
+        except priorities.PriorityRefused as exc:
+            raise InvalidRequest(str(exc), field="priority") from None
+    try:
+        payload = validate_input(request.input)
+    except InvalidRequest as exc:
+        raise InvalidRequest(str(exc), field="input") from None
+    request_id = request.request_id
+    if request_id is not None:
+        request_id = _text(request_id, "request_id")
+    return SubmitRequest(
+        user_id, model, payload, request_id, request.priority, request.max_priority
+    )
+
+
+def _check_max_waiting(max_waiting: int | None) -> None:
+    if max_waiting is not None and (isinstance(max_waiting, bool) or max_waiting < 1):
+        raise ValueError(f"max_waiting must be a positive whole number, got {max_waiting!r}")
+
+
+def _needed(prices: PriceBook, request: SubmitRequest) -> int:
+    """What the request holds, if its model is priced and its input fits the price."""
+    try:
+        price = prices.price_for(request.model)
+    except UnpricedModel as exc:
+        raise UnknownModel(str(exc), field="model") from None
+    problem = price.input_problem(request.input)
+    if problem is not None:
+        raise InvalidRequest(problem, field="input")
+    return price.hold_amount(request.input)
+
+
+def _unknown_user(user_id: str) -> UnknownUser:
+    return UnknownUser(
+        f"unknown user {user_id!r}: the user has no credit account (grant credits first)",
+        field="user_id",
+    )
+
+
+def _granted(
+    request: SubmitRequest,
+    listed_ceiling: int | None,
+    waiting: int,
+    available: int,
+    needed: int,
+    max_waiting: int | None,
+) -> int:
+    """The priority the request runs at, if the user (whose account is locked) may make it."""
+    priority, max_priority = request.priority, request.max_priority
+    if max_priority is not None and priority is not None and priority > max_priority:
+        raise PriorityNotAllowed(
+            f"priority {priority} is above the highest this caller may ask for ({max_priority})",
+            field="priority",
+        )
+    try:
+        granted = priorities.resolve_under(
+            priorities.ceiling_of(listed_ceiling), request.user_id, priority
+        )
+    except priorities.PriorityRefused as exc:
+        raise PriorityNotAllowed(str(exc), field="priority") from None
+    if max_priority is not None:
+        granted = min(granted, max_priority)
+    if max_waiting is not None and waiting >= max_waiting:
+        raise TooManyWaiting(request.user_id, max_waiting)
+    if available < needed:
+        raise CannotAfford(request.user_id, available, needed)
+    return granted
+
+
+def _values(request: SubmitRequest, granted: int) -> dict[str, Any]:
+    return {
+        "request_id": request.request_id,
+        "user_id": request.user_id,
+        "model": request.model,
+        "input": request.input,
+        "priority": granted,
+    }
+
+
+def _attach(
+    session: Session,
+    request: SubmitRequest,
+    granted: int,
+    generation_id: int,
+    hold_id: int,
+    needed: int,
+    now: datetime,
+) -> Submission:
+    """The new generation just written with Core, as a persistent object of ``session``."""
     row = Generation(
         id=generation_id,
-        **values,
+        **_values(request, granted),
         status=GenerationStatus.PENDING,
         attempt=1,
         pending_since=now,
@@ -580,24 +818,17 @@ def _forget_committed(session: Session) -> None:
     session.info.pop(_WRITTEN, None)
 
 
-def _replay(
-    session: Session,
-    request_id: str,
-    user_id: str,
-    model: str,
-    payload: dict[str, Any],
-    priority: int | None,
-) -> Submission | None:
-    """The first request's row if ``request_id`` was used (``RequestConflict`` if for another
-    request), None if it was not."""
+def _replay(session: Session, request: SubmitRequest) -> Submission | None:
+    """The first request's row if ``request``'s ``request_id`` was used (``RequestConflict`` if
+    for another request), None if it was not."""
     existing = session.scalars(
         sa.select(Generation)
-        .where(Generation.request_id == request_id)
+        .where(Generation.request_id == request.request_id)
         .execution_options(populate_existing=True)
     ).first()
     if existing is None:
         return None
-    return Submission(_same_request(existing, user_id, model, payload, priority), False)
+    return Submission(_same_request(existing, request), False)
 
 
 def _lock_for_submit(dialect: str) -> sa.Executable:
@@ -664,6 +895,205 @@ _SUBMISSION_WRITES: tuple[sa.Executable, ...] = (
 _WRITE_SUBMISSION = sa.select(sa.literal(1)).add_cte(
     *(statement.cte(f"write_{i}") for i, statement in enumerate(_SUBMISSION_WRITES))  # type: ignore[attr-defined]
 )
+
+
+def _lock_for_batch() -> sa.Executable:
+    """``_lock_for_submit`` for the accounts of many users at once (PostgreSQL): each account
+    locked, in id order, with its user's ceiling and waiting generations, and ``n`` new ids of
+    generations and of holds (the same arrays on every row: uncorrelated, they run once)."""
+    capped = (
+        sa.select(Generation.id)
+        .where(
+            Generation.status.in_([sa.literal_column(f"'{s}'") for s in WAITING]),
+            Generation.priority.in_(
+                [sa.literal_column(str(p)) for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
+            ),
+            Generation.user_id == Account.user_id,
+        )
+        .limit(sa.bindparam("waiting_cap", type_=sa.Integer))
+        .correlate(Account)
+        .subquery()
+    )
+    ceiling = (
+        sa.select(UserPriority.max_priority)
+        .where(UserPriority.user_id == Account.user_id)
+        .correlate(Account)
+        .scalar_subquery()
+    )
+    series = sa.func.generate_series(1, sa.bindparam("n", type_=sa.Integer))
+
+    def new_ids(model: type[Any]) -> sa.ScalarSelect[Any]:
+        next_id = ledger.next_id(model, "postgresql")
+        return sa.select(sa.func.array_agg(next_id)).select_from(series).scalar_subquery()
+
+    return (
+        sa.select(
+            Account.id,
+            Account.user_id,
+            Account.balance,
+            Account.held,
+            ceiling.label("ceiling"),
+            sa.select(sa.func.count()).select_from(capped).scalar_subquery().label("waiting"),
+            new_ids(Generation).label("generation_ids"),
+            new_ids(Hold).label("hold_ids"),
+        )
+        .where(Account.user_id == sa.any_(sa.bindparam("users", type_=ARRAY(sa.String))))
+        .order_by(Account.id)
+        .with_for_update(of=Account)
+    )
+
+
+_LOCK_FOR_BATCH = _lock_for_batch()
+
+
+def _write_batch() -> sa.Executable:
+    """Every write of many new generations as one PostgreSQL statement: ``_SUBMISSION_WRITES``
+    with a row per generation from arrays (one array per value, all in the same order), the
+    account's ``held`` raised once per account by the sum of its holds."""
+
+    def array(name: str, type_: Any) -> sa.ColumnElement[Any]:
+        # Named apart from every column: an UPDATE takes a parameter named as a column for
+        # that column's new value.
+        return sa.bindparam(f"{name}s_", type_=ARRAY(type_))
+
+    rows = (
+        sa.func.unnest(
+            array("id", sa.BigInteger()),
+            array("request_id", sa.String()),
+            array("user_id", sa.String()),
+            array("model", sa.String()),
+            array("input", sa.Text()),
+            array("priority", sa.Integer()),
+            array("hold_id", sa.BigInteger()),
+            array("hold_key", sa.String()),
+            array("account_id", sa.BigInteger()),
+            array("amount", sa.BigInteger()),
+        )
+        .table_valued(
+            "id",
+            "request_id",
+            "user_id",
+            "model",
+            "input",
+            "priority",
+            "hold_id",
+            "hold_key",
+            "account_id",
+            "amount",
+        )
+        .render_derived(name="rows")
+    )
+    batch = sa.select(rows).cte("batch")
+    b = batch.c
+    at = sa.bindparam("at", type_=Generation.created_at.type)
+    holds = sa.insert(Hold).from_select(
+        [
+            "id",
+            "account_id",
+            "generation_id",
+            "idempotency_key",
+            "amount",
+            "status",
+            "captured_amount",
+            "expires_at",
+            "created_at",
+        ],
+        sa.select(
+            b.hold_id,
+            b.account_id,
+            b.id,
+            b.hold_key,
+            b.amount,
+            sa.literal(HoldStatus.PENDING.value, type_=Hold.status.type),
+            sa.literal(0, type_=Hold.captured_amount.type),
+            sa.bindparam("expires_at", type_=Hold.expires_at.type),
+            at,
+        ),
+    )
+    entries = sa.insert(LedgerEntry).from_select(
+        [
+            "account_id",
+            "hold_id",
+            "kind",
+            "amount",
+            "balance_delta",
+            "held_delta",
+            "idempotency_key",
+            "created_at",
+        ],
+        sa.select(
+            b.account_id,
+            b.hold_id,
+            sa.literal(EntryKind.HOLD.value, type_=LedgerEntry.kind.type),
+            b.amount,
+            sa.literal(0, type_=LedgerEntry.balance_delta.type),
+            b.amount,
+            sa.literal("hold:", type_=sa.String()) + b.hold_key,
+            at,
+        ),
+    )
+    per_account = (
+        sa.select(b.account_id, sa.cast(sa.func.sum(b.amount), sa.BigInteger()).label("amount"))
+        .group_by(b.account_id)
+        .subquery("per_account")
+    )
+    held = (
+        sa.update(Account)
+        .where(Account.id == per_account.c.account_id)
+        .values(held=Account.held + per_account.c.amount, updated_at=at)
+    )
+    created = sa.insert(Generation).from_select(
+        [
+            "id",
+            "request_id",
+            "user_id",
+            "model",
+            "input",
+            "status",
+            "attempt",
+            "priority",
+            "pending_since",
+            "created_at",
+            "updated_at",
+            "hold_id",
+            "amount_held",
+            "amount_charged",
+        ],
+        sa.select(
+            b.id,
+            b.request_id,
+            b.user_id,
+            b.model,
+            sa.cast(b.input, Generation.input.type),
+            sa.literal(GenerationStatus.PENDING.value, type_=Generation.status.type),
+            sa.literal(1, type_=Generation.attempt.type),
+            b.priority,
+            at,
+            at,
+            at,
+            b.hold_id,
+            b.amount,
+            sa.literal(0, type_=Generation.amount_charged.type),
+        ),
+    )
+    first_events = sa.insert(GenerationEvent).from_select(
+        ["generation_id", "attempt", "status", "error_code", "at"],
+        sa.select(
+            b.id,
+            sa.literal(1, type_=GenerationEvent.attempt.type),
+            sa.literal(GenerationStatus.PENDING.value, type_=GenerationEvent.status.type),
+            sa.null(),
+            at,
+        ),
+    )
+    writes = (holds, entries, held, created, first_events)
+    return sa.select(sa.literal(1)).add_cte(
+        *(statement.cte(f"batch_write_{i}") for i, statement in enumerate(writes))  # type: ignore[attr-defined]
+    )
+
+
+_WRITE_BATCH = _write_batch()
+
 
 #: The columns a new generation leaves empty, set on the object ``submission`` returns so
 #: reading them does not load the row again.

@@ -57,6 +57,7 @@ __all__ = [
     "Violation",
     "balance",
     "capture",
+    "check_amount",
     "expire",
     "extend",
     "forget_account",
@@ -181,7 +182,7 @@ class Violation:
 # --- validation -------------------------------------------------------------------------------
 
 
-def _check_amount(amount: object, *, allow_zero: bool = False) -> int:
+def check_amount(amount: object, *, allow_zero: bool = False) -> int:
     # bool is an int subclass; True credits is always a bug in the caller.
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidAmount(f"amount must be a whole number of credits, got {amount!r}")
@@ -352,7 +353,7 @@ def hold_params(
 ) -> dict[str, Any]:
     """The parameters of ``HOLD_WRITES`` for a hold of ``amount`` on a locked ``account`` that
     affords it (the caller checked what ``hold`` checks)."""
-    _check_amount(amount)
+    check_amount(amount)
     return {
         "hold_id_": hold_id,
         "hold_account_": account.id,
@@ -425,7 +426,7 @@ def grant(
     amount raises ``IdempotencyConflict``.
     """
     check_identifier(user_id, "user id")
-    _check_amount(amount)
+    check_amount(amount)
     check_identifier(key, "idempotency key")
     entry_key = f"grant:{key}"
 
@@ -479,7 +480,7 @@ def hold(
     existing hold, even if it has ended since or the credits are now spent elsewhere.
     """
     check_identifier(user_id, "user id")
-    _check_amount(amount)
+    check_amount(amount)
     check_identifier(key, "idempotency key")
     if ttl <= timedelta(0):
         raise ValueError(f"hold ttl must be positive, got {ttl}")
@@ -567,7 +568,7 @@ def capture(
     ``IdempotencyConflict``); after a release or expiry it raises ``HoldAlreadyEnded``.
     Capturing is allowed until the hold has actually been expired by ``expire``.
     """
-    _check_amount(amount, allow_zero=True)
+    check_amount(amount, allow_zero=True)
     locked = _lock_hold(session, hold_id)
     if locked.status != HoldStatus.PENDING:
         ending = _ending_of(session, locked)

@@ -16,6 +16,8 @@ generation whose hold disagrees with its status.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -25,9 +27,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from ai_handler_dagster import generations as gens
-from ai_handler_dagster import ledger
+from ai_handler_dagster import ledger, priorities
 from ai_handler_dagster.db.engine import session_scope
-from ai_handler_dagster.db.models import Generation, Hold, LedgerEntry
+from ai_handler_dagster.db.models import Generation, GenerationEvent, Hold, LedgerEntry
 from ai_handler_dagster.pricing import PriceBook, load_pricing, parse_pricing
 from tests.support.db import emptied, migrated_database, race
 
@@ -812,3 +814,214 @@ def test_verify_notices_a_status_that_disagrees_with_its_hold(
     problems = [str(p) for p in tx(engine, gens.verify)]
     hold_id = row(engine, gid).hold_id
     assert problems == [f"generation {gid}: failed but its hold {hold_id} is still pending"]
+
+
+# --- submissions (many requests, few statements) ----------------------------------------------
+
+
+def batch(
+    engine: sa.Engine, prices: PriceBook, requests: list[gens.SubmitRequest], **kw: Any
+) -> list[gens.Submission | gens.InvalidRequest]:
+    return tx(engine, lambda s: gens.submissions(s, requests, prices=prices, **kw))
+
+
+def req(user: str = "alice", model: str = SKETCH, **kw: Any) -> gens.SubmitRequest:
+    kw.setdefault("input", {"prompt": "a red fox"})
+    return gens.SubmitRequest(user_id=user, model=model, **kw)
+
+
+def test_submissions_answer_each_request_as_submit_would_one_after_another(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine, amount=12)  # two SKETCH requests of 5, not three
+    fund(engine, user="bob", amount=100)
+    answers = batch(
+        engine,
+        prices,
+        [
+            req(),
+            req("bob"),
+            req(model="no-slash"),
+            req(),
+            req("carol"),
+            req(model="demo/unpriced"),
+            req(),  # the earlier two hold 10 of alice's 12
+            req("bob", input=["not", "an", "object"]),
+            req("bob", priority=99),
+            req("bob", model=HAIKU),
+        ],
+    )
+    kinds = [type(a).__name__ for a in answers]
+    assert kinds == [
+        "Submission",
+        "Submission",
+        "InvalidRequest",
+        "Submission",
+        "UnknownUser",
+        "UnknownModel",
+        "CannotAfford",
+        "InvalidRequest",
+        "InvalidRequest",
+        "Submission",
+    ], [str(a) for a in answers]
+    refused = answers[6]
+    assert isinstance(refused, gens.CannotAfford)
+    assert (refused.available, refused.needed) == (2, 5)
+    assert answers[2].field == "model" and answers[8].field == "priority"  # type: ignore[union-attr]
+    created = [a.generation for a in answers if isinstance(a, gens.Submission)]
+    assert all(a.created for a in answers if isinstance(a, gens.Submission))
+    assert len({g.id for g in created}) == 4
+    assert count(engine, Generation) == 4
+    assert balance(engine).held == 10 and balance(engine, "bob").held == 5 + 60
+    assert_consistent(engine)
+
+
+def test_submissions_write_what_submit_writes(engine: sa.Engine, prices: PriceBook) -> None:
+    # Every column of the generation, its hold, its entry and its first event, whichever path
+    # wrote them: the batch's one statement must leave nothing to a default submit sets.
+    fund(engine)
+    tx(engine, lambda s: priorities.set_ceiling(s, "alice", 5))
+    alone = submit(engine, prices, request_id="alone", priority=3, input={"prompt": "same"})
+    together = batch(
+        engine, prices, [req(request_id="together", priority=3, input={"prompt": "same"})]
+    )[0]
+    assert isinstance(together, gens.Submission) and together.created
+
+    def stored(session: Session, gid: int) -> dict[str, Any]:
+        generation = session.get_one(Generation, gid)
+        hold = session.get_one(Hold, generation.hold_id)
+        entry = session.scalars(sa.select(LedgerEntry).where(LedgerEntry.hold_id == hold.id)).one()
+        event = session.scalars(
+            sa.select(GenerationEvent).where(GenerationEvent.generation_id == gid)
+        ).one()
+        skip = {"id", "request_id", "hold_id", "generation_id", "idempotency_key", "input"}
+        skip |= {"created_at", "updated_at", "pending_since", "expires_at", "at"}
+        return {
+            f"{type(obj).__name__}.{c.key}": getattr(obj, c.key)
+            for obj in (generation, hold, entry, event)
+            for c in type(obj).__table__.columns
+            if c.key not in skip
+        }
+
+    first, second = tx(engine, lambda s: (stored(s, alone.id), stored(s, together.generation.id)))
+    assert first == second
+    # The returned object is the stored row, column for column, without a second read.
+    again = row(engine, together.generation.id)
+    for column in Generation.__table__.columns:
+        assert getattr(together.generation, column.key) == getattr(again, column.key), column.key
+    assert_consistent(engine)
+
+
+def test_submissions_replay_repeats_within_and_across_batches(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine, amount=10)
+    first = submit(engine, prices, request_id="earlier")
+    answers = batch(
+        engine,
+        prices,
+        [
+            req(request_id="earlier"),
+            req(request_id="new"),
+            req(request_id="new"),  # the batch's own repeat: answered with the row just made
+            req(request_id="new", input={"prompt": "another"}),
+            req(request_id="earlier", input={"prompt": "another"}),
+        ],
+    )
+    assert [type(a).__name__ for a in answers] == [
+        "Submission",
+        "Submission",
+        "Submission",
+        "RequestConflict",
+        "RequestConflict",
+    ]
+    replay, made, repeat = answers[0], answers[1], answers[2]
+    assert isinstance(replay, gens.Submission) and not replay.created
+    assert replay.generation.id == first.id
+    assert isinstance(made, gens.Submission) and made.created
+    assert isinstance(repeat, gens.Submission) and not repeat.created
+    assert repeat.generation.id == made.generation.id
+    conflicts = [a for a in answers[3:] if isinstance(a, gens.RequestConflict)]
+    assert [c.generation_id for c in conflicts] == [made.generation.id, first.id]
+    assert count(engine, Generation) == 2 and balance(engine).held == 10
+    assert_consistent(engine)
+
+
+def test_submissions_count_their_own_requests_against_max_waiting(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    fund(engine, amount=1000)
+    submit(engine, prices)
+    answers = batch(engine, prices, [req(), req(), req()], max_waiting=2)
+    assert [type(a).__name__ for a in answers] == ["Submission", "TooManyWaiting", "TooManyWaiting"]
+    assert count(engine, Generation) == 2
+    assert_consistent(engine)
+
+
+def test_concurrent_submissions_never_deadlock_or_overspend(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    # Batches naming the same users in opposite orders lock their accounts in id order, so
+    # none waits on another in a cycle; every user can afford exactly three requests.
+    users = [f"user-{i}" for i in range(6)]
+    for user in users:
+        fund(engine, user=user, amount=15)
+
+    def send(i: int) -> list[str]:
+        order = users if i % 2 else users[::-1]
+        answers = batch(engine, prices, [req(u, input={"n": i}) for u in order for _ in range(2)])
+        return [type(a).__name__ for a in answers]
+
+    results = race(8, send)
+    assert all(isinstance(r, list) for r in results), results
+    flat = [kind for r in results for kind in r]
+    assert flat.count("Submission") == 3 * len(users)
+    assert flat.count("CannotAfford") == len(flat) - 3 * len(users)
+    for user in users:
+        assert balance(engine, user).held == 15
+    assert_consistent(engine)
+
+
+def test_a_batch_that_loses_a_request_id_race_still_accepts_the_rest(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    # Another transaction has written bob's request "contested" and not committed: the batch
+    # cannot see that row, so its write meets the unique index, waits for the other
+    # transaction, and fails once it commits. Nothing of the write is kept, and each request
+    # is then submitted alone: the contested one is refused, its neighbours are accepted.
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer at a time: no write can wait on another's row")
+    fund(engine)
+    fund(engine, user="bob")
+    answers: list[list[gens.Submission | gens.InvalidRequest]] = []
+    with Session(engine) as other:
+        gens.submission(
+            other, user_id="bob", model=SKETCH, input={}, prices=prices, request_id="contested"
+        )
+        sender = threading.Thread(
+            target=lambda: answers.append(
+                batch(engine, prices, [req(request_id="contested"), req(), req()])
+            )
+        )
+        sender.start()
+        waiting = sa.text(
+            # Only the batch can wait for another transaction here (its query text may not be
+            # shown: the statement carries its arrays).
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND wait_event = 'transactionid'"
+        )
+        deadline = time.monotonic() + 30
+        with engine.connect() as watcher:
+            while not watcher.execute(waiting).scalar() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert watcher.execute(waiting).scalar() == 1, "the batch's write never waited"
+        other.commit()
+        sender.join(timeout=60)
+    assert [type(a).__name__ for a in answers[0]] == [
+        "RequestConflict",
+        "Submission",
+        "Submission",
+    ]
+    assert count(engine, Generation) == 3
+    assert balance(engine).held == 10 and balance(engine, "bob").held == 5
+    assert_consistent(engine)

@@ -39,6 +39,7 @@ from ai_handler_dagster.api.problems import (
     Problem,
     ProblemType,
 )
+from ai_handler_dagster.api.routes.generations import batch_submitter
 from ai_handler_dagster.db.engine import make_counter_engine, make_engine
 from ai_handler_dagster.pricing import PriceBook, load_pricing
 
@@ -171,6 +172,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.submitter.close()
         if app.state.counter_engine is not app.state.engine:
             app.state.counter_engine.dispose()
         if owned:
@@ -198,6 +200,8 @@ def create_app(
     # Keys are checked and requests counted on their own connections (deps.require).
     app.state.counter_engine = make_counter_engine(app.state.engine)
     app.state.prices = prices if prices is not None else load_pricing()
+    # The worker's submits share transactions (api/batching.py).
+    app.state.submitter = batch_submitter(app.state.engine, app.state.prices)
     # Innermost: an unexpected failure is answered here; the middlewares around it see a 500.
     app.add_middleware(CatchAll)
     app.add_middleware(

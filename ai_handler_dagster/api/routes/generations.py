@@ -25,6 +25,7 @@ import binascii
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session, defer
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import settings
-from ai_handler_dagster.api import deps, keys
+from ai_handler_dagster.api import batching, deps, keys
 from ai_handler_dagster.api.problems import INVALID_REQUEST, NOT_FOUND, Problem, problem_type
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, utcnow
@@ -276,10 +277,10 @@ class _GlobalBacklog:
             self._read[key], self._accepted[key] = (count, now), 0
         return count
 
-    def accepted(self, session: Session) -> None:
+    def accepted(self, session: Session, count: int = 1) -> None:
         key = self._key(session)
         with self._lock:
-            self._accepted[key] = self._accepted.get(key, 0) + 1
+            self._accepted[key] = self._accepted.get(key, 0) + count
 
 
 _GLOBAL = _GlobalBacklog()
@@ -300,10 +301,10 @@ def _links(generation_id: int) -> Links:
     return Links(self=here, cancel=f"{here}/cancel")
 
 
-def _generation_of(session: Session, request_id: str) -> int | None:
-    """The id of the generation with ``request_id``, if any (the unique index answers)."""
-    found = session.scalar(sa.select(Generation.id).where(Generation.request_id == request_id))
-    return None if found is None else int(found)
+def _generations_of(session: Session, request_ids: Sequence[str]) -> list[str]:
+    """Which of ``request_ids`` a generation has (the unique index answers)."""
+    found = sa.select(Generation.request_id).where(Generation.request_id.in_(request_ids))
+    return [str(request_id) for request_id in session.scalars(found)]
 
 
 @router.post(
@@ -320,11 +321,11 @@ def _generation_of(session: Session, request_id: str) -> int | None:
         429: {"description": "too many requests, or too many generations waiting"},
     },
 )
-def submit_generation(
+async def submit_generation(
     body: SubmitBody,
+    request: Request,
     response: Response,
     caller: keys.Caller = Depends(deps.require(keys.SUBMIT)),  # noqa: B008
-    engine: sa.Engine = Depends(deps.engine),  # noqa: B008
     prices: PriceBook = Depends(deps.prices),  # noqa: B008
     idempotency_key: str | None = Header(
         default=None,
@@ -335,47 +336,67 @@ def submit_generation(
     ),
 ) -> Accepted:
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
+    submitter: batching.Submitter = request.app.state.submitter
     try:
-        with session_scope(engine) as session:
-            # The user's own backlog is counted by submission, with the account locked. A
-            # replay writes nothing, so the global backlog does not refuse it.
-            total = settings.api_max_backlog()
-            if _GLOBAL.waiting(session, total) >= total and (
-                request_id is None or _generation_of(session, request_id) is None
-            ):
-                raise _backlog_full("global", f"{total} generations are waiting", total)
-            submitted = gens.submission(
-                session,
+        done = await submitter.submit(
+            gens.SubmitRequest(
                 user_id=body.user,
                 model=body.model,
                 input=body.input,
                 request_id=request_id,
-                prices=prices,
                 priority=body.priority,
                 max_priority=caller.max_priority,
-                max_waiting=settings.api_max_backlog_per_user(),
             )
-            row = submitted.generation
-            answer = Accepted(id=row.id, status=GenerationStatus(row.status), links=_links(row.id))
-            replayed = not submitted.created
-            if not replayed:
-                _GLOBAL.accepted(session)
-    except gens.RequestConflict:
-        assert request_id is not None  # a conflict needs a request id
-        with session_scope(engine) as session:
-            first = _generation_of(session, request_id)
+        )
+    except gens.RequestConflict as exc:
         raise Problem(
             IDEMPOTENCY_CONFLICT,
             f"Idempotency-Key {idempotency_key!r} was already used by this API key for "
-            f"generation {first} with a different user, model, input or priority",
-            generation=first,
+            f"generation {exc.generation_id} with a different user, model, input or priority",
+            generation=exc.generation_id,
         ) from None
     except gens.InvalidRequest as exc:
         raise refusal(exc, prices=prices, model=body.model, input=body.input) from None
+    answer = Accepted(id=done.id, status=GenerationStatus(done.status), links=_links(done.id))
     response.headers["Location"] = answer.links.self
-    if replayed:
+    if not done.created:
         response.headers["Idempotent-Replayed"] = "true"
     return answer
+
+
+def batch_submitter(engine: sa.Engine, prices: PriceBook) -> batching.Submitter:
+    """The worker's submitter (``api/batching.py``): its batches are ``gens.submissions``
+    behind the global backlog check, with the per-user backlog limit."""
+
+    def run(session: Session, requests: Sequence[gens.SubmitRequest]) -> list[batching.Answer]:
+        answers: list[batching.Answer | None] = [None] * len(requests)
+        total = settings.api_max_backlog()
+        if _GLOBAL.waiting(session, total) >= total:
+            # A repeat writes nothing, so a full backlog does not refuse it.
+            repeats = [r.request_id for r in requests if r.request_id is not None]
+            known = set(_generations_of(session, repeats)) if repeats else set()
+            for i, submitted in enumerate(requests):
+                if submitted.request_id not in known:
+                    answers[i] = _backlog_full("global", f"{total} generations are waiting", total)
+        allowed = [i for i, answer in enumerate(answers) if answer is None]
+        results = gens.submissions(
+            session,
+            [requests[i] for i in allowed],
+            prices=prices,
+            max_waiting=settings.api_max_backlog_per_user(),
+        )
+        created = 0
+        for i, result in zip(allowed, results, strict=True):
+            if isinstance(result, gens.Submission):
+                row = result.generation
+                answers[i] = batching.Accepted(row.id, row.status, result.created)
+                created += result.created
+            else:
+                answers[i] = result
+        _GLOBAL.accepted(session, created)
+        return [answer for answer in answers if answer is not None]
+
+    return batching.Submitter(engine, run)
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""Group commit of submits: a worker's concurrent submits share one transaction.
+
+A submit's cost is mostly fixed: a connection, the account lock, the write, the commit. So the
+submit route does not run its own transaction; it hands its request to the worker's
+``Submitter``, one thread that takes every request queued while its previous batch ran and
+submits them all with ``generations.submissions`` (on PostgreSQL three or four statements
+however many there are) in one transaction. No request waits for a batch to fill: an idle
+worker's batch is the one request that came, and under load a batch is what arrived during the
+last one.
+
+Each request is answered as if it had been submitted alone, one after another: a refusal is
+that request's, never its neighbours'. If the batch fails before its commit (a deadlock, a lost
+connection) each request is submitted again alone, in its own transaction, so one request's
+failure cannot fail the others; if the commit itself fails, whether it happened is unknown, so
+every request of the batch gets the error and nothing is retried.
+
+Written here rather than taken from a library: a batch is one database transaction, which is
+this project's to define, and the queue is a thread and a ``queue.SimpleQueue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from ai_handler_dagster import generations as gens
+
+log = logging.getLogger(__name__)
+
+#: The most requests one transaction takes; what queues beyond it goes in the next batch.
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request's generation: its id and status, and whether this request created it (False:
+    a repeat of an earlier request, answered with its row)."""
+
+    id: int
+    status: str
+    created: bool
+
+
+#: What a batch answers each request: its generation, or the exception to raise for it.
+Answer = Accepted | BaseException
+#: Submits a batch in the session's transaction (committed by the caller), answering each.
+BatchFn = Callable[[Session, Sequence[gens.SubmitRequest]], list[Answer]]
+
+
+@dataclass
+class _Waiting:
+    request: gens.SubmitRequest
+    future: asyncio.Future[Answer]
+    loop: asyncio.AbstractEventLoop
+
+
+class Submitter:
+    """One worker's submitting thread; ``submit`` is called from the event loop."""
+
+    def __init__(self, engine: sa.Engine, run_batch: BatchFn, *, max_batch: int = MAX_BATCH):
+        self._engine = engine
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        #: Sizes of the batches run so far (a bounded count per size, for tests and metrics).
+        self.batches: dict[int, int] = {}
+
+    async def submit(self, request: gens.SubmitRequest) -> Accepted:
+        """Submit ``request`` with whatever else is queued; raise its refusal or error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        self._start()
+        self._queue.put(_Waiting(request, future, loop))
+        answer = await future
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Answer what is queued, then stop the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout_s)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the submitter is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="ai-handler-submitter", daemon=True
+                )
+                self._thread.start()
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stopping = True
+                    break
+                batch.append(waiting)
+            self.batches[len(batch)] = self.batches.get(len(batch), 0) + 1
+            try:
+                answers = self._answer([w.request for w in batch])
+            except BaseException as exc:  # never lose the thread: every request gets the error
+                log.exception("a batch of %d submits failed", len(batch))
+                answers = [exc] * len(batch)
+            self._settle(batch, answers)
+
+    def _answer(self, requests: Sequence[gens.SubmitRequest]) -> list[Answer]:
+        session = Session(self._engine, expire_on_commit=False)
+        try:
+            try:
+                answers = self._run_batch(session, requests)
+            except sa.exc.DBAPIError:
+                session.rollback()
+                if len(requests) == 1:
+                    raise
+                # Nothing was committed: each request again, alone, so the one whose failure
+                # it was cannot fail its neighbours.
+                log.warning("a batch of %d submits failed; submitting each alone", len(requests))
+                return [self._alone(request) for request in requests]
+            session.commit()
+            return answers
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def _alone(self, request: gens.SubmitRequest) -> Answer:
+        try:
+            return self._answer([request])[0]
+        except Exception as exc:
+            return exc
+
+    @staticmethod
+    def _settle(batch: Sequence[_Waiting], answers: Sequence[Answer]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Answer], Answer]]] = {}
+        for waiting, answer in zip(batch, answers, strict=True):
+            by_loop.setdefault(waiting.loop, []).append((waiting.future, answer))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _resolve(settled: Sequence[tuple[asyncio.Future[Answer], Any]]) -> None:
+    for future, answer in settled:
+        if not future.done():  # a request given up on (its client left) is not answered
+            future.set_result(answer)
