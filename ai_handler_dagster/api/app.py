@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ai_handler_dagster import settings
+from ai_handler_dagster.api import deps
 from ai_handler_dagster.api.limits import BodyLimits, CatchAll
 from ai_handler_dagster.api.metrics import RequestMetrics
 from ai_handler_dagster.api.problems import (
@@ -173,6 +174,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         app.state.submitter.close()
+        app.state.admitter.close()
         if app.state.counter_engine is not app.state.engine:
             app.state.counter_engine.dispose()
         if owned:
@@ -199,6 +201,7 @@ def create_app(
     app.state.engine = engine if engine is not None else make_engine(settings.database_url())
     # Keys are checked and requests counted on their own connections (deps.require).
     app.state.counter_engine = make_counter_engine(app.state.engine)
+    app.state.admitter = deps.admitter(app.state.counter_engine)
     app.state.prices = prices if prices is not None else load_pricing()
     # The worker's submits share transactions (api/batching.py).
     app.state.submitter = batch_submitter(app.state.engine, app.state.prices)

@@ -25,9 +25,10 @@ import contextlib
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -55,34 +56,43 @@ Answer = Accepted | BaseException
 #: Submits a batch in the session's transaction (committed by the caller), answering each.
 BatchFn = Callable[[Session, Sequence[gens.SubmitRequest]], list[Answer]]
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass
-class _Waiting:
-    request: gens.SubmitRequest
-    future: asyncio.Future[Answer]
+class _Waiting(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R | BaseException]
     loop: asyncio.AbstractEventLoop
 
 
-class Submitter:
-    """One worker's submitting thread; ``submit`` is called from the event loop."""
+class Batcher(Generic[T, R]):
+    """One thread that runs ``run`` on what the event loop queued meanwhile, answering each
+    item with its result or raising its exception; ``await batcher(item)`` from the loop."""
 
-    def __init__(self, engine: sa.Engine, run_batch: BatchFn, *, max_batch: int = MAX_BATCH):
-        self._engine = engine
-        self._run_batch = run_batch
+    def __init__(
+        self,
+        run: Callable[[Sequence[T]], Sequence[R | BaseException]],
+        *,
+        name: str,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._run = run
+        self._name = name
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Waiting[T, R] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
-        #: Sizes of the batches run so far (a bounded count per size, for tests and metrics).
-        self.batches: dict[int, int] = {}
+        #: How many batches of each size ran (sizes are at most ``max_batch``).
+        self.batches: Counter[int] = Counter()
 
-    async def submit(self, request: gens.SubmitRequest) -> Accepted:
-        """Submit ``request`` with whatever else is queued; raise its refusal or error."""
+    async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
+        future: asyncio.Future[R | BaseException] = loop.create_future()
         self._start()
-        self._queue.put(_Waiting(request, future, loop))
+        self._queue.put(_Waiting(item, future, loop))
         answer = await future
         if isinstance(answer, BaseException):
             raise answer
@@ -100,10 +110,10 @@ class Submitter:
     def _start(self) -> None:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the submitter is closed")
+                raise RuntimeError(f"the {self._name} is closed")
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._serve, name="ai-handler-submitter", daemon=True
+                    target=self._serve, name=f"ai-handler-{self._name}", daemon=True
                 )
                 self._thread.start()
 
@@ -123,19 +133,36 @@ class Submitter:
                     stopping = True
                     break
                 batch.append(waiting)
-            self.batches[len(batch)] = self.batches.get(len(batch), 0) + 1
+            self.batches[len(batch)] += 1
+            answers: Sequence[R | BaseException]
             try:
-                answers = self._answer([w.request for w in batch])
-            except BaseException as exc:  # never lose the thread: every request gets the error
-                log.exception("a batch of %d submits failed", len(batch))
+                answers = self._run([w.item for w in batch])
+            except BaseException as exc:  # never lose the thread: every item gets the error
+                log.exception("a batch of %d in the %s failed", len(batch), self._name)
                 answers = [exc] * len(batch)
-            self._settle(batch, answers)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+            for waiting, answer in zip(batch, answers, strict=True):
+                by_loop.setdefault(waiting.loop, []).append((waiting.future, answer))
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, settled)
 
-    def _answer(self, requests: Sequence[gens.SubmitRequest]) -> list[Answer]:
-        session = Session(self._engine, expire_on_commit=False)
+
+def _resolve(settled: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, answer in settled:
+        if not future.done():  # a request given up on (its client left) is not answered
+            future.set_result(answer)
+
+
+def submitter(engine: sa.Engine, run_batch: BatchFn) -> Batcher[gens.SubmitRequest, Accepted]:
+    """A worker's submitter: batches of ``run_batch`` in one transaction each; a batch that
+    fails before its commit is run again one request at a time."""
+
+    def answer(requests: Sequence[gens.SubmitRequest]) -> list[Answer]:
+        session = Session(engine, expire_on_commit=False)
         try:
             try:
-                answers = self._run_batch(session, requests)
+                answers = run_batch(session, requests)
             except sa.exc.DBAPIError:
                 session.rollback()
                 if len(requests) == 1:
@@ -143,7 +170,7 @@ class Submitter:
                 # Nothing was committed: each request again, alone, so the one whose failure
                 # it was cannot fail its neighbours.
                 log.warning("a batch of %d submits failed; submitting each alone", len(requests))
-                return [self._alone(request) for request in requests]
+                return [alone(request) for request in requests]
             session.commit()
             return answers
         except BaseException:
@@ -152,23 +179,10 @@ class Submitter:
         finally:
             session.close()
 
-    def _alone(self, request: gens.SubmitRequest) -> Answer:
+    def alone(request: gens.SubmitRequest) -> Answer:
         try:
-            return self._answer([request])[0]
+            return answer([request])[0]
         except Exception as exc:
             return exc
 
-    @staticmethod
-    def _settle(batch: Sequence[_Waiting], answers: Sequence[Answer]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Answer], Answer]]] = {}
-        for waiting, answer in zip(batch, answers, strict=True):
-            by_loop.setdefault(waiting.loop, []).append((waiting.future, answer))
-        for loop, settled in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, settled)
-
-
-def _resolve(settled: Sequence[tuple[asyncio.Future[Answer], Any]]) -> None:
-    for future, answer in settled:
-        if not future.done():  # a request given up on (its client left) is not answered
-            future.set_result(answer)
+    return Batcher(answer, name="submitter")

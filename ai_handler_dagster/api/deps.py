@@ -1,22 +1,23 @@
 """What routes depend on: the app's database engine and price book, and the calling key.
 
 ``require(scope)`` is the dependency of every authenticated route: it reads the bearer key,
-checks it, counts the request against the key's per-minute limit (one statement on
-PostgreSQL, ``ratelimit.admit``) and checks its scope. Missing, malformed, unknown or revoked
-keys are 401; a key without the scope 403 (the request counts); over its limit 429 with
-``Retry-After``.
+checks it, counts the request against the key's per-minute limit and checks its scope. The
+check and the count are the worker's ``admitter``'s: the keys presented meanwhile, checked and
+counted together (one statement on PostgreSQL, ``ratelimit.admit_many``). Missing, malformed,
+unknown or revoked keys are 401; a key without the scope 403 (the request counts); over its
+limit 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import sqlalchemy as sa
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ai_handler_dagster import settings
-from ai_handler_dagster.api import keys, ratelimit
+from ai_handler_dagster.api import batching, keys, ratelimit
 from ai_handler_dagster.api.problems import FORBIDDEN_SCOPE, RATE_LIMITED, UNAUTHORIZED, Problem
 from ai_handler_dagster.pricing import PriceBook
 
@@ -44,13 +45,29 @@ async def prices(request: Request) -> PriceBook:
     return value
 
 
-def require(scope: str, *, any_scope: bool = False) -> Callable[..., keys.Caller]:
+def admitter(counter: sa.Engine) -> batching.Batcher[str, ratelimit.Admission]:
+    """The worker's key checks: the presented keys that queued meanwhile checked and counted
+    with one statement (``ratelimit.admit_many``) on the counter engine, whose connections
+    autocommit, so a key's counter row stays locked only while that statement runs."""
+
+    def run(presented: Sequence[str]) -> list[ratelimit.Admission]:
+        with counter.connect() as connection:
+            answers = ratelimit.admit_many(
+                connection, presented, default_limit=settings.api_rate_per_minute()
+            )
+            connection.commit()  # SQLite's transaction; nothing to do in autocommit
+        return answers
+
+    return batching.Batcher(run, name="admitter")
+
+
+def require(scope: str, *, any_scope: bool = False) -> Callable[..., Awaitable[keys.Caller]]:
     """The dependency that admits a key with ``scope`` (``admin`` has every scope); with
     ``any_scope`` every valid key is admitted."""
     if scope not in keys.SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    def caller(
+    async def caller(
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
     ) -> keys.Caller:
@@ -59,15 +76,8 @@ def require(scope: str, *, any_scope: bool = False) -> Callable[..., keys.Caller
             raise Problem(
                 UNAUTHORIZED, "no API key: send 'Authorization: Bearer <key>'", headers=challenge
             )
-        # On the counter engine: the key's row and its count are read and written in one
-        # autocommit statement on PostgreSQL, so the key's counter row, which all its requests
-        # update, stays locked only while that statement runs.
-        counter: sa.Engine = request.app.state.counter_engine
-        with counter.connect() as connection:
-            admission = ratelimit.admit(
-                connection, credentials.credentials, default_limit=settings.api_rate_per_minute()
-            )
-            connection.commit()  # SQLite's transaction; nothing to do in autocommit
+        admit: batching.Batcher[str, ratelimit.Admission] = request.app.state.admitter
+        admission = await admit(credentials.credentials)
         found, verdict = admission.caller, admission.verdict
         if found is None or verdict is None:
             raise Problem(UNAUTHORIZED, "the API key is unknown or revoked", headers=challenge)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,3 +146,108 @@ def admit(
         connection.execute(_FORGET, {"key_id": key_id, "minute": minute})
     limit = caller.rate_per_minute or default_limit
     return Admission(caller, Verdict(count, limit, _retry_after(minute, now)))
+
+
+def _admit_many_statement() -> sa.Select[Any]:
+    """``_ADMIT`` for many presented keys at once: each key row, and each key's count raised
+    by its valid requests (those whose secret matches an unrevoked key) with one upsert per
+    key, in the order presented."""
+    presented = (
+        sa.func.unnest(
+            sa.bindparam("key_ids_", type_=postgresql.ARRAY(sa.String())),
+            sa.bindparam("digests_", type_=postgresql.ARRAY(sa.String())),
+        )
+        .table_valued("key_id", "digest", with_ordinality="position")
+        .render_derived(name="presented")
+    )
+    p = sa.select(presented).cte("presented")
+    valid = (
+        sa.select(p.c.key_id, sa.func.count().label("requests"))
+        .join_from(
+            p,
+            ApiKey,
+            sa.and_(
+                ApiKey.key_id == p.c.key_id,
+                ApiKey.secret_sha256 == p.c.digest,
+                ApiKey.revoked_at.is_(None),
+            ),
+        )
+        .group_by(p.c.key_id)
+        .cte("valid")
+    )
+    upsert = postgresql.insert(ApiRequestCount).from_select(
+        ["key_id", "minute", "count"],
+        sa.select(valid.c.key_id, sa.bindparam("minute", type_=sa.BigInteger), valid.c.requests),
+    )
+    counted = (
+        upsert.on_conflict_do_update(
+            index_elements=[ApiRequestCount.key_id, ApiRequestCount.minute],
+            set_={"count": ApiRequestCount.count + upsert.excluded.count},
+        )
+        .returning(ApiRequestCount.key_id, ApiRequestCount.count)
+        .cte("counted")
+    )
+    return (
+        sa.select(
+            *keys.CALLER_COLUMNS,
+            counted.c.count.label("request_count"),
+            valid.c.requests.label("batch_requests"),
+        )
+        .select_from(
+            p.outerjoin(ApiKey, ApiKey.key_id == p.c.key_id)
+            .outerjoin(counted, counted.c.key_id == p.c.key_id)
+            .outerjoin(valid, valid.c.key_id == p.c.key_id)
+        )
+        .order_by(p.c.position)
+    )
+
+
+_ADMIT_MANY = _admit_many_statement()
+
+
+def admit_many(
+    connection: sa.Connection,
+    presented: Sequence[str],
+    *,
+    default_limit: int,
+    clock: Callable[[], float] = time.time,
+) -> list[Admission]:
+    """``admit`` for each of ``presented``, in order, as if one after another: on PostgreSQL one
+    statement for all of them (a key's requests in it raise its count together, and each gets
+    its own count in order); on SQLite ``admit`` for each."""
+    if is_sqlite(connection):
+        return [
+            admit(connection, one, default_limit=default_limit, clock=clock) for one in presented
+        ]
+    now = clock()
+    minute = int(now // 60)
+    parsed = [keys.parse(one) for one in presented]
+    asked = [(i, found) for i, found in enumerate(parsed) if found is not None]
+    answers = [Admission(None, None)] * len(presented)
+    if not asked:
+        return answers
+    rows = connection.execute(
+        _ADMIT_MANY,
+        {
+            "key_ids_": [key_id for _, (key_id, _secret) in asked],
+            "digests_": [keys.digest(secret) for _, (_key_id, secret) in asked],
+            "minute": minute,
+        },
+    ).all()
+    next_count: dict[str, int] = {}
+    first_of_minute: set[str] = set()  # keys whose count this batch started
+    for (i, (_key_id, secret)), row in zip(asked, rows, strict=True):
+        caller = keys.caller_of(row, secret) if row.key_id is not None else None
+        if caller is None or row.request_count is None:
+            continue
+        # The key's requests of this batch are its last batch_requests counts, in order.
+        count = next_count.get(caller.key_id, int(row.request_count) - int(row.batch_requests))
+        count += 1
+        next_count[caller.key_id] = count
+        if count == 1:
+            first_of_minute.add(caller.key_id)
+        limit = caller.rate_per_minute or default_limit
+        answers[i] = Admission(caller, Verdict(count, limit, _retry_after(minute, now)))
+    for key_id in sorted(first_of_minute):
+        connection.execute(_FORGET, {"key_id": key_id, "minute": minute})
+    return answers

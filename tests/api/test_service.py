@@ -20,13 +20,14 @@ import sqlalchemy as sa
 
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
-from ai_handler_dagster.api import keys
+from ai_handler_dagster.api import keys, ratelimit
 from ai_handler_dagster.api.app import create_app
 from ai_handler_dagster.api.server import start_server
 from ai_handler_dagster.db.engine import make_counter_engine, session_scope
 from ai_handler_dagster.db.models import ApiRequestCount, Generation, GenerationEvent
 from ai_handler_dagster.pricing import load_pricing
 from tests.support.api import Api
+from tests.support.db import race
 
 PROBLEM = "application/problem+json"
 
@@ -409,3 +410,56 @@ def test_a_bad_setting_stops_the_app_at_start(
     monkeypatch.setenv("AI_HANDLER_API_MAX_BACKLOG_PER_USER", str(10**9))
     with pytest.raises(ConfigError, match="AI_HANDLER_API_MAX_BACKLOG_PER_USER"):
         create_app(engine, prices=load_pricing())
+
+
+def test_admit_many_answers_each_key_as_if_checked_one_after_another(engine: sa.Engine) -> None:
+    # The admitter checks the keys presented meanwhile with one statement: each request gets
+    # its own count, in order, and only a valid key's requests count.
+    with session_scope(engine) as session:
+        tight, _ = keys.create(session, name="tight", scopes=[keys.READ], rate_per_minute=2)
+        other, _ = keys.create(session, name="other", scopes=[keys.READ])
+        gone, _ = keys.create(session, name="gone", scopes=[keys.READ])
+        keys.revoke(session, gone)
+    forged = tight[:-4] + ("AAAA" if not tight.endswith("AAAA") else "BBBB")
+    unknown = "aih_" + "0" * 12 + tight[len("aih_") + 12 :]
+    assert keys.parse(unknown) is not None  # well formed, but no such key
+    presented = [tight, forged, other, tight, "not a key", gone, unknown, tight, other]
+    start = time.time()
+    with make_counter_engine(engine).connect() as connection:
+        answers = ratelimit.admit_many(connection, presented, default_limit=100)
+        connection.commit()
+    if int(start // 60) != int(time.time() // 60):
+        pytest.skip("the minute turned during the test")
+    named = [a.caller.name if a.caller else None for a in answers]
+    assert named == ["tight", None, "other", "tight", None, None, None, "tight", "other"]
+    verdicts = [(a.verdict.count, a.verdict.allowed) if a.verdict else None for a in answers]
+    assert verdicts == [
+        (1, True),
+        None,
+        (1, True),
+        (2, True),
+        None,
+        None,
+        None,
+        (3, False),
+        (2, True),
+    ]
+    assert _counted(engine, tight) == 3 and _counted(engine, other) == 2
+    assert _counted(engine, gone) == 0
+
+
+def test_concurrent_requests_of_one_key_spend_its_limit_exactly(api: Api) -> None:
+    # Requests that arrive together are checked in one batch; the key's limit still admits
+    # exactly as many as it allows, whichever batch each request landed in.
+    key = api.key(keys.READ, rate_per_minute=10)
+    start = time.time()
+    codes = race(24, lambda _i: _get_key(api, key))
+    if int(start // 60) != int(time.time() // 60):
+        pytest.skip("the minute turned during the test")
+    assert sorted(codes) == [200] * 10 + [429] * 14, codes
+    assert _counted(api.engine, key) == 24
+
+
+def _get_key(api: Api, key: str) -> int:
+    with api.client(key) as http:
+        return http.get("/v1/key").status_code

@@ -336,9 +336,10 @@ async def submit_generation(
     ),
 ) -> Accepted:
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
-    submitter: batching.Submitter = request.app.state.submitter
+    submit: batching.Batcher[gens.SubmitRequest, batching.Accepted]
+    submit = request.app.state.submitter
     try:
-        done = await submitter.submit(
+        done = await submit(
             gens.SubmitRequest(
                 user_id=body.user,
                 model=body.model,
@@ -364,7 +365,9 @@ async def submit_generation(
     return answer
 
 
-def batch_submitter(engine: sa.Engine, prices: PriceBook) -> batching.Submitter:
+def batch_submitter(
+    engine: sa.Engine, prices: PriceBook
+) -> batching.Batcher[gens.SubmitRequest, batching.Accepted]:
     """The worker's submitter (``api/batching.py``): its batches are ``gens.submissions``
     behind the global backlog check, with the per-user backlog limit."""
 
@@ -396,7 +399,7 @@ def batch_submitter(engine: sa.Engine, prices: PriceBook) -> batching.Submitter:
         _GLOBAL.accepted(session, created)
         return [answer for answer in answers if answer is not None]
 
-    return batching.Submitter(engine, run)
+    return batching.submitter(engine, run)
 
 
 # --- reading ------------------------------------------------------------------------------------
