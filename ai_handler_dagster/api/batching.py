@@ -1,15 +1,17 @@
-"""Group commit of submits: a worker's concurrent submits share one transaction.
+"""Batches of a worker's concurrent requests: submits share a transaction, key checks a
+statement.
 
-A submit's cost is mostly fixed: a connection, the account lock, the write, the commit. So the
-submit route does not run its own transaction; it hands its request to the worker's
-``Submitter``, one thread that takes every request queued while its previous batch ran and
-submits them all with ``generations.submissions`` (on PostgreSQL three or four statements
-however many there are) in one transaction. No request waits for a batch to fill: an idle
+A submit's cost is mostly fixed: a connection, the account lock, the write, the commit; a key
+check's too. So the routes do not run their own statements; they hand their request to one of
+the worker's ``Batcher`` threads, which takes every request queued while its previous batch ran
+and answers them all: the submitter with ``generations.submissions`` (on PostgreSQL three or
+four statements however many there are) in one transaction, the admitter with
+``ratelimit.admit_many`` (one statement). No request waits for a batch to fill: an idle
 worker's batch is the one request that came, and under load a batch is what arrived during the
-last one.
+last one. Awaiting a batcher costs the event loop no thread hop.
 
-Each request is answered as if it had been submitted alone, one after another: a refusal is
-that request's, never its neighbours'. If the batch fails before its commit (a deadlock, a lost
+Each request is answered as if it had been alone, one after another: a refusal is that
+request's, never its neighbours'. If a submit batch fails before its commit (a deadlock, a lost
 connection) each request is submitted again alone, in its own transaction, so one request's
 failure cannot fail the others; if the commit itself fails, whether it happened is unknown, so
 every request of the batch gets the error and nothing is retried.

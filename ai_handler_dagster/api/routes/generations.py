@@ -1,10 +1,12 @@
 """``POST /v1/generations`` (submit), ``GET /v1/generations/{id}`` (status) and ``GET
 /v1/generations`` (a cursor-paginated list, newest first).
 
-A submit is ``generations.submit`` in one transaction, so the API refuses exactly what the
-Python API refuses, and nothing is written on a refusal: the row, its hold, its ledger entry and
-its first event commit together or not at all. Each refusal has its problem type (registered
-below); ``refusal()`` maps ``submit``'s exceptions to them, and the quote route uses it too.
+A submit is ``generations.submissions`` in a batch with the worker's other submits (the
+worker's submitter, ``api/batching.py``), each answered as ``generations.submit`` would answer
+it, so the API refuses exactly what the Python API refuses, and nothing is written on a
+refusal: the row, its hold, its ledger entry and its first event commit together or not at all.
+Each refusal has its problem type (registered below); ``refusal()`` maps ``submit``'s exceptions
+to them, and the quote route uses it too.
 
 Before the submit, a backlog check sheds load: too many generations waiting (pending or queued)
 for the user, or in all, is 429 with ``Retry-After``. Each count reads at most its limit's worth
