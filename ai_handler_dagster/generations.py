@@ -516,11 +516,12 @@ def submissions(
     On PostgreSQL every account the requests name is locked with one statement (in id order,
     as concurrent batches lock them, so two batches cannot deadlock), which also reads what the
     checks need and allocates the new ids; the repeats' earlier rows are read with one more; and
-    every write of every accepted request is one statement, whatever their number. A request
-    whose ``request_id`` an earlier one in the batch uses, and every accepted request if that
-    write meets a unique index (a concurrent duplicate won), is submitted alone afterwards. On
-    SQLite, whose writers hold the database's lock, the requests go through ``submission`` one
-    after another.
+    every write of every accepted request is one statement, whatever their number. From the
+    first request whose ``request_id`` an earlier one in the batch uses, the requests are
+    submitted alone afterwards, in order (their accounts are among those locked first, so that
+    too keeps the id order); if the write meets a unique index (a concurrent duplicate won),
+    it is rolled back and every request is submitted alone, in order. On SQLite, whose writers
+    hold the database's lock, the requests go through ``submission`` one after another.
 
     ``ValueError`` for a bad ``max_waiting``; a database error propagates (roll back).
     """
@@ -528,7 +529,8 @@ def submissions(
     answers: list[Submission | InvalidRequest | None] = [None] * len(requests)
     alone = is_sqlite(session)
     one_by_one = list(range(len(requests))) if alone else []
-    checked: dict[int, SubmitRequest] = {}
+    together: dict[int, SubmitRequest] = {}
+    users: set[str] = set()
     seen: set[str] = set()
     for i, raw in enumerate(requests):
         if alone:
@@ -538,17 +540,19 @@ def submissions(
         except InvalidRequest as exc:
             answers[i] = exc
             continue
+        users.add(request.user_id)
+        if one_by_one or (request.request_id is not None and request.request_id in seen):
+            # From the first repeat of a request_id in the batch on, every request goes alone,
+            # in order: whether the repeat creates, replays or conflicts depends on what the
+            # requests before it did.
+            one_by_one.append(i)
+            continue
         if request.request_id is not None:
-            if request.request_id in seen:
-                one_by_one.append(i)  # after the first, which may create what it repeats
-                continue
             seen.add(request.request_id)
-        checked[i] = request
-    if checked:
-        accepted = _submit_together(session, checked, answers, prices, hold_ttl, max_waiting)
-        if accepted is not None:
-            one_by_one.extend(accepted)
-            one_by_one.sort()
+        together[i] = request
+    if users:
+        redo = _submit_together(session, together, users, answers, prices, hold_ttl, max_waiting)
+        one_by_one = sorted({*redo, *one_by_one})
     for i in one_by_one:
         raw = requests[i]
         try:
@@ -573,22 +577,24 @@ def submissions(
 def _submit_together(
     session: Session,
     requests: Mapping[int, SubmitRequest],
+    users: Collection[str],
     answers: list[Submission | InvalidRequest | None],
     prices: PriceBook,
     hold_ttl: timedelta | None,
     max_waiting: int | None,
-) -> list[int] | None:
-    """PostgreSQL's ``submissions`` of checked requests with distinct request ids: fills
-    ``answers``; returns None, or the positions of the accepted requests to submit alone
-    because the write met a unique index (nothing of it was kept)."""
+) -> list[int]:
+    """PostgreSQL's ``submissions`` of checked requests with distinct request ids, after the
+    accounts of ``users`` (theirs and those of the requests to submit alone afterwards) are
+    locked in id order: fills ``answers``; returns the positions to submit alone instead, in
+    order (every one, with their answers cleared, if the write met a unique index: a request
+    that then replays or conflicts holds nothing, so the later ones' answers may change)."""
     session.flush()
     connection = session.connection()
-    users = sorted({request.user_id for request in requests.values()})
     locked = {
         row.user_id: row
         for row in connection.execute(
             _LOCK_FOR_BATCH,
-            {"users": users, "waiting_cap": max_waiting or 0, "n": len(requests)},
+            {"users": sorted(users), "waiting_cap": max_waiting or 0, "n": len(requests)},
         )
     }
     repeats = [r.request_id for r in requests.values() if r.request_id is not None]
@@ -603,8 +609,8 @@ def _submit_together(
             )
         }
     first = next(iter(locked.values()), None)
-    new_ids = iter(first.generation_ids if first is not None else ())
-    new_hold_ids = iter(first.hold_ids if first is not None else ())
+    new_ids = iter((first.generation_ids if first is not None else None) or ())
+    new_hold_ids = iter((first.hold_ids if first is not None else None) or ())
     spent: Counter[str] = Counter()  # credits this batch holds, per user
     queued: Counter[str] = Counter()  # generations this batch adds, per user
     now = utcnow()
@@ -631,7 +637,7 @@ def _submit_together(
         queued[request.user_id] += 1
         writes.append((i, request, granted, next(new_ids), next(new_hold_ids), found.id, needed))
     if not writes:
-        return None
+        return []
     batch = [w[1] for w in writes]
     params: dict[str, Any] = {
         "at": now,
@@ -654,12 +660,14 @@ def _submit_together(
     except IntegrityError:
         if not repeats:
             raise
-        return [w[0] for w in writes]
+        for i in requests:
+            answers[i] = None
+        return sorted(requests)
     for account_id in {w[5] for w in writes}:
         ledger.forget_account(session, account_id)
     for i, request, granted, generation_id, hold_id, _account, needed in writes:
         answers[i] = _attach(session, request, granted, generation_id, hold_id, needed, now)
-    return None
+    return []
 
 
 def _checked(request: SubmitRequest) -> SubmitRequest:

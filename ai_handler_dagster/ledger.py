@@ -645,6 +645,15 @@ def expire(session: Session, now: datetime | None = None, *, limit: int = 1000) 
         .with_for_update(skip_locked=True)
         .execution_options(populate_existing=True)
     ).all()
+    if due:
+        # Their accounts locked in id order, as every transaction that locks several does (a
+        # batch of submits: generations.submissions), so that none waits on another in a cycle.
+        session.execute(
+            sa.select(Account.id)
+            .where(Account.id.in_(sorted({item.account_id for item in due})))
+            .order_by(Account.id)
+            .with_for_update()
+        )
     for item in due:
         _end(session, item, EntryKind.EXPIRE, 0, "expired", now)
     return list(due)

@@ -991,7 +991,7 @@ def test_a_batch_that_loses_a_request_id_race_still_accepts_the_rest(
     # is then submitted alone: the contested one is refused, its neighbours are accepted.
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has one writer at a time: no write can wait on another's row")
-    fund(engine)
+    fund(engine, amount=10)
     fund(engine, user="bob")
     answers: list[list[gens.Submission | gens.InvalidRequest]] = []
     with Session(engine) as other:
@@ -1017,6 +1017,9 @@ def test_a_batch_that_loses_a_request_id_race_still_accepts_the_rest(
             assert watcher.execute(waiting).scalar() == 1, "the batch's write never waited"
         other.commit()
         sender.join(timeout=60)
+    # alice affords two: the contested request, a conflict, holds nothing, so both others are
+    # accepted (regression: only the accepted requests were resubmitted, and a refusal counted
+    # against the contested one's hold stood).
     assert [type(a).__name__ for a in answers[0]] == [
         "RequestConflict",
         "Submission",
@@ -1024,4 +1027,31 @@ def test_a_batch_that_loses_a_request_id_race_still_accepts_the_rest(
     ]
     assert count(engine, Generation) == 3
     assert balance(engine).held == 10 and balance(engine, "bob").held == 5
+    assert_consistent(engine)
+
+
+def test_a_repeat_in_a_batch_whose_first_was_refused_is_answered_in_its_place(
+    engine: sa.Engine, prices: PriceBook
+) -> None:
+    # Regression: a repeat of a request_id earlier in the batch was moved to the end of the
+    # batch. When the first was refused, the repeat is a new request, and it must be held
+    # before the requests after it: alice affords two, so the last one is the refusal.
+    fund(engine, amount=10)
+    answers = batch(
+        engine,
+        prices,
+        [
+            req(model="demo/unpriced", request_id="x"),
+            req(request_id="x"),
+            req(input={"prompt": "y"}),
+            req(input={"prompt": "z"}),
+        ],
+    )
+    assert [type(a).__name__ for a in answers] == [
+        "UnknownModel",
+        "Submission",
+        "Submission",
+        "CannotAfford",
+    ]
+    assert balance(engine).held == 10
     assert_consistent(engine)

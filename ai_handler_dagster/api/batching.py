@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: The most requests one transaction takes; what queues beyond it goes in the next batch.
 MAX_BATCH = 64
+#: How long a submit batch waits for a row lock before it fails (and each request is
+#: submitted alone, each waiting as long again).
+LOCK_TIMEOUT_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,9 @@ class Batcher(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R | BaseException] = loop.create_future()
-        self._start()
-        self._queue.put(_Waiting(item, future, loop))
+        with self._lock:  # queued before any stop marker close() puts after it
+            self._start()
+            self._queue.put(_Waiting(item, future, loop))
         answer = await future
         if isinstance(answer, BaseException):
             raise answer
@@ -110,14 +114,13 @@ class Batcher(Generic[T, R]):
             thread.join(timeout_s)
 
     def _start(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"the {self._name} is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"ai-handler-{self._name}", daemon=True
-                )
-                self._thread.start()
+        if self._closed:
+            raise RuntimeError(f"the {self._name} is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._serve, name=f"ai-handler-{self._name}", daemon=True
+            )
+            self._thread.start()
 
     def _serve(self) -> None:
         stopping = False
@@ -139,15 +142,25 @@ class Batcher(Generic[T, R]):
             answers: Sequence[R | BaseException]
             try:
                 answers = self._run([w.item for w in batch])
+                if len(answers) != len(batch):
+                    raise RuntimeError(f"{len(answers)} answers for {len(batch)} requests")
             except BaseException as exc:  # never lose the thread: every item gets the error
                 log.exception("a batch of %d in the %s failed", len(batch), self._name)
-                answers = [exc] * len(batch)
+                answers = [_failed(exc) for _ in batch]
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
             for waiting, answer in zip(batch, answers, strict=True):
                 by_loop.setdefault(waiting.loop, []).append((waiting.future, answer))
             for loop, settled in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                     loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _failed(cause: BaseException) -> BaseException:
+    """The error one request of a failed batch raises: its own (an exception raised in several
+    requests would gather all their tracebacks), caused by the batch's."""
+    error = RuntimeError(f"the batch this request was in failed: {cause!r}")
+    error.__cause__ = cause
+    return error
 
 
 def _resolve(settled: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -164,6 +177,11 @@ def submitter(engine: sa.Engine, run_batch: BatchFn) -> Batcher[gens.SubmitReque
         session = Session(engine, expire_on_commit=False)
         try:
             try:
+                if engine.dialect.name == "postgresql":
+                    # One account another transaction keeps locked must not stall every
+                    # submit of the worker for longer: past this the batch fails, and each
+                    # request is submitted alone.
+                    session.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
                 answers = run_batch(session, requests)
             except sa.exc.DBAPIError:
                 session.rollback()

@@ -399,7 +399,9 @@ def batch_submitter(
             else:
                 answers[i] = result
         _GLOBAL.accepted(session, created)
-        return [answer for answer in answers if answer is not None]
+        done = [answer for answer in answers if answer is not None]
+        assert len(done) == len(requests)  # every request was answered
+        return done
 
     return batching.submitter(engine, run)
 
