@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -446,7 +446,7 @@ def submission(
         request, found.ceiling, found.waiting, account.available, needed, max_waiting
     )
     now = utcnow()
-    expires_at = now + (hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime())
+    expires_at = _hold_expiry(now, hold_ttl)
     generation_id, hold_id = int(found.generation_id), int(found.hold_id)
     params = {
         **{f"new_{k}_": v for k, v in _values(request, granted).items()},
@@ -598,24 +598,15 @@ def _submit_together(
         )
     }
     repeats = [r.request_id for r in requests.values() if r.request_id is not None]
-    earlier = {}
-    if repeats:
-        earlier = {
-            row.request_id: row
-            for row in session.scalars(
-                sa.select(Generation)
-                .where(Generation.request_id.in_(repeats))
-                .execution_options(populate_existing=True)
-            )
-        }
+    earlier = _earlier(session, repeats) if repeats else {}
     first = next(iter(locked.values()), None)
     new_ids = iter((first.generation_ids if first is not None else None) or ())
     new_hold_ids = iter((first.hold_ids if first is not None else None) or ())
     spent: Counter[str] = Counter()  # credits this batch holds, per user
     queued: Counter[str] = Counter()  # generations this batch adds, per user
     now = utcnow()
-    expires_at = now + (hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime())
-    writes: list[tuple[int, SubmitRequest, int, int, int, int, int]] = []
+    expires_at = _hold_expiry(now, hold_ttl)
+    writes: list[_Write] = []
     for i, request in requests.items():
         try:
             if request.request_id is not None and request.request_id in earlier:
@@ -635,23 +626,24 @@ def _submit_together(
         ledger.check_amount(needed)
         spent[request.user_id] += needed
         queued[request.user_id] += 1
-        writes.append((i, request, granted, next(new_ids), next(new_hold_ids), found.id, needed))
+        writes.append(
+            _Write(i, request, granted, next(new_ids), next(new_hold_ids), found.id, needed)
+        )
     if not writes:
         return []
-    batch = [w[1] for w in writes]
     params: dict[str, Any] = {
         "at": now,
         "expires_at": expires_at,
-        "ids_": [w[3] for w in writes],
-        "request_ids_": [r.request_id for r in batch],
-        "user_ids_": [r.user_id for r in batch],
-        "models_": [r.model for r in batch],
-        "inputs_": [json.dumps(r.input) for r in batch],
-        "prioritys_": [w[2] for w in writes],
-        "hold_ids_": [w[4] for w in writes],
-        "hold_keys_": [hold_key(w[3], 1) for w in writes],
-        "account_ids_": [w[5] for w in writes],
-        "amounts_": [w[6] for w in writes],
+        "ids_": [w.generation_id for w in writes],
+        "request_ids_": [w.request.request_id for w in writes],
+        "user_ids_": [w.request.user_id for w in writes],
+        "models_": [w.request.model for w in writes],
+        "inputs_": [json.dumps(w.request.input) for w in writes],
+        "prioritys_": [w.granted for w in writes],
+        "hold_ids_": [w.hold_id for w in writes],
+        "hold_keys_": [hold_key(w.generation_id, 1) for w in writes],
+        "account_ids_": [w.account_id for w in writes],
+        "amounts_": [w.amount for w in writes],
     }
     scope = session.begin_nested() if repeats else contextlib.nullcontext()
     try:
@@ -663,11 +655,25 @@ def _submit_together(
         for i in requests:
             answers[i] = None
         return sorted(requests)
-    for account_id in {w[5] for w in writes}:
+    for account_id in {w.account_id for w in writes}:
         ledger.forget_account(session, account_id)
-    for i, request, granted, generation_id, hold_id, _account, needed in writes:
-        answers[i] = _attach(session, request, granted, generation_id, hold_id, needed, now)
+    for w in writes:
+        answers[w.position] = _attach(
+            session, w.request, w.granted, w.generation_id, w.hold_id, w.amount, now
+        )
     return []
+
+
+class _Write(NamedTuple):
+    """An accepted request of a batch, with what its writes need."""
+
+    position: int
+    request: SubmitRequest
+    granted: int  # its priority
+    generation_id: int
+    hold_id: int
+    account_id: int
+    amount: int  # its hold
 
 
 def _checked(request: SubmitRequest) -> SubmitRequest:
@@ -700,6 +706,11 @@ def _checked(request: SubmitRequest) -> SubmitRequest:
     return SubmitRequest(
         user_id, model, payload, request_id, request.priority, request.max_priority
     )
+
+
+def _hold_expiry(now: datetime, hold_ttl: timedelta | None) -> datetime:
+    """When a hold placed at submit ``now`` expires (``hold_ttl``, or the default lifetime)."""
+    return now + (hold_ttl if hold_ttl is not None else lifetimes.default_hold_lifetime())
 
 
 def _check_max_waiting(max_waiting: int | None) -> None:
@@ -829,20 +840,28 @@ def _forget_committed(session: Session) -> None:
 def _replay(session: Session, request: SubmitRequest) -> Submission | None:
     """The first request's row if ``request``'s ``request_id`` was used (``RequestConflict`` if
     for another request), None if it was not."""
-    existing = session.scalars(
-        sa.select(Generation)
-        .where(Generation.request_id == request.request_id)
-        .execution_options(populate_existing=True)
-    ).first()
+    assert request.request_id is not None
+    existing = _earlier(session, [request.request_id]).get(request.request_id)
     if existing is None:
         return None
     return Submission(_same_request(existing, request), False)
 
 
-def _lock_for_submit(dialect: str) -> sa.Executable:
-    """The user's account, locked, with what submit's checks read (the operator's priority
-    ceiling; the generations waiting, counted up to ``waiting_cap``) and the ids the new
-    generation and its hold will have: one round trip."""
+def _earlier(session: Session, request_ids: Collection[str]) -> dict[str, Generation]:
+    """The generations with these ``request_id``s, as stored now (the unique index answers)."""
+    return {
+        row.request_id: row
+        for row in session.scalars(
+            sa.select(Generation)
+            .where(Generation.request_id.in_(request_ids))
+            .execution_options(populate_existing=True)
+        )
+        if row.request_id is not None
+    }
+
+
+def _capped_waiting(user_id: sa.ColumnExpressionArgument[str]) -> sa.ScalarSelect[int]:
+    """How many generations of ``user_id`` wait, counted up to ``waiting_cap``."""
     waiting = sa.select(Generation.id).where(
         # Through ix_generations_status_priority_user_id_id: naming every status and priority
         # (as literals, so the statement compiles once) lets both databases seek (status,
@@ -851,16 +870,24 @@ def _lock_for_submit(dialect: str) -> sa.Executable:
         Generation.priority.in_(
             [sa.literal_column(str(p)) for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
         ),
-        Generation.user_id == sa.bindparam("user_id"),
+        Generation.user_id == user_id,
     )
-    capped = waiting.limit(sa.bindparam("waiting_cap", type_=sa.Integer)).subquery()
+    # The enclosing statement's accounts row, when user_id is its column (the batch's lock).
+    capped = waiting.limit(sa.bindparam("waiting_cap", type_=sa.Integer)).correlate(Account)
+    return sa.select(sa.func.count()).select_from(capped.subquery()).scalar_subquery()
+
+
+def _lock_for_submit(dialect: str) -> sa.Executable:
+    """The user's account, locked, with what submit's checks read (the operator's priority
+    ceiling; the generations waiting, counted up to ``waiting_cap``) and the ids the new
+    generation and its hold will have: one round trip."""
     return (
         sa.select(
             Account.id,
             Account.balance,
             Account.held,
             priorities.LISTED_CEILING.label("ceiling"),
-            sa.select(sa.func.count()).select_from(capped).scalar_subquery().label("waiting"),
+            _capped_waiting(sa.bindparam("user_id")).label("waiting"),
             ledger.next_id(Generation, dialect).label("generation_id"),
             ledger.next_id(Hold, dialect).label("hold_id"),
         )
@@ -909,19 +936,6 @@ def _lock_for_batch() -> sa.Executable:
     """``_lock_for_submit`` for the accounts of many users at once (PostgreSQL): each account
     locked, in id order, with its user's ceiling and waiting generations, and ``n`` new ids of
     generations and of holds (the same arrays on every row: uncorrelated, they run once)."""
-    capped = (
-        sa.select(Generation.id)
-        .where(
-            Generation.status.in_([sa.literal_column(f"'{s}'") for s in WAITING]),
-            Generation.priority.in_(
-                [sa.literal_column(str(p)) for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
-            ),
-            Generation.user_id == Account.user_id,
-        )
-        .limit(sa.bindparam("waiting_cap", type_=sa.Integer))
-        .correlate(Account)
-        .subquery()
-    )
     ceiling = (
         sa.select(UserPriority.max_priority)
         .where(UserPriority.user_id == Account.user_id)
@@ -941,7 +955,7 @@ def _lock_for_batch() -> sa.Executable:
             Account.balance,
             Account.held,
             ceiling.label("ceiling"),
-            sa.select(sa.func.count()).select_from(capped).scalar_subquery().label("waiting"),
+            _capped_waiting(Account.user_id).label("waiting"),
             new_ids(Generation).label("generation_ids"),
             new_ids(Hold).label("hold_ids"),
         )

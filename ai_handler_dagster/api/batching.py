@@ -27,7 +27,6 @@ import contextlib
 import logging
 import queue
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -47,7 +46,7 @@ LOCK_TIMEOUT_MS = 5000
 
 
 @dataclass(frozen=True)
-class Accepted:
+class Submitted:
     """A request's generation: its id and status, and whether this request created it (False:
     a repeat of an earlier request, answered with its row)."""
 
@@ -57,7 +56,7 @@ class Accepted:
 
 
 #: What a batch answers each request: its generation, or the exception to raise for it.
-Answer = Accepted | BaseException
+Answer = Submitted | BaseException
 #: Submits a batch in the session's transaction (committed by the caller), answering each.
 BatchFn = Callable[[Session, Sequence[gens.SubmitRequest]], list[Answer]]
 
@@ -90,8 +89,6 @@ class Batcher(Generic[T, R]):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
-        #: How many batches of each size ran (sizes are at most ``max_batch``).
-        self.batches: Counter[int] = Counter()
 
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
@@ -138,7 +135,6 @@ class Batcher(Generic[T, R]):
                     stopping = True
                     break
                 batch.append(waiting)
-            self.batches[len(batch)] += 1
             answers: Sequence[R | BaseException]
             try:
                 answers = self._run([w.item for w in batch])
@@ -169,7 +165,7 @@ def _resolve(settled: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
             future.set_result(answer)
 
 
-def submitter(engine: sa.Engine, run_batch: BatchFn) -> Batcher[gens.SubmitRequest, Accepted]:
+def submitter(engine: sa.Engine, run_batch: BatchFn) -> Batcher[gens.SubmitRequest, Submitted]:
     """A worker's submitter: batches of ``run_batch`` in one transaction each; a batch that
     fails before its commit is run again one request at a time."""
 

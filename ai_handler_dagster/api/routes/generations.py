@@ -338,7 +338,7 @@ async def submit_generation(
     ),
 ) -> Accepted:
     request_id = f"key:{caller.key_id}:{idempotency_key}" if idempotency_key else None
-    submit: batching.Batcher[gens.SubmitRequest, batching.Accepted]
+    submit: batching.Batcher[gens.SubmitRequest, batching.Submitted]
     submit = request.app.state.submitter
     try:
         done = await submit(
@@ -369,7 +369,7 @@ async def submit_generation(
 
 def batch_submitter(
     engine: sa.Engine, prices: PriceBook
-) -> batching.Batcher[gens.SubmitRequest, batching.Accepted]:
+) -> batching.Batcher[gens.SubmitRequest, batching.Submitted]:
     """The worker's submitter (``api/batching.py``): its batches are ``gens.submissions``
     behind the global backlog check, with the per-user backlog limit."""
 
@@ -394,7 +394,7 @@ def batch_submitter(
         for i, result in zip(allowed, results, strict=True):
             if isinstance(result, gens.Submission):
                 row = result.generation
-                answers[i] = batching.Accepted(row.id, row.status, result.created)
+                answers[i] = batching.Submitted(row.id, row.status, result.created)
                 created += result.created
             else:
                 answers[i] = result
