@@ -248,6 +248,19 @@ def api_output_link_ttl_s() -> int:
     return _int_setting("AI_HANDLER_API_OUTPUT_LINK_TTL_S", 3600, minimum=60, maximum=7 * 86400)
 
 
+def api_events_poll_ms() -> int:
+    """How often, in milliseconds, a worker on SQLite looks for new generation events for its
+    open streams (``AI_HANDLER_API_EVENTS_POLL_MS``, default 250). One read per worker and
+    period, whatever the number of streams; PostgreSQL needs none (``LISTEN/NOTIFY``)."""
+    return _int_setting("AI_HANDLER_API_EVENTS_POLL_MS", 250, minimum=10, maximum=60_000)
+
+
+def api_events_ping_s() -> int:
+    """Seconds between the keep-alive comments of an idle event stream
+    (``AI_HANDLER_API_EVENTS_PING_S``, default 15), so proxies do not close it."""
+    return _int_setting("AI_HANDLER_API_EVENTS_PING_S", 15, maximum=300)
+
+
 def s3_endpoint_url() -> str | None:
     """An S3-compatible endpoint instead of AWS's (``AI_HANDLER_S3_ENDPOINT_URL``; the embedded
     stack sets its local one), or None."""

@@ -41,6 +41,7 @@ from ai_handler_dagster.api.problems import (
     ProblemType,
 )
 from ai_handler_dagster.api.routes.generations import batch_submitter
+from ai_handler_dagster.api.streams import Hub
 from ai_handler_dagster.db.engine import make_counter_engine, make_engine
 from ai_handler_dagster.pricing import PriceBook, load_pricing
 
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: The route modules under ``api/routes``, each with a ``router``.
 ROUTERS = (
-    *("health", "key", "generations", "cancel", "models", "accounts", "metrics"),
+    *("health", "key", "generations", "events", "tokens", "cancel", "models", "accounts"),
+    "metrics",
     "webhooks",
 )
 
@@ -172,7 +174,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.hub.start()
         yield
+        await app.state.hub.close()
         app.state.submitter.close()
         app.state.admitter.close()
         if app.state.counter_engine is not app.state.engine:
@@ -189,6 +193,8 @@ def create_app(
         settings.api_max_backlog_per_user,
         settings.api_max_backlog,
         settings.api_output_link_ttl_s,
+        settings.api_events_poll_ms,
+        settings.api_events_ping_s,
     ):
         setting()
     owned = engine is None
@@ -203,6 +209,8 @@ def create_app(
     app.state.counter_engine = make_counter_engine(app.state.engine)
     app.state.admitter = deps.admitter(app.state.counter_engine)
     app.state.prices = prices if prices is not None else load_pricing()
+    # What wakes the worker's event streams (api/streams.py).
+    app.state.hub = Hub(app.state.engine, poll_ms=settings.api_events_poll_ms())
     # The worker's submits share transactions (api/batching.py).
     app.state.submitter = batch_submitter(app.state.engine, app.state.prices)
     # Innermost: an unexpected failure is answered here; the middlewares around it see a 500.

@@ -66,6 +66,19 @@ RATE_LIMITED = problem_type(
     "Each key may make a number of requests a minute (AI_HANDLER_API_RATE_PER_MIN, or the key's "
     "own limit). Retry after the number of seconds in the Retry-After header.",
 )
+INVALID_TOKEN = problem_type(
+    "invalid-token",
+    401,
+    "The user token is not valid",
+    "User tokens (POST /v1/tokens) are short-lived and read-only. This one is malformed, "
+    "expired, or its API key was revoked: ask the application's backend for a new one.",
+)
+FOREIGN_USER = problem_type(
+    "foreign-user",
+    403,
+    "The user token is for another user",
+    "A user token reads only its own user's generations, credits and events.",
+)
 NOT_FOUND = problem_type("not-found", 404, "Not found", "No resource at this URL.")
 METHOD_NOT_ALLOWED = problem_type(
     "method-not-allowed", 405, "Method not allowed", "This URL does not accept this method."

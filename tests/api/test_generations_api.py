@@ -92,7 +92,11 @@ def test_a_submit_is_accepted_with_its_hold_event_and_links(api: Api) -> None:
     assert body == {
         "id": gid,
         "status": "pending",
-        "links": {"self": f"/v1/generations/{gid}", "cancel": f"/v1/generations/{gid}/cancel"},
+        "links": {
+            "self": f"/v1/generations/{gid}",
+            "cancel": f"/v1/generations/{gid}/cancel",
+            "events": f"/v1/generations/{gid}/events",
+        },
     }
     assert answer.headers["location"] == f"/v1/generations/{gid}"
     assert "idempotent-replayed" not in answer.headers

@@ -189,8 +189,9 @@ def page_query(
 def credits(
     user: str,
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
-    _: keys.Caller = Depends(deps.require(keys.READ)),  # noqa: B008
+    reader: deps.Reader = Depends(deps.reader),  # noqa: B008
 ) -> Credits:
+    reader.check_user(user)
     with session_scope(engine) as session:
         account = _account(session, user)
         return Credits(
@@ -208,8 +209,9 @@ def statement(
     cursor: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
-    _: keys.Caller = Depends(deps.require(keys.READ)),  # noqa: B008
+    reader: deps.Reader = Depends(deps.reader),  # noqa: B008
 ) -> LedgerPage:
+    reader.check_user(user)
     before = _decode_cursor(cursor) if cursor is not None else None
     with session_scope(engine) as session:
         account = _account(session, user)

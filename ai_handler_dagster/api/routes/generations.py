@@ -134,6 +134,7 @@ class SubmitBody(BaseModel):
 class Links(BaseModel):
     self: str = Field(description="This generation.")
     cancel: str = Field(description="POST here to cancel it.")
+    events: str = Field(description="Its state changes as Server-Sent Events.")
 
 
 class Accepted(BaseModel):
@@ -300,7 +301,7 @@ def _backlog_full(scope: str, why: str, limit: int) -> Problem:
 
 def _links(generation_id: int) -> Links:
     here = f"/v1/generations/{generation_id}"
-    return Links(self=here, cancel=f"{here}/cancel")
+    return Links(self=here, cancel=f"{here}/cancel", events=f"{here}/events")
 
 
 def _generations_of(session: Session, request_ids: Sequence[str]) -> list[str]:
@@ -493,7 +494,7 @@ def _view(row: Generation, outputs: list[Output] | None = None) -> GenerationVie
 def read_generation(
     request: Request,
     generation_id: int = Path(ge=1, le=MAX_ID),
-    caller: keys.Caller = Depends(deps.require(keys.READ)),  # noqa: B008
+    reader: deps.Reader = Depends(deps.reader),  # noqa: B008
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
 ) -> GenerationView:
     with session_scope(engine) as session:
@@ -505,6 +506,7 @@ def read_generation(
         ).first()
     if row is None:
         raise Problem(NOT_FOUND, f"no generation {generation_id}")
+    reader.check_user(row.user_id)
     return _view(row, _outputs(request, row))
 
 
@@ -542,9 +544,12 @@ def list_generations(
         default=None, max_length=64, description="'next_cursor' of the previous page."
     ),
     limit: int = Query(default=50, ge=1, le=200, description="Items per page."),
-    caller: keys.Caller = Depends(deps.require(keys.READ)),  # noqa: B008
+    reader: deps.Reader = Depends(deps.reader),  # noqa: B008
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
 ) -> GenerationPage:
+    if reader.user is not None:  # a user token lists its own user's only
+        reader.check_user(user if user is not None else reader.user)
+        user = reader.user
     # Newest first by id, resuming below the last id seen: rows submitted meanwhile get higher
     # ids and never shift a later page (no duplicates, no gaps). One range read of
     # ix_generations_user_id_id (a user), ix_generations_status_id (a status) or the primary key.

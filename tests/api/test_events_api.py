@@ -1,0 +1,342 @@
+"""Live status over real HTTP: Server-Sent Events and user tokens, on SQLite and PostgreSQL.
+
+Proves: a stream shows ``pending`` -> ``queued`` -> ``running`` -> ``succeeded`` as another
+process-like writer moves the generation (so each event arrives by a wake-up, LISTEN/NOTIFY on
+PostgreSQL, the worker's poller on SQLite), then ends; a dropped stream resumed with
+``Last-Event-ID`` gets every later event, the terminal one included, and a stream resumed after
+the terminal event is 204 (an EventSource stops); a failed generation's stream ends with
+``failed`` and ``refunded: true``; many streams on one generation all see its end; and the token
+matrix: a token reads its own user's data by header or ``access_token``, and is refused when
+expired, tampered with, for another user, used to write, or when its key is revoked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import sqlalchemy as sa
+from httpx_sse import ServerSentEvent, connect_sse
+
+from ai_handler_dagster import generations as gens
+from ai_handler_dagster import ledger
+from ai_handler_dagster.api import keys, tokens
+from ai_handler_dagster.db.engine import session_scope
+from ai_handler_dagster.pricing import load_pricing
+from tests.support.api import Api
+
+IMAGE = "demo/pixel-sketch"  # 5 credits per output
+PROBLEM = "application/problem+json"
+
+
+def _grant(engine: sa.Engine, user: str, amount: int) -> None:
+    with session_scope(engine) as session:
+        ledger.grant(session, user, amount, f"grant:{user}:{amount}:{time.monotonic_ns()}")
+
+
+def _submit(api: Api, user: str = "ann") -> int:
+    _grant(api.engine, user, 100)
+    with api.client(api.key(keys.SUBMIT)) as http:
+        answer = http.post(
+            "/v1/generations", json={"user": user, "model": IMAGE, "input": {"prompt": "a fox"}}
+        )
+    assert answer.status_code == 202, answer.text
+    gid: int = answer.json()["id"]
+    return gid
+
+
+def _queue(engine: sa.Engine, gid: int) -> None:
+    with session_scope(engine) as session:
+        assert gens.claim_pending(session, limit=10, batch_key_fn=lambda rows: f"b{gid}")
+
+
+def _start(engine: sa.Engine, gid: int) -> None:
+    with session_scope(engine) as session:
+        gens.start_attempt(session, gid, run_id=f"r{gid}", prices=load_pricing())
+
+
+def _output(gid: int) -> dict[str, Any]:
+    """An output record as finalize writes it (the stream only signs a link to it)."""
+    key = f"generations/{gid}/a1/0.png"
+    return {
+        "bucket": "outputs",
+        "key": key,
+        "uri": f"s3://outputs/{key}",
+        "size": 3,
+        "sha256": "0" * 64,
+        "content_type": "image/png",
+    }
+
+
+def _succeed(engine: sa.Engine, gid: int) -> None:
+    with session_scope(engine) as session:
+        gens.succeed(session, gid, outputs=[_output(gid)], predict_time=1.0, prices=load_pricing())
+
+
+@pytest.fixture(autouse=True)
+def _s3_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Presigning a link is local: no S3 has to answer.
+    monkeypatch.setenv("AI_HANDLER_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AI_HANDLER_S3_BUCKET", "outputs")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+
+
+def _fail(engine: sa.Engine, gid: int) -> None:
+    with session_scope(engine) as session:
+        gens.fail(session, gid, code="provider_error", message="the model crashed")
+
+
+def _events(
+    http: httpx.Client, gid: int, *, last: str | None = None, until: int | None = None
+) -> list[ServerSentEvent]:
+    """The stream's events until it ends (or ``until`` of them, then drop the connection)."""
+    headers = {"Last-Event-ID": last} if last else {}
+    seen = []
+    with connect_sse(http, "GET", f"/v1/generations/{gid}/events", headers=headers) as source:
+        assert source.response.status_code == 200, source.response.read()
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for event in source.iter_sse():
+            seen.append(event)
+            if until is not None and len(seen) == until:
+                break
+    return seen
+
+
+def _later(*steps: Callable[[], None], pause: float = 0.3) -> threading.Thread:
+    """Run ``steps`` one after another in a thread, ``pause`` apart, starting after a pause:
+    the stream is open and waiting when each change commits."""
+
+    def run() -> None:
+        for step in steps:
+            time.sleep(pause)
+            step()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def reader_http(api: Api) -> Iterator[httpx.Client]:
+    with api.client(api.key(keys.READ)) as http:
+        yield http
+
+
+def test_a_stream_shows_every_state_until_success_then_ends(
+    api: Api, reader_http: httpx.Client
+) -> None:
+    gid = _submit(api)
+    writer = _later(
+        lambda: _queue(api.engine, gid),
+        lambda: _start(api.engine, gid),
+        lambda: _succeed(api.engine, gid),
+    )
+    started = time.monotonic()
+    seen = _events(reader_http, gid)
+    writer.join()
+    assert [e.event for e in seen] == ["pending", "queued", "running", "succeeded"]
+    ids = [int(e.id) for e in seen]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    final = json.loads(seen[-1].data)
+    assert final["generation_id"] == gid and final["status"] == "succeeded"
+    assert final["credits"] == {"held": 5, "charged": 5}
+    assert [o["index"] for o in final["outputs"]] == [0]
+    assert final["outputs"][0]["url"].startswith("http://127.0.0.1:9/outputs/generations/")
+    assert all(json.loads(e.data)["status"] == e.event for e in seen)
+    # Woken, not timed out: the whole story takes about the writer's pauses.
+    assert time.monotonic() - started < 10
+
+
+def test_a_dropped_stream_resumes_without_missing_the_terminal_event(
+    api: Api, reader_http: httpx.Client
+) -> None:
+    gid = _submit(api)
+    _queue(api.engine, gid)
+    first = _events(reader_http, gid, until=2)
+    assert [e.event for e in first] == ["pending", "queued"]
+    # Changes while no stream is open, then the client comes back.
+    _start(api.engine, gid)
+    _succeed(api.engine, gid)
+    rest = _events(reader_http, gid, last=first[-1].id)
+    assert [e.event for e in rest] == ["running", "succeeded"]
+    assert int(rest[0].id) > int(first[-1].id)
+    # Resumed after the terminal event: 204, which tells an EventSource to stop.
+    again = reader_http.get(f"/v1/generations/{gid}/events", headers={"Last-Event-ID": rest[-1].id})
+    assert again.status_code == 204
+
+
+def test_a_failed_generation_stream_ends_with_failed_and_refunded(
+    api: Api, reader_http: httpx.Client
+) -> None:
+    gid = _submit(api)
+    writer = _later(
+        lambda: _queue(api.engine, gid),
+        lambda: _start(api.engine, gid),
+        lambda: _fail(api.engine, gid),
+    )
+    seen = _events(reader_http, gid)
+    writer.join()
+    assert [e.event for e in seen][-1] == "failed"
+    final = json.loads(seen[-1].data)
+    assert final["refunded"] is True and final["error_code"] == "provider_error"
+    assert final["error_message"] == "the model crashed"
+    assert final["credits"]["charged"] == 0
+    with session_scope(api.engine) as session:
+        assert ledger.balance(session, "ann").available == 100
+
+
+def test_many_streams_on_one_generation_all_see_it_end(api: Api) -> None:
+    gid = _submit(api)
+    key = api.key(keys.READ)
+
+    def follow(_: int) -> list[str]:
+        with api.client(key) as http:
+            return [e.event for e in _events(http, gid)]
+
+    writer = _later(
+        lambda: _queue(api.engine, gid),
+        lambda: _start(api.engine, gid),
+        lambda: _succeed(api.engine, gid),
+        pause=0.5,
+    )
+    with ThreadPoolExecutor(20) as pool:
+        streams = list(pool.map(follow, range(20)))
+    writer.join()
+    assert streams == [["pending", "queued", "running", "succeeded"]] * 20
+
+
+def test_an_unknown_generation_or_bad_last_event_id_is_a_problem(
+    reader_http: httpx.Client,
+) -> None:
+    answer = reader_http.get("/v1/generations/999/events")
+    assert answer.status_code == 404 and answer.headers["content-type"].startswith(PROBLEM)
+
+
+# --- user tokens ---------------------------------------------------------------------------------
+
+
+def _token(api: Api, user: str, key: str | None = None, **body: Any) -> str:
+    with api.client(key or api.key(keys.READ)) as http:
+        answer = http.post("/v1/tokens", json={"user": user, **body})
+    assert answer.status_code == 201, answer.text
+    shown = answer.json()
+    assert shown["user"] == user and shown["scopes"] == ["read"]
+    token: str = shown["token"]
+    return token
+
+
+def _refused(answer: httpx.Response, status: int, slug: str) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
+    assert answer.json()["type"] == f"/problems/{slug}"
+
+
+def test_a_token_reads_its_own_user_by_header_or_query(api: Api) -> None:
+    gid = _submit(api, "ann")
+    token = _token(api, "ann")
+    with api.client(token) as http:
+        assert http.get(f"/v1/generations/{gid}").json()["user"] == "ann"
+        assert http.get("/v1/users/ann/credits").json()["available"] == 95
+        assert http.get("/v1/users/ann/ledger").status_code == 200
+        listed = http.get("/v1/generations").json()["items"]
+        assert [g["id"] for g in listed] == [gid]
+    with api.client() as http:
+        shown = http.get(f"/v1/generations/{gid}", params={"access_token": token})
+        assert shown.status_code == 200 and shown.json()["id"] == gid
+        _queue(api.engine, gid)
+        _start(api.engine, gid)
+        _succeed(api.engine, gid)
+        with connect_sse(
+            http, "GET", f"/v1/generations/{gid}/events", params={"access_token": token}
+        ) as source:
+            assert [e.event for e in source.iter_sse()] == [
+                "pending",
+                "queued",
+                "running",
+                "succeeded",
+            ]
+
+
+def test_a_token_for_another_user_is_refused(api: Api) -> None:
+    bob = _submit(api, "bob")
+    token = _token(api, "ann")
+    with api.client(token) as http:
+        _refused(http.get(f"/v1/generations/{bob}"), 403, "foreign-user")
+        _refused(http.get(f"/v1/generations/{bob}/events"), 403, "foreign-user")
+        _refused(http.get("/v1/users/bob/credits"), 403, "foreign-user")
+        _refused(http.get("/v1/users/bob/ledger"), 403, "foreign-user")
+        _refused(http.get("/v1/generations", params={"user": "bob"}), 403, "foreign-user")
+
+
+def test_a_token_cannot_write(api: Api) -> None:
+    gid = _submit(api, "ann")
+    token = _token(api, "ann")
+    with api.client(token) as http:
+        body = {"user": "ann", "model": IMAGE, "input": {"prompt": "x"}}
+        _refused(http.post("/v1/generations", json=body), 403, "forbidden-scope")
+        _refused(http.post(f"/v1/generations/{gid}/cancel"), 403, "forbidden-scope")
+        _refused(http.post("/v1/tokens", json={"user": "ann"}), 403, "forbidden-scope")
+    with session_scope(api.engine) as session:
+        assert gens.get(session, gid).status == "pending"
+
+
+def test_an_expired_or_tampered_token_is_refused(api: Api) -> None:
+    gid = _submit(api, "ann")
+    key = api.key(keys.READ)
+    caller = _caller(api, key)
+    with api.engine.connect() as connection:
+        expired = tokens.mint(connection, caller, "ann", ttl_s=60, clock=lambda: time.time() - 61)
+    good = _token(api, "ann", key)
+    claims = jwt.decode(good, options={"verify_signature": False})
+    forged = jwt.encode(
+        {**claims, "sub": "bob"},
+        "not the key, but long enough for HS256",
+        algorithm="HS256",
+        headers={"kid": caller.key_id},
+    )
+    header, payload, signature = good.split(".")
+    for bad in (expired, forged, f"{header}.{payload}.{signature[:-4]}AAAA", "a.b.c"):
+        with api.client(bad) as http:
+            _refused(http.get(f"/v1/generations/{gid}"), 401, "invalid-token")
+            _refused(http.get(f"/v1/generations/{gid}/events"), 401, "invalid-token")
+
+
+def test_a_token_dies_with_its_key(api: Api) -> None:
+    gid = _submit(api, "ann")
+    key = api.key(keys.READ)
+    token = _token(api, "ann", key)
+    with api.client(token) as http:
+        assert http.get(f"/v1/generations/{gid}").status_code == 200
+        with session_scope(api.engine) as session:
+            keys.revoke(session, key)
+        _refused(http.get(f"/v1/generations/{gid}"), 401, "invalid-token")
+
+
+def test_minting_needs_the_read_scope_and_a_valid_request(api: Api) -> None:
+    with api.client(api.key(keys.SUBMIT)) as http:
+        _refused(http.post("/v1/tokens", json={"user": "ann"}), 403, "forbidden-scope")
+    with api.client(api.key(keys.READ)) as http:
+        for body in (
+            {"user": "ann", "ttl_s": 0},
+            {"user": "ann", "ttl_s": tokens.MAX_TTL_S + 1},
+            {"user": ""},
+            {"user": "a\tb"},
+            {"user": "ann", "scope": "admin"},
+        ):
+            _refused(http.post("/v1/tokens", json=body), 422, "invalid-request")
+
+
+def _caller(api: Api, key: str) -> keys.Caller:
+    with api.engine.connect() as connection:
+        found = keys.authenticate(connection, key)
+    assert found is not None
+    return found
