@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from ai_handler_dagster.api import keys
 from ai_handler_dagster.db.models import ApiKey
 from ai_handler_dagster.domain import check_identifier
+from ai_handler_dagster.errors import AiHandlerError
 
 ALGORITHM = "HS256"
 ISSUER = "ai-handler"
@@ -37,7 +38,7 @@ _PURPOSE = b"ai-handler user token v1"
 _CALLER = sa.select(*keys.CALLER_COLUMNS).where(ApiKey.key_id == sa.bindparam("key_id"))
 
 
-class TokenRefused(ValueError):
+class TokenRefused(AiHandlerError, ValueError):
     """Why a presented token is not accepted (expired, malformed, its key revoked...)."""
 
 
