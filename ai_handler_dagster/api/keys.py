@@ -160,7 +160,8 @@ CALLER_COLUMNS = (
     ApiKey.rate_per_minute,
     ApiKey.revoked_at,
 )
-_CALLER = sa.select(*CALLER_COLUMNS).where(ApiKey.key_id == sa.bindparam("key_id"))
+#: A key row (``CALLER_COLUMNS``) by its id.
+CALLER_BY_ID = sa.select(*CALLER_COLUMNS).where(ApiKey.key_id == sa.bindparam("key_id"))
 
 
 def parse(presented: str) -> tuple[str, str] | None:
@@ -176,6 +177,11 @@ def caller_of(row: Any, secret: str) -> Caller | None:
         return None
     if not hmac.compare_digest(row.secret_sha256, digest(secret)):
         return None
+    return caller_from_row(row)
+
+
+def caller_from_row(row: Any) -> Caller:
+    """The caller a key row (``CALLER_COLUMNS``) stands for, without checking any secret."""
     return Caller(
         row.key_id,
         row.name,
@@ -192,4 +198,4 @@ def authenticate(connection: sa.Connection | Session, presented: str) -> Caller 
     if parsed is None:
         return None
     key_id, secret = parsed
-    return caller_of(connection.execute(_CALLER, {"key_id": key_id}).first(), secret)
+    return caller_of(connection.execute(CALLER_BY_ID, {"key_id": key_id}).first(), secret)

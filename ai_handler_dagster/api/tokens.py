@@ -25,7 +25,6 @@ import jwt
 import sqlalchemy as sa
 
 from ai_handler_dagster.api import keys
-from ai_handler_dagster.db.models import ApiKey
 from ai_handler_dagster.domain import check_identifier
 from ai_handler_dagster.errors import AiHandlerError
 
@@ -35,7 +34,6 @@ ISSUER = "ai-handler"
 DEFAULT_TTL_S = 900
 MAX_TTL_S = 86_400
 _PURPOSE = b"ai-handler user token v1"
-_CALLER = sa.select(*keys.CALLER_COLUMNS).where(ApiKey.key_id == sa.bindparam("key_id"))
 
 
 class TokenRefused(AiHandlerError, ValueError):
@@ -82,7 +80,7 @@ def mint(
     user = check_identifier(user, "user", error=TokenRefused)
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
         raise TokenRefused(f"ttl_s must be a whole number of seconds from 1 to {MAX_TTL_S}")
-    row = connection.execute(_CALLER, {"key_id": caller.key_id}).first()
+    row = connection.execute(keys.CALLER_BY_ID, {"key_id": caller.key_id}).first()
     if row is None or row.revoked_at is not None:
         raise TokenRefused(f"the key {caller.key_id} is revoked")
     now = int(clock())
@@ -113,7 +111,7 @@ def verify(
     key_id = header.get("kid")
     if not isinstance(key_id, str) or header.get("alg") != ALGORITHM:
         raise TokenRefused("the token is malformed")
-    row = connection.execute(_CALLER, {"key_id": key_id}).first()
+    row = connection.execute(keys.CALLER_BY_ID, {"key_id": key_id}).first()
     if row is None:
         raise TokenRefused("the token's key is unknown")
     try:
@@ -136,13 +134,7 @@ def verify(
         raise TokenRefused(f"the token's key {key_id} is revoked")
     if claims.get("scope") != keys.READ or not isinstance(claims["sub"], str):
         raise TokenRefused("the token's claims are not valid")
-    caller = keys.Caller(
-        row.key_id,
-        row.name,
-        frozenset(row.scopes.split()),
-        row.max_priority,
-        row.rate_per_minute,
-    )
+    caller = keys.caller_from_row(row)
     if not caller.has(keys.READ):
         raise TokenRefused(f"the token's key {key_id} lacks the 'read' scope")
     return Holder(claims["sub"], caller)

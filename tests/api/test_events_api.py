@@ -95,6 +95,11 @@ def _fail(engine: sa.Engine, gid: int) -> None:
         gens.fail(session, gid, code="provider_error", message="the model crashed")
 
 
+def _to_success(engine: sa.Engine, gid: int) -> list[Callable[[], None]]:
+    """The steps that take a pending generation to ``succeeded``, one transaction each."""
+    return [lambda: _queue(engine, gid), lambda: _start(engine, gid), lambda: _succeed(engine, gid)]
+
+
 def _events(
     http: httpx.Client, gid: int, *, last: str | None = None, until: int | None = None
 ) -> list[ServerSentEvent]:
@@ -135,11 +140,7 @@ def test_a_stream_shows_every_state_until_success_then_ends(
     api: Api, reader_http: httpx.Client
 ) -> None:
     gid = _submit(api)
-    writer = _later(
-        lambda: _queue(api.engine, gid),
-        lambda: _start(api.engine, gid),
-        lambda: _succeed(api.engine, gid),
-    )
+    writer = _later(*_to_success(api.engine, gid))
     started = time.monotonic()
     seen = _events(reader_http, gid)
     writer.join()
@@ -202,19 +203,14 @@ def test_many_streams_on_one_generation_all_see_it_end(api: Api) -> None:
         with api.client(key) as http:
             return [e.event for e in _events(http, gid)]
 
-    writer = _later(
-        lambda: _queue(api.engine, gid),
-        lambda: _start(api.engine, gid),
-        lambda: _succeed(api.engine, gid),
-        pause=0.5,
-    )
+    writer = _later(*_to_success(api.engine, gid), pause=0.5)
     with ThreadPoolExecutor(20) as pool:
         streams = list(pool.map(follow, range(20)))
     writer.join()
     assert streams == [["pending", "queued", "running", "succeeded"]] * 20
 
 
-def test_an_unknown_generation_or_bad_last_event_id_is_a_problem(
+def test_an_unknown_generation_is_a_problem(
     reader_http: httpx.Client,
 ) -> None:
     answer = reader_http.get("/v1/generations/999/events")

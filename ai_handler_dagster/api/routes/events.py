@@ -22,14 +22,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
-from sqlalchemy.orm import defer
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from ai_handler_dagster import settings
 from ai_handler_dagster.api import deps
 from ai_handler_dagster.api.problems import NOT_FOUND, Problem
-from ai_handler_dagster.api.routes.generations import MAX_ID, _outputs
+from ai_handler_dagster.api.routes.generations import MAX_ID, outputs_of, shown_row
 from ai_handler_dagster.api.streams import Hub
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.db.models import Generation, GenerationEvent
@@ -49,11 +48,7 @@ def _read(
     """The generation, then its events after ``after``. In this order: an ended generation's
     terminal event committed with its status, so the later read of events holds it."""
     with session_scope(engine) as session:
-        row = session.scalars(
-            sa.select(Generation)
-            .where(Generation.id == generation_id)
-            .options(defer(Generation.input))
-        ).first()
+        row = shown_row(session, generation_id)
         events = list(
             session.scalars(
                 sa.select(GenerationEvent)
@@ -81,7 +76,7 @@ def _outcome(request: Request, row: Generation) -> dict[str, Any]:
     """What the terminal event adds: outputs, or the error and whether credits went back."""
     credits = {"held": row.amount_held, "charged": row.amount_charged}
     if row.status == GenerationStatus.SUCCEEDED:
-        outputs = [o.model_dump(mode="json") for o in _outputs(request, row)]
+        outputs = [o.model_dump(mode="json") for o in outputs_of(request, row)]
         return {"credits": credits, "outputs": outputs}
     return {
         "credits": credits,

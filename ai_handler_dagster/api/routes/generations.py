@@ -435,7 +435,7 @@ def _output_store(request: Request) -> S3OutputStore:
     return store
 
 
-def _outputs(request: Request, row: Generation) -> list[Output]:
+def outputs_of(request: Request, row: Generation) -> list[Output]:
     if not row.outputs:
         return []
     store = _output_store(request)
@@ -484,6 +484,14 @@ def _view(row: Generation, outputs: list[Output] | None = None) -> GenerationVie
     )
 
 
+def shown_row(session: Session, generation_id: int) -> Generation | None:
+    """The generation as the API shows it: its input is not read (nor decoded: a row written by
+    hand may not hold JSON)."""
+    return session.scalars(
+        sa.select(Generation).where(Generation.id == generation_id).options(defer(Generation.input))
+    ).first()
+
+
 @router.get(
     "/generations/{generation_id}",
     summary="A generation: status, credits, error, outputs with expiring links",
@@ -498,16 +506,11 @@ def read_generation(
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
 ) -> GenerationView:
     with session_scope(engine) as session:
-        # The input is not shown (nor decoded: a row written by hand may not hold JSON).
-        row = session.scalars(
-            sa.select(Generation)
-            .where(Generation.id == generation_id)
-            .options(defer(Generation.input))
-        ).first()
+        row = shown_row(session, generation_id)
     if row is None:
         raise Problem(NOT_FOUND, f"no generation {generation_id}")
     reader.check_user(row.user_id)
-    return _view(row, _outputs(request, row))
+    return _view(row, outputs_of(request, row))
 
 
 def _encode_cursor(last_id: int) -> str:
