@@ -3,11 +3,12 @@
 Each worker has one ``Hub``. A stream subscribes to its generation and sleeps until the hub
 wakes it; then it reads the events after the last one it sent. What wakes the hub:
 
-- PostgreSQL: one connection per worker, in a thread, ``LISTEN``\\ s on ``generation_events``; a
-  trigger (migration 0011) notifies the generation's id when each event commits, whoever wrote
-  it. Streams never poll the table: an idle stream costs a coroutine and a keep-alive comment.
-  When the listening connection breaks, the thread reconnects and wakes every stream once,
-  since notifications sent meanwhile are lost (the streams read and catch up).
+- PostgreSQL: one connection per worker (``db/notify.py``, in a thread) listens on
+  ``generation_events``; a trigger (migration 0011) notifies the generation's id when each
+  event commits, whoever wrote it. Streams never poll the table: an idle stream costs a
+  coroutine and a keep-alive comment. When the listening connection breaks, the listener
+  reconnects and the hub wakes every stream once, since notifications sent meanwhile are lost
+  (the streams read and catch up).
 - SQLite, which cannot notify: one poller per worker reads the ids of the generations that got
   events since its last look, every ``AI_HANDLER_API_EVENTS_POLL_MS``, and only while a stream
   is open. Its cost does not grow with the number of streams.
@@ -18,20 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
-import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import sqlalchemy as sa
 
 from ai_handler_dagster.db.engine import is_sqlite
 from ai_handler_dagster.db.models import GenerationEvent
+from ai_handler_dagster.db.notify import Listener
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "generation_events"
-_RECONNECT_S = 1.0
 
 
 class Hub:
@@ -42,10 +40,8 @@ class Hub:
         self._poll_s = poll_ms / 1000
         self._waiters: dict[int, set[asyncio.Event]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._listening = threading.Event()
 
     @property
     def streams(self) -> int:
@@ -58,17 +54,16 @@ class Hub:
         if is_sqlite(self._engine):
             self._poller = self._loop.create_task(self._poll(), name="event-poller")
         else:
-            self._thread = threading.Thread(target=self._listen, name="event-listener", daemon=True)
-            self._thread.start()
+            self._listener = Listener(self._engine, CHANNEL, self._heard)
+            self._listener.start()
 
     async def close(self) -> None:
-        self._stop.set()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
         self._wake(None)
 
     @contextlib.contextmanager
@@ -87,7 +82,7 @@ class Hub:
 
     def wait_listening(self, timeout: float) -> bool:
         """True once the PostgreSQL listener is listening (tests use it; SQLite: at once)."""
-        return self._thread is None or self._listening.wait(timeout)
+        return self._listener is None or self._listener.wait_listening(timeout)
 
     def _wake(self, generation_ids: Iterable[int] | None) -> None:
         """Wake the streams of these generations (None: every stream). On the loop's thread."""
@@ -101,38 +96,10 @@ class Hub:
 
     # --- PostgreSQL ------------------------------------------------------------------------------
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._listen_once()
-            except Exception:
-                log.warning("event listener lost its connection; reconnecting", exc_info=True)
-            finally:
-                self._listening.clear()
-            self._stop.wait(_RECONNECT_S)
-
-    def _listen_once(self) -> None:
-        pooled = self._engine.raw_connection()
-        connection: Any = pooled.driver_connection
-        pooled.detach()  # this connection is ours alone, for as long as it lives
-        try:
-            connection.autocommit = True
-            cursor = connection.cursor()
-            cursor.execute(f"LISTEN {CHANNEL}")
-            cursor.close()
-            self._listening.set()
-            # Whatever committed before LISTEN took effect was not heard: every stream reads.
-            self._from_thread(None)
-            drain = _psycopg2_drain if hasattr(connection, "poll") else _psycopg_drain
-            while not self._stop.is_set():
-                readable, _, _ = select.select([connection], [], [], 1.0)
-                if readable:
-                    woken = drain(connection)
-                    if woken:
-                        self._from_thread(woken)
-        finally:
-            with contextlib.suppress(Exception):
-                connection.close()
+    def _heard(self, payloads: list[str] | None) -> None:
+        # On the listener's thread: None (a reconnection) wakes every stream, since
+        # notifications sent meanwhile are lost.
+        self._from_thread(None if payloads is None else _generation_ids(payloads))
 
     def _from_thread(self, generation_ids: set[int] | None) -> None:
         loop = self._loop
@@ -178,17 +145,3 @@ def _generation_ids(payloads: Iterable[str]) -> set[int]:
         with contextlib.suppress(ValueError):
             found.add(int(payload))
     return found
-
-
-def _psycopg2_drain(connection: object) -> set[int]:
-    connection.poll()  # type: ignore[attr-defined]
-    notifies = connection.notifies  # type: ignore[attr-defined]
-    payloads = [n.payload for n in notifies]
-    notifies.clear()
-    return _generation_ids(payloads)
-
-
-def _psycopg_drain(connection: object) -> set[int]:
-    # psycopg 3: the notifications already received, without waiting for more.
-    received = connection.notifies(timeout=0)  # type: ignore[attr-defined]
-    return _generation_ids(n.payload for n in received)
