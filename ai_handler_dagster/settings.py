@@ -114,6 +114,22 @@ def sensor_interval_s() -> int:
     return _int_setting("AI_HANDLER_SENSOR_INTERVAL_S", 1)
 
 
+def sensor_wake() -> bool:
+    """Whether the daemon wakes the request sensor when a request becomes pending
+    (``AI_HANDLER_SENSOR_WAKE``, ``1`` by default; ``0``: wait for the sensor's next tick, as
+    before ``runtime/wake.py``)."""
+    raw = os.environ.get("AI_HANDLER_SENSOR_WAKE", "1").strip()
+    if raw not in ("0", "1"):
+        raise ConfigError(f"AI_HANDLER_SENSOR_WAKE={raw!r} must be 0 or 1")
+    return raw == "1"
+
+
+def sensor_wake_poll_ms() -> int:
+    """How often, in milliseconds, the daemon looks for new pending requests on SQLite, which
+    cannot notify (``AI_HANDLER_SENSOR_WAKE_POLL_MS``, default 100). PostgreSQL needs none."""
+    return _int_setting("AI_HANDLER_SENSOR_WAKE_POLL_MS", 100, minimum=10, maximum=60_000)
+
+
 def default_priority() -> int:
     """Highest priority (and the priority of requests that name none) of a user the operator
     did not list with ``ai-handler priority set`` (``AI_HANDLER_DEFAULT_PRIORITY``, default 0,

@@ -11,6 +11,9 @@ queue is read every ``AI_HANDLER_DEQUEUE_LOOP_S`` (default 0.5 s; ``dagster.yaml
 seconds). Everything else is ``dagster-daemon`` unchanged; plain ``dagster-daemon run`` works too,
 with the 5 s sensor loop and the configured dequeue interval.
 
+It also wakes the request sensor and the run queue when a request becomes pending, instead of
+leaving it to their next pass (``runtime/wake.py``; ``AI_HANDLER_SENSOR_WAKE=0`` turns it off).
+
 With ``AI_HANDLER_ENV=production`` it first refuses an instance without PostgreSQL storage
 (``instance.check_production_storage``). It also starts the run launcher's warm process (see
 ``runtime/launcher.py``) before the first run needs it.
@@ -89,10 +92,31 @@ def _check_instance() -> None:
         raise SystemExit(2) from None
 
 
+def _wake_on_pending() -> None:
+    """Wake the request sensor and the run queue when a request becomes pending
+    (``runtime/wake.py``), unless ``AI_HANDLER_SENSOR_WAKE=0``."""
+    from ai_handler_dagster import settings
+    from ai_handler_dagster.db.engine import make_engine
+    from ai_handler_dagster.runtime import wake
+
+    try:
+        if not settings.sensor_wake():
+            return
+        poll_ms = settings.sensor_wake_poll_ms()
+        engine = make_engine(settings.database_url())
+    except settings.ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    wakes = wake.Wakes()
+    if wake.install(wakes):
+        wake.PendingWatcher(engine, wakes.wake_sensor, poll_ms=poll_ms).start()
+
+
 def main() -> None:
     _check_instance()
     _tighten_sensor_loop()
     _tighten_dequeue_loop()
+    _wake_on_pending()
     _warm_run_launcher()
     from dagster._daemon.cli import main as daemon_main
 

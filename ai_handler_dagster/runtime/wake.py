@@ -1,0 +1,243 @@
+"""Waking the request sensor when a request becomes pending, and the run queue when a run is
+queued, so an idle system starts a request at once instead of at the next tick and poll.
+
+Without this a request waits for the request sensor's next tick (every second: 0.5 s on
+average, plus the loop's slack) and then for the run queue's next read (every 0.5 s). The
+daemon process (``runtime/daemon.py``) installs three things:
+
+- a watcher of pending requests in a thread: on PostgreSQL it listens on
+  ``generations_pending``, which a trigger (migration 0012) notifies when a row is inserted or
+  updated with status ``pending`` (a submit through the API or the CLI, an application's own
+  ``INSERT``, a requeue); on SQLite, which cannot notify, it reads the newest row's id and the
+  newest pending row's ``pending_since`` every ``AI_HANDLER_SENSOR_WAKE_POLL_MS`` (two index
+  seeks) and wakes when either moved while a row is pending;
+- the sensor daemon's loop sleeps until a wake-up (or its period), and the request sensor is
+  due when a wake-up came after its last tick began, at least ``MIN_GAP_S`` after it: under
+  load the wake-ups come faster than ticks, and each tick claims what accumulated meanwhile
+  (batches, as before);
+- the run queue's loop sleeps until a run is queued in this process (the sensor daemon's
+  submissions) or its period.
+
+The sensor stays the only claimer of pending rows: a wake-up only moves its next tick earlier.
+So nothing about claiming changes (``FOR UPDATE SKIP LOCKED``, run keys, the relaunch of a
+tick that crashed), a lost or extra wake-up costs at most a tick's wait or one skipped tick,
+and the service needs no Dagster at all. ``AI_HANDLER_SENSOR_WAKE=0`` turns it off (the
+benchmark measures both).
+
+Everything here reaches into Dagster's daemon internals; when an upgrade moves one, ``install``
+says so on stderr and leaves that part as Dagster ships it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+#: The sensor woken up: its name in the code location.
+REQUEST_SENSOR = "generation_request_sensor"
+#: The channel of migration 0012.
+CHANNEL = "generations_pending"
+#: A woken tick comes at least this long after the previous tick began.
+MIN_GAP_S = 0.1
+
+
+class Wakes:
+    """The wake-ups of one daemon process: set from any thread, consumed by the loops."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.sensor = threading.Event()
+        self.queue = threading.Event()
+        #: When the last wake-up of the sensor came (wall clock, as Dagster's tick times).
+        self.sensor_woken_at = 0.0
+
+    def wake_sensor(self) -> None:
+        self.sensor_woken_at = self._clock()
+        self.sensor.set()
+
+    def wake_queue(self) -> None:
+        self.queue.set()
+
+    def sensor_due(self, elapsed: float | None) -> bool:
+        """Whether the request sensor, whose last tick began ``elapsed`` seconds ago, should
+        tick now for a wake-up (None: it never ticked; Dagster decides)."""
+        if elapsed is None or elapsed < MIN_GAP_S:
+            return False
+        return self.sensor_woken_at > self._clock() - elapsed
+
+
+class _WakeOrShutdown(threading.Event):
+    """Stands for a daemon's shutdown event in its loop: ``wait`` also ends at a wake-up, but
+    at most once every ``MIN_GAP_S`` however fast wake-ups come."""
+
+    def __init__(self, shutdown: threading.Event, wake: threading.Event) -> None:
+        super().__init__()
+        self._shutdown = shutdown
+        self._wake = wake
+        self._last = 0.0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._wake.wait(timeout):
+            self._wake.clear()
+            rest = MIN_GAP_S - (time.monotonic() - self._last)
+            if rest > 0:
+                self._shutdown.wait(rest)
+        self._last = time.monotonic()
+        return self._shutdown.is_set()
+
+    def is_set(self) -> bool:
+        return self._shutdown.is_set()
+
+    def set(self) -> None:
+        self._shutdown.set()
+        self._wake.set()
+
+    def clear(self) -> None:
+        self._shutdown.clear()
+
+
+# --- Watching for pending requests ---------------------------------------------------------------
+
+
+class PendingWatcher:
+    """Calls ``wake`` when a request may have become pending in the app database."""
+
+    def __init__(self, engine: sa.Engine, wake: Callable[[], None], *, poll_ms: int) -> None:
+        from ai_handler_dagster.db.engine import is_sqlite
+        from ai_handler_dagster.db.notify import Listener
+
+        self._engine = engine
+        self._wake = wake
+        self._poll_s = poll_ms / 1000
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
+        if not is_sqlite(engine):
+            self._listener = Listener(engine, CHANNEL, lambda _payloads: wake())
+
+    def start(self) -> None:
+        if self._listener is not None:
+            self._listener.start()
+            return
+        self._thread = threading.Thread(target=self._poll, name="pending-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def wait_listening(self, timeout: float) -> bool:
+        """True once the watcher hears new requests (PostgreSQL: listens; SQLite: at once)."""
+        return self._listener is None or self._listener.wait_listening(timeout)
+
+    def _poll(self) -> None:
+        last: tuple[Any, Any] | None = None
+        while not self._stop.wait(self._poll_s):
+            try:
+                seen = self._newest()
+            except Exception:
+                log.warning("pending-request poller failed to read; retrying", exc_info=True)
+                continue
+            if seen[1] is not None and seen != last:
+                self._wake()
+            last = seen
+
+    def _newest(self) -> tuple[Any, Any]:
+        """The newest row's id (a new row; an application's INSERT stamps ``pending_since`` to
+        the second only) and the newest pending row's ``pending_since`` (a requeue): two
+        seeks, on the primary key and on ix_generations_status_pending_since_id."""
+        from ai_handler_dagster.db.models import Generation
+        from ai_handler_dagster.domain import GenerationStatus
+
+        newest_id = sa.select(sa.func.max(Generation.id)).scalar_subquery()
+        newest_pending = (
+            sa.select(sa.func.max(Generation.pending_since))
+            .where(Generation.status == GenerationStatus.PENDING)
+            .scalar_subquery()
+        )
+        with self._engine.connect() as connection:
+            row = connection.execute(sa.select(newest_id, newest_pending)).one()
+        return row[0], row[1]
+
+
+# --- Into Dagster's daemon -------------------------------------------------------------------
+
+
+def install(wakes: Wakes) -> bool:
+    """Make the sensor and run-queue loops of this process wake up on ``wakes``. False (and a
+    line on stderr) when this Dagster has moved what it needs; its loops then run as shipped."""
+    try:
+        import dagster._daemon.sensor as sensor_daemon
+        from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
+        from dagster._daemon.daemon import SensorDaemon, SpanMarker
+        from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+            QueuedRunCoordinatorDaemon,
+        )
+        from dagster._utils.error import serializable_error_info_from_exc_info
+
+        is_under_min_interval = sensor_daemon.is_under_min_interval
+        get_elapsed = sensor_daemon.get_elapsed
+        sensor_core_loop = SensorDaemon.core_loop
+        submit_run = QueuedRunCoordinator.submit_run
+        run_iteration = QueuedRunCoordinatorDaemon.run_iteration
+    except (ImportError, AttributeError) as exc:
+        sys.stderr.write(f"ai_handler_dagster.runtime.wake: loops not wakeable here: {exc}\n")
+        return False
+
+    def under_min_interval(state: Any, remote_sensor: Any, *args: Any, **kwargs: Any) -> bool:
+        if remote_sensor.name == REQUEST_SENSOR and wakes.sensor_due(get_elapsed(state)):
+            return False
+        return is_under_min_interval(state, remote_sensor, *args, **kwargs)
+
+    def sensor_loop(self: Any, workspace_process_context: Any, shutdown_event: Any) -> Any:
+        return sensor_core_loop(
+            self, workspace_process_context, _WakeOrShutdown(shutdown_event, wakes.sensor)
+        )
+
+    def submit_and_wake(self: Any, context: Any) -> Any:
+        run = submit_run(self, context)
+        wakes.wake_queue()
+        return run
+
+    def queue_loop(self: Any, workspace_process_context: Any, shutdown_event: Any) -> Any:
+        # IntervalDaemon.core_loop, whose sleep also ends when a run is queued.
+        while True:
+            started = time.monotonic()
+            yield SpanMarker.START_SPAN
+            try:
+                yield from run_iteration(self, workspace_process_context)
+            except Exception:
+                error_info = serializable_error_info_from_exc_info(sys.exc_info())
+                self._logger.error("Caught error:\n%s", error_info)
+                yield error_info
+            yield SpanMarker.END_SPAN
+            while not shutdown_event.is_set():
+                elapsed = time.monotonic() - started
+                if elapsed >= self.interval_seconds:
+                    break
+                if wakes.queue.is_set() and elapsed >= MIN_GAP_S:
+                    wakes.queue.clear()
+                    break
+                if wakes.queue.is_set():
+                    shutdown_event.wait(MIN_GAP_S - elapsed)
+                else:
+                    wakes.queue.wait(min(self.interval_seconds - elapsed, 0.5))
+                yield None
+            yield None
+
+    sensor_daemon.is_under_min_interval = under_min_interval  # type: ignore[assignment]
+    SensorDaemon.core_loop = sensor_loop  # type: ignore[method-assign]
+    QueuedRunCoordinator.submit_run = submit_and_wake  # type: ignore[method-assign]
+    QueuedRunCoordinatorDaemon.core_loop = queue_loop  # type: ignore[method-assign]
+    return True
