@@ -118,3 +118,32 @@ def test_the_steady_window_starts_once_the_burst_is_spent() -> None:
     assert steady_window([0.0, 0.0, 0.0, 1.0, 2.0, 3.0], 60, 3) == (0.0, 3.0, 3)
     # Slower than the limit: the bucket never runs dry, there is no steady state to measure.
     assert steady_window([0.0, 2.0, 4.0, 6.0], 60, 3) is None
+
+
+def test_idle_api_bench_reports_every_phase_for_both_runs(
+    pg_available: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not pg_available:
+        pytest.skip("PostgreSQL is not reachable")
+    from ai_handler_dagster.proving.idle_api import PHASES
+    from tests.support.db import PG_ADMIN_URL
+
+    code = cli.main(
+        [
+            *("bench", "--idle-api", "--idle-samples", "2", "--latency", "0.5"),
+            *("--pg-url", PG_ADMIN_URL, "--json", "--quiet"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["samples"] == 2
+    for run in ("wake_off", "wake_on"):
+        assert set(report[run]) == set(PHASES), run
+        for phase, figures in report[run].items():
+            assert figures["p50"] <= figures["p95"], (run, phase)
+        # Through the service the terminal event comes after the create, which comes after
+        # the run started, and nothing ends sooner than the model runs.
+        assert report[run]["to_terminal"]["p50"] > report[run]["to_create"]["p50"] > 0
+        assert report[run]["to_terminal"]["p50"] >= 0.5
+    assert set(report["on_over_off"]) == set(PHASES)

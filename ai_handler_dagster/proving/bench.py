@@ -588,6 +588,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.rate_burst is not None and args.rate_limit is None:
         sys.stderr.write("error: --rate-burst needs --rate-limit\n")
         return 2
+    if args.idle_api:
+        from ai_handler_dagster.proving import idle_api
+
+        idle_report = idle_api.run_idle_api(
+            idle_api.IdleApiConfig(
+                pg_admin_url=args.pg_url,
+                samples=args.idle_samples or 20,
+                latency=args.latency,
+                progress=not args.quiet,
+            )
+        )
+        idle_api.print_report(idle_report)
+        if args.json:
+            print(json.dumps(idle_report))
+        return 0
     if args.api_load:
         from ai_handler_dagster.proving import api_load
 
@@ -614,7 +629,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_in_flight=args.max_in_flight,
         max_concurrent_runs=args.max_runs,
-        idle_samples=args.idle_samples,
+        idle_samples=args.idle_samples or 3,
         webhooks=not args.no_webhooks,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
@@ -705,7 +720,18 @@ def register(sub: Any) -> None:
         default=None,
         help="requests a second, open loop (default: as fast as --clients allow)",
     )
-    p.add_argument("--idle-samples", type=int, default=3, help="idle-latency samples (default 3)")
+    p.add_argument(
+        "--idle-api",
+        action="store_true",
+        help="idle latency through the service (POST, then its event stream), phase by phase, "
+        "without and with the daemon's wake-ups",
+    )
+    p.add_argument(
+        "--idle-samples",
+        type=int,
+        default=None,
+        help="idle-latency samples (default 3; 20 with --idle-api)",
+    )
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
