@@ -51,3 +51,39 @@ def test_a_small_load_run_accepts_and_audits_every_submit(
     # The verdict fails a run where any submit was not accepted, however clean the audit.
     refused = {**report, "submit": {**report["submit"], "statuses": {"202": 59, "429": 1}}}
     assert api_load.ok(report) and not api_load.ok(refused)
+
+
+def test_a_load_run_with_the_pipeline_waits_for_every_generation_to_end(
+    pg_available: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not pg_available:
+        pytest.skip("PostgreSQL is not reachable")
+    from tests.support.db import PG_ADMIN_URL
+
+    code = cli.main(
+        [
+            *("bench", "--api-load", "--pipeline", "--count", "40", "--clients", "4"),
+            *("--users", "5", "--health-count", "40", "--latency", "0.3", "--concurrency", "16"),
+            *("--quiet", "--pg-url", PG_ADMIN_URL),
+        ]
+    )
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert code == 0, out
+    assert report["pipeline"] is True and report["settled_s"] >= 0
+    assert report["audit"] == {
+        "accepted": 40,
+        "accepted_distinct": 40,
+        "generations": 40,
+        "missing": 0,
+        "statuses": {"succeeded": 40},
+        "holds_still_pending": 0,
+        "not_accepted_but_written": 0,
+        "ledger_violations": 0,
+    }
+    # The verdict fails a run where a generation did not succeed, however clean the ledger.
+    one_failed = {
+        **report,
+        "audit": {**report["audit"], "statuses": {"succeeded": 39, "failed": 1}},
+    }
+    assert api_load.ok(report) and not api_load.ok(one_failed)

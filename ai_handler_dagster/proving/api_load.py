@@ -14,7 +14,13 @@ R requests a second (open loop: latency counts from when a request was due):
 3. ``GET /healthz`` again (the floor after the load).
 
 Then the audit: every accepted id exists exactly once, pending with a pending hold of its price,
-no generation exists that was not accepted, and the ledger verifies. Targets (issue 13): at least
+no generation exists that was not accepted, and the ledger verifies.
+
+With ``--pipeline`` the whole stack runs meanwhile on the same database (daemon, runs, the
+emulator with ``--latency`` and ``--concurrency``, S3, the stack's own service taking the
+provider's webhooks), so the submits share the machine with the work they cause. The audit then
+waits for every accepted generation to end and requires each to have succeeded, with no hold
+left pending, and the ledger to verify. Targets (issue 13): at least
 300 submits a second with p99 under 100 ms.
 """
 
@@ -42,7 +48,7 @@ from ai_handler_dagster.api import keys
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.db.models import Generation, Hold
 from ai_handler_dagster.devstack.pg import drop_database, new_database
-from ai_handler_dagster.domain import GenerationStatus, HoldStatus
+from ai_handler_dagster.domain import TERMINAL, GenerationStatus, HoldStatus
 
 #: The model every submit asks for, and its input (the shipped table holds 5 credits).
 MODEL = "demo/pixel-sketch"
@@ -60,6 +66,12 @@ class LoadConfig:
     #: Requests a second, open loop (None: as fast as ``clients`` in flight allow).
     rate: float | None = None
     progress: bool = True
+    #: Run the whole pipeline meanwhile (daemon, runs, emulator, S3) and wait for every
+    #: accepted generation to end; the emulator's model latency and concurrency.
+    pipeline: bool = False
+    latency: float = 1.0
+    concurrency: int = 64
+    settle_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -232,54 +244,98 @@ def _start_server(url: str, workers: int, folder: Path) -> tuple[subprocess.Pope
 
 def run_load(config: LoadConfig) -> dict[str, Any]:
     """Run the three phases and the audit; returns the report."""
-    url = new_database(config.pg_admin_url, "aih_load")
     folder = Path(tempfile.mkdtemp(prefix="ai-handler-load-"))
-    process = None
-    try:
-        db.upgrade(url)
-        engine = make_engine(url)
-        with session_scope(engine) as session:
-            for user in range(config.users):
-                ledger.grant(session, f"load-{user:03d}", 10**9, f"load-grant-{user}")
-            key, _ = keys.create(
-                session, name="load", scopes=[keys.SUBMIT, keys.READ], rate_per_minute=10**7
-            )
-        process, base = _start_server(url, config.api_workers, folder)
+    with contextlib.ExitStack() as cleanup:
+        if config.pipeline:
+            from ai_handler_dagster.proving.stack import scratch_databases
 
-        def say(text: str) -> None:
-            if config.progress:
-                sys.stderr.write(f"[api-load] {text}\n")
-
-        say(f"serving on {base} with {config.api_workers} worker(s); warming up")
-        asyncio.run(_drive(base, key, "warm", 200, config.clients, _health))
-        say(f"GET /healthz x {config.health_count}")
-        before = asyncio.run(
-            _drive(base, key, "healthz", config.health_count, config.clients, _health, config.rate)
-        )
-        say(f"POST /v1/generations x {config.count} over {config.users} users")
-        submits = asyncio.run(
-            _drive(
-                base,
-                key,
-                "submit",
-                config.count,
-                config.clients,
-                _submitter(config.users),
-                config.rate,
+            url, dagster_url = cleanup.enter_context(
+                scratch_databases(config.pg_admin_url, "aih_load")
             )
+            # The stack migrates the database, runs the daemon, the emulator, S3 and its own
+            # service (which takes the provider's webhooks); the load goes to the one below.
+            cleanup.enter_context(_pipeline(config, folder, url, dagster_url))
+        else:
+            url = new_database(config.pg_admin_url, "aih_load")
+            cleanup.callback(drop_database, config.pg_admin_url, url)
+            db.upgrade(url)
+        return _load(config, folder, url, cleanup)
+    raise AssertionError("unreachable")
+
+
+def _pipeline(config: LoadConfig, folder: Path, url: str, dagster_url: str) -> Any:
+    from ai_handler_dagster.devstack.stack import StackConfig
+    from ai_handler_dagster.proving.stack import ProvingStack
+
+    (folder / "stack").mkdir()
+    return ProvingStack(
+        StackConfig(
+            state_dir=folder / "stack",
+            storage="postgres",
+            dagster_pg_url=dagster_url,
+            app_db_url=url,
+            latency_s=config.latency,
+            concurrency=config.concurrency,
         )
-        say(f"GET /healthz x {config.health_count} again")
-        after = asyncio.run(
-            _drive(base, key, "healthz", config.health_count, config.clients, _health, config.rate)
+    )
+
+
+def _load(
+    config: LoadConfig, folder: Path, url: str, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
+    engine = make_engine(url)
+    cleanup.callback(engine.dispose)
+    with session_scope(engine) as session:
+        for user in range(config.users):
+            ledger.grant(session, f"load-{user:03d}", 10**9, f"load-grant-{user}")
+        key, _ = keys.create(
+            session, name="load", scopes=[keys.SUBMIT, keys.READ], rate_per_minute=10**7
         )
+    process, base = _start_server(url, config.api_workers, folder)
+    cleanup.callback(_stop_server, process)
+
+    def say(text: str) -> None:
+        if config.progress:
+            sys.stderr.write(f"[api-load] {text}\n")
+
+    say(f"serving on {base} with {config.api_workers} worker(s); warming up")
+    asyncio.run(_drive(base, key, "warm", 200, config.clients, _health))
+    say(f"GET /healthz x {config.health_count}")
+    before = asyncio.run(
+        _drive(base, key, "healthz", config.health_count, config.clients, _health, config.rate)
+    )
+    say(f"POST /v1/generations x {config.count} over {config.users} users")
+    submits = asyncio.run(
+        _drive(
+            base,
+            key,
+            "submit",
+            config.count,
+            config.clients,
+            _submitter(config.users),
+            config.rate,
+        )
+    )
+    say(f"GET /healthz x {config.health_count} again")
+    after = asyncio.run(
+        _drive(base, key, "healthz", config.health_count, config.clients, _health, config.rate)
+    )
+    report: dict[str, Any] = {
+        "clients": config.clients,
+        "rate": config.rate,
+        "users": config.users,
+        "api_workers": config.api_workers,
+        "pipeline": config.pipeline,
+    }
+    if config.pipeline:
+        say(f"waiting for the {len(submits.ids)} accepted generations to end")
+        report["settled_s"] = _settle(engine, submits.ids, config.settle_timeout_s, say)
+        audit = _audit_ended(engine, submits.ids)
+    else:
         audit = _audit(engine, submits.ids, hold_per_generation=5)
-        engine.dispose()
-        s, h = submits.report(), before.report()
-        return {
-            "clients": config.clients,
-            "rate": config.rate,
-            "users": config.users,
-            "api_workers": config.api_workers,
+    s, h = submits.report(), before.report()
+    report.update(
+        {
             "submit": s,
             "healthz_before": h,
             "healthz_after": after.report(),
@@ -287,15 +343,69 @@ def run_load(config: LoadConfig) -> dict[str, Any]:
             "submit_p99_vs_healthz_p99": round(s["p99_ms"] / h["p99_ms"], 2),
             "audit": audit,
         }
-    finally:
-        if process is not None:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=20)
-            if process.poll() is None:
-                process.kill()
-        with contextlib.suppress(Exception):
-            drop_database(config.pg_admin_url, url)
+    )
+    return report
+
+
+def _stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=20)
+    if process.poll() is None:
+        process.kill()
+
+
+def _settle(engine: sa.Engine, ids: list[int], timeout_s: float, say: Any) -> float:
+    """Seconds until every accepted generation is terminal (from the end of the load)."""
+    started = time.monotonic()
+    last = -1
+    while True:
+        with session_scope(engine) as session:
+            open_ = int(
+                session.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(Generation)
+                    .where(Generation.id.in_(ids), Generation.status.not_in(TERMINAL))
+                )
+                or 0
+            )
+        if open_ == 0:
+            return round(time.monotonic() - started, 1)
+        if open_ != last and int(time.monotonic() - started) % 10 == 0:
+            say(f"{open_} not ended yet")
+            last = open_
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{open_} generations had not ended after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def _audit_ended(engine: sa.Engine, accepted: list[int]) -> dict[str, Any]:
+    """With the pipeline: every accepted generation exists once and ended, each hold ended,
+    and the ledger verifies (``ledger.verify`` and ``generations.verify``)."""
+    with session_scope(engine) as session:
+        total = int(session.scalar(sa.select(sa.func.count()).select_from(Generation)) or 0)
+        rows = session.execute(
+            sa.select(Generation.id, Generation.status, Hold.status).join(
+                Hold, Hold.id == Generation.hold_id, isouter=True
+            )
+        ).all()
+        violations = [*ledger.verify(session), *generations.verify(session)]
+    found = {r[0]: r for r in rows}
+    statuses: dict[str, int] = {}
+    for i in set(accepted) & set(found):
+        statuses[found[i][1]] = statuses.get(found[i][1], 0) + 1
+    return {
+        "accepted": len(accepted),
+        "accepted_distinct": len(set(accepted)),
+        "generations": total,
+        "missing": len([i for i in accepted if i not in found]),
+        "statuses": statuses,
+        "holds_still_pending": len(
+            [i for i in accepted if i in found and found[i][2] == HoldStatus.PENDING]
+        ),
+        "not_accepted_but_written": total - len(set(accepted) & set(found)),
+        "ledger_violations": len(violations),
+    }
 
 
 def ok(report: dict[str, Any]) -> bool:
@@ -303,11 +413,17 @@ def ok(report: dict[str, Any]) -> bool:
     failures), nothing lost or written twice, and the ledger verifies."""
     audit = report["audit"]
     submits = report["submit"]
+    if report.get("pipeline"):
+        held = audit["holds_still_pending"] == 0 and audit["statuses"] == {
+            "succeeded": audit["accepted"]
+        }
+    else:
+        held = audit["without_their_hold"] == 0
     return (
         submits["statuses"] == {"202": submits["requests"]}
         and audit["accepted"] == audit["accepted_distinct"] == audit["generations"]
         and audit["missing"] == 0
-        and audit["without_their_hold"] == 0
+        and held
         and audit["not_accepted_but_written"] == 0
         and audit["ledger_violations"] == 0
     )

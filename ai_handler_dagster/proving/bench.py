@@ -616,6 +616,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 health_count=args.health_count,
                 rate=args.rate,
                 progress=not args.quiet,
+                pipeline=args.pipeline,
+                latency=args.latency,
+                concurrency=args.concurrency,
             )
         )
         api_load.print_report(report)
@@ -711,6 +714,12 @@ def register(sub: Any) -> None:
     load.add_argument("--clients", type=int, default=32, help="requests in flight (default 32)")
     load.add_argument("--users", type=int, default=100, help="users spread over (default 100)")
     load.add_argument("--api-workers", type=int, default=2, help="serve --workers (default 2)")
+    load.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run the whole pipeline meanwhile (--latency, --concurrency) and wait for every "
+        "accepted generation to end",
+    )
     load.add_argument(
         "--health-count", type=int, default=3000, help="GET /healthz requests (default 3000)"
     )
