@@ -24,6 +24,7 @@ import httpx
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade"}
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _EVENT_ID = re.compile(rb"^id: ?(.*?)\r?$", re.MULTILINE)
+_COMMENT = re.compile(rb"^:", re.MULTILINE)
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Seen:
     status: int = 0
     #: The ``id`` of every event forwarded to the client (event streams only).
     event_ids: list[str] = field(default_factory=list)
+    #: Comment lines forwarded (the server's keep-alives).
+    comments: int = 0
     dropped: bool = False
     body: bytes = b""
 
@@ -144,6 +147,7 @@ class RecordingProxy:
                     while (end := _EVENT_END.search(pending)) is not None:
                         event, pending = pending[: end.end()], pending[end.end() :]
                         seen.event_ids.extend(i.decode() for i in _EVENT_ID.findall(event))
+                        seen.comments += len(_COMMENT.findall(event))
                         self._chunk(event)
                         if drop and seen.event_ids:
                             # No last chunk: the client sees its connection cut mid-body.

@@ -74,7 +74,11 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackUnderTest]:
-    with running_stack(stack_config(tmp_path_factory.mktemp("node-example"))) as stack:
+    # Keep-alive comments every second: the script has to skip them between the events.
+    config = stack_config(
+        tmp_path_factory.mktemp("node-example"), extra_env={"AI_HANDLER_API_EVENTS_PING_S": "1"}
+    )
+    with running_stack(config) as stack:
         app = App(stack.app_db_url)
         try:
             yield StackUnderTest(stack, app)
