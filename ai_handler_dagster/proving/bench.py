@@ -585,6 +585,21 @@ def _table(reports: list[dict[str, Any]]) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark(s) and print the table (and JSON with ``--json``)."""
+    if args.streams is not None:
+        from ai_handler_dagster.proving import streams_load
+
+        streams_report = streams_load.run_streams(
+            streams_load.StreamsConfig(
+                pg_admin_url=args.pg_url,
+                streams=args.streams,
+                users=args.users,
+                api_workers=args.api_workers,
+                window_s=args.stream_window,
+                progress=not args.quiet,
+            )
+        )
+        streams_load.print_report(streams_report)
+        return 0 if streams_load.ok(streams_report) else 1
     if args.rate_burst is not None and args.rate_limit is None:
         sys.stderr.write("error: --rate-burst needs --rate-limit\n")
         return 2
@@ -740,6 +755,27 @@ def register(sub: Any) -> None:
         type=int,
         default=None,
         help="idle-latency samples (default 3; 20 with --idle-api)",
+    )
+    streams = p.add_argument_group(
+        "open event streams (--streams)",
+        "what N open event streams cost ai-handler serve (--api-workers) against the idle "
+        "service, and how fast one change reaches them all; --users users",
+    )
+    streams.add_argument(
+        "--streams",
+        type=int,
+        nargs="?",
+        const=500,
+        default=None,
+        metavar="N",
+        help="run the streams bench with N streams (500 without N)",
+    )
+    streams.add_argument(
+        "--stream-window",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds of each quiet window, idle and with the streams (default 30)",
     )
     p.add_argument("--pg-url", default=DEFAULT_PG_URL, help="PostgreSQL server for the databases")
     p.add_argument("--json", action="store_true", help="also print one JSON object")
