@@ -210,12 +210,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"model {report['latency_s']} s"
     )
     print(
-        f"{'phase':14}{'off p50':>10}{'off p95':>10}{'on p50':>10}{'on p95':>10}{'p50 on/off':>12}"
+        f"{'phase':20}{'off p50':>10}{'off p95':>10}{'on p50':>10}{'on p95':>10}{'p50 on/off':>12}"
     )
     for phase in report["on_over_off"]:
         off, on = report["wake_off"][phase], report["wake_on"][phase]
         ratio = report["on_over_off"][phase]["p50"]
         print(
-            f"{phase:14}{off['p50']:>10.3f}{off['p95']:>10.3f}{on['p50']:>10.3f}"
+            f"{phase:20}{off['p50']:>10.3f}{off['p95']:>10.3f}{on['p50']:>10.3f}"
             f"{on['p95']:>10.3f}{'-' if ratio is None else ratio:>12}"
         )
