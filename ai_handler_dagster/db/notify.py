@@ -16,6 +16,7 @@ import contextlib
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,12 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
+#: Reconnection backoff: 1 s, doubling up to 30 s while the database stays unreachable.
 _RECONNECT_S = 1.0
+_RECONNECT_MAX_S = 30.0
+#: A listening connection idle this long is checked with ``SELECT 1``: a connection the
+#: network dropped silently never becomes readable and would leave the listener deaf.
+_CHECK_IDLE_S = 30.0
 
 #: Receives the payloads of the notifications heard together, or None after a (re)connection.
 OnNotify = Callable[[list[str] | None], None]
@@ -59,16 +65,25 @@ class Listener:
         return self._listening.wait(timeout)
 
     def _run(self) -> None:
+        backoff = _RECONNECT_S
         while not self._stop.is_set():
             try:
                 self._listen_once()
             except Exception:
+                # A traceback for the first failure of an outage, one line for each retry.
                 log.warning(
-                    "listener of %s lost its connection; reconnecting", self._channel, exc_info=True
+                    "listener of %s lost its connection; reconnecting in %.0f s",
+                    self._channel,
+                    backoff,
+                    exc_info=backoff == _RECONNECT_S,
                 )
-            finally:
-                self._listening.clear()
-            self._stop.wait(_RECONNECT_S)
+            was_listening = self._listening.is_set()
+            self._listening.clear()
+            if was_listening:
+                backoff = _RECONNECT_S  # it worked until now: a new outage starts
+            self._stop.wait(backoff)
+            if not was_listening:
+                backoff = min(backoff * 2, _RECONNECT_MAX_S)
 
     def _listen_once(self) -> None:
         pooled = self._engine.raw_connection()
@@ -83,9 +98,20 @@ class Listener:
             # Whatever committed before LISTEN took effect was not heard.
             self._on_notify(None)
             drain = _psycopg2_drain if hasattr(connection, "poll") else _psycopg_drain
+            heard = time.monotonic()
             while not self._stop.is_set():
                 readable, _, _ = select.select([connection], [], [], 1.0)
                 if readable:
+                    heard = time.monotonic()
+                    payloads = drain(connection)
+                    if payloads:
+                        self._on_notify(payloads)
+                elif time.monotonic() - heard > _CHECK_IDLE_S:
+                    check = connection.cursor()
+                    check.execute("SELECT 1")  # raises on a closed connection: reconnect
+                    check.close()
+                    heard = time.monotonic()
+                    # Notifications that came with its answer were read off the socket.
                     payloads = drain(connection)
                     if payloads:
                         self._on_notify(payloads)

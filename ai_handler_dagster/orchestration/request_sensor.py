@@ -38,6 +38,7 @@ from ai_handler_dagster.domain import (
 )
 from ai_handler_dagster.orchestration.generation import GENERATION_JOB, batch_run_config
 from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.runtime import wake
 
 #: Most runs one tick launches: bounds the work of a tick whatever the backlog.
 MAX_RUNS_PER_TICK = 8
@@ -183,6 +184,10 @@ def generation_request_sensor(
             requests.append(run_request_for(batch_key, rows, aged_before=aged_before))
         pending = _count(session, GenerationStatus.PENDING)
         in_flight = _count(session, *IN_FLIGHT)
+    # Whether the daemon's next wake-up may bring the next tick forward (runtime/wake.py):
+    # only while the system is quiet, so that under load each tick still batches.
+    quiet = pending + in_flight <= policy.small_backlog
+    context.update_cursor(wake.QUIET_CURSOR if quiet else wake.BUSY_CURSOR)
 
     plan = plan_batches(pending, in_flight, policy)
     for size in plan:

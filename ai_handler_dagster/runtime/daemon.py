@@ -95,6 +95,8 @@ def _check_instance() -> None:
 def _wake_on_pending() -> None:
     """Wake the request sensor and the run queue when a request becomes pending
     (``runtime/wake.py``), unless ``AI_HANDLER_SENSOR_WAKE=0``."""
+    import sqlalchemy as sa
+
     from ai_handler_dagster import settings
     from ai_handler_dagster.db.engine import make_engine
     from ai_handler_dagster.runtime import wake
@@ -102,14 +104,20 @@ def _wake_on_pending() -> None:
     try:
         if not settings.sensor_wake():
             return
-        poll_ms = settings.sensor_wake_poll_ms()
-        engine = make_engine(settings.database_url())
+        url = settings.database_url()
+        engine = make_engine(url)
+        poll_ms = settings.sensor_wake_poll_ms() if engine.dialect.name == "sqlite" else 0
     except settings.ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
+    except Exception as exc:  # an optimisation must never stop the daemon
+        sys.stderr.write(f"ai_handler_dagster.runtime.daemon: no wake-ups: {exc}\n")
+        return
     wakes = wake.Wakes()
     if wake.install(wakes):
-        wake.PendingWatcher(engine, wakes.wake_sensor, poll_ms=poll_ms).start()
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        sys.stderr.write(f"ai_handler_dagster.runtime.daemon: wake-ups from {shown}\n")
+        wake.PendingWatcher(engine, wakes.wake_sensor, poll_ms=poll_ms or 100).start()
 
 
 def main() -> None:

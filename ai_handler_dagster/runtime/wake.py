@@ -12,11 +12,13 @@ daemon process (``runtime/daemon.py``) installs three things:
   newest pending row's ``pending_since`` every ``AI_HANDLER_SENSOR_WAKE_POLL_MS`` (two index
   seeks) and wakes when either moved while a row is pending;
 - the sensor daemon's loop sleeps until a wake-up (or its period), and the request sensor is
-  due when a wake-up came after its last tick began, at least ``MIN_GAP_S`` after it: under
-  load the wake-ups come faster than ticks, and each tick claims what accumulated meanwhile
-  (batches, as before);
+  due when a wake-up came after its last tick began, at least ``MIN_GAP_S`` after it, and
+  that tick was quiet: it found at most ``AI_HANDLER_SMALL_BACKLOG`` generations pending,
+  queued or running (the sensor's cursor, ``QUIET_CURSOR``). Under load the sensor keeps its
+  own interval, so a tick still batches what arrived meanwhile instead of launching a run per
+  request, and requests that arrive together do not wake it for nothing;
 - the run queue's loop sleeps until a run is queued in this process (the sensor daemon's
-  submissions) or its period.
+  submissions, run retries) or its period.
 
 The sensor stays the only claimer of pending rows: a wake-up only moves its next tick earlier.
 So nothing about claiming changes (``FOR UPDATE SKIP LOCKED``, run keys, the relaunch of a
@@ -24,12 +26,14 @@ tick that crashed), a lost or extra wake-up costs at most a tick's wait or one s
 and the service needs no Dagster at all. ``AI_HANDLER_SENSOR_WAKE=0`` turns it off (the
 benchmark measures both).
 
-Everything here reaches into Dagster's daemon internals; when an upgrade moves one, ``install``
-says so on stderr and leaves that part as Dagster ships it.
+Everything here reaches into Dagster's daemon internals; when an upgrade removes one of the
+names it patches, ``install`` says so on stderr and patches nothing (the loops run as Dagster
+ships them). It checks names, not signatures: ``tests/test_wake.py`` drives the patched loops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -47,6 +51,14 @@ REQUEST_SENSOR = "generation_request_sensor"
 CHANNEL = "generations_pending"
 #: A woken tick comes at least this long after the previous tick began.
 MIN_GAP_S = 0.1
+#: The request sensor's cursor after a tick that found at most ``AI_HANDLER_SMALL_BACKLOG``
+#: generations pending, queued or running (``QUIET``), or more (``BUSY``). A wake-up moves only
+#: the tick after a quiet one earlier: under load the sensor keeps its own interval, so each
+#: tick batches what arrived meanwhile instead of launching a run per request.
+QUIET_CURSOR = "quiet"
+BUSY_CURSOR = "busy"
+#: Slices in which a woken wait still sees its daemon's shutdown.
+_SLICE_S = 0.05
 
 
 class Wakes:
@@ -66,10 +78,10 @@ class Wakes:
     def wake_queue(self) -> None:
         self.queue.set()
 
-    def sensor_due(self, elapsed: float | None) -> bool:
-        """Whether the request sensor, whose last tick began ``elapsed`` seconds ago, should
-        tick now for a wake-up (None: it never ticked; Dagster decides)."""
-        if elapsed is None or elapsed < MIN_GAP_S:
+    def sensor_due(self, elapsed: float | None, cursor: str | None) -> bool:
+        """Whether the request sensor, whose last tick began ``elapsed`` seconds ago and left
+        ``cursor``, should tick now for a wake-up (None: it never ticked; Dagster decides)."""
+        if elapsed is None or elapsed < MIN_GAP_S or cursor == BUSY_CURSOR:
             return False
         return self.sensor_woken_at > self._clock() - elapsed
 
@@ -85,11 +97,17 @@ class _WakeOrShutdown(threading.Event):
         self._last = 0.0
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._wake.wait(timeout):
-            self._wake.clear()
-            rest = MIN_GAP_S - (time.monotonic() - self._last)
-            if rest > 0:
-                self._shutdown.wait(rest)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._shutdown.is_set():
+            left = _SLICE_S if deadline is None else min(_SLICE_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            if self._wake.wait(left):
+                self._wake.clear()
+                rest = MIN_GAP_S - (time.monotonic() - self._last)
+                if rest > 0:
+                    self._shutdown.wait(rest)
+                break
         self._last = time.monotonic()
         return self._shutdown.is_set()
 
@@ -142,33 +160,55 @@ class PendingWatcher:
         return self._listener is None or self._listener.wait_listening(timeout)
 
     def _poll(self) -> None:
-        last: tuple[Any, Any] | None = None
+        connection: Any = None
+        version = None
+        last: tuple[Any, ...] | None = None
+        failing = False
         while not self._stop.wait(self._poll_s):
             try:
-                seen = self._newest()
+                if connection is None:
+                    connection = self._connect()
+                # Changes when another connection commits; reading it takes no lock.
+                now_version = connection.execute("PRAGMA data_version").fetchone()[0]
+                if now_version == version:
+                    continue
+                seen = tuple(connection.execute(_NEWEST_SQL).fetchone())
+                version = now_version
             except Exception:
-                log.warning("pending-request poller failed to read; retrying", exc_info=True)
+                if not failing:  # once per outage, not at every poll
+                    log.warning("pending-request poller cannot read; retrying", exc_info=True)
+                failing = True
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.close()
+                connection = None
                 continue
-            if seen[1] is not None and seen != last:
+            failing = False
+            if seen[2] and seen != last:
                 self._wake()
             last = seen
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
 
-    def _newest(self) -> tuple[Any, Any]:
-        """The newest row's id (a new row; an application's INSERT stamps ``pending_since`` to
-        the second only) and the newest pending row's ``pending_since`` (a requeue): two
-        seeks, on the primary key and on ix_generations_status_pending_since_id."""
-        from ai_handler_dagster.db.models import Generation
-        from ai_handler_dagster.domain import GenerationStatus
+    def _connect(self) -> Any:
+        # The engine's own connections begin every transaction with BEGIN IMMEDIATE (the write
+        # lock); this one reads in autocommit, a snapshot per statement, and never writes.
+        pooled = self._engine.raw_connection()
+        connection: Any = pooled.driver_connection
+        pooled.detach()
+        connection.isolation_level = None
+        return connection
 
-        newest_id = sa.select(sa.func.max(Generation.id)).scalar_subquery()
-        newest_pending = (
-            sa.select(sa.func.max(Generation.pending_since))
-            .where(Generation.status == GenerationStatus.PENDING)
-            .scalar_subquery()
-        )
-        with self._engine.connect() as connection:
-            row = connection.execute(sa.select(newest_id, newest_pending)).one()
-        return row[0], row[1]
+
+#: The newest row's id (a new row: an application's INSERT stamps ``pending_since`` to the
+#: second only), the newest pending row's ``pending_since`` (a requeue) and the pending rows
+#: counted up to 1000: index seeks on the primary key and ix_generations_status_pending_since_id.
+_NEWEST_SQL = """
+SELECT (SELECT max(id) FROM generations),
+       (SELECT max(pending_since) FROM generations WHERE status = 'pending'),
+       (SELECT count(*) FROM (SELECT 1 FROM generations WHERE status = 'pending' LIMIT 1000))
+"""
 
 
 # --- Into Dagster's daemon -------------------------------------------------------------------
@@ -190,14 +230,16 @@ def install(wakes: Wakes) -> bool:
         get_elapsed = sensor_daemon.get_elapsed
         sensor_core_loop = SensorDaemon.core_loop
         submit_run = QueuedRunCoordinator.submit_run
-        run_iteration = QueuedRunCoordinatorDaemon.run_iteration
+        QueuedRunCoordinatorDaemon.run_iteration  # noqa: B018 - what queue_passes calls
     except (ImportError, AttributeError) as exc:
         sys.stderr.write(f"ai_handler_dagster.runtime.wake: loops not wakeable here: {exc}\n")
         return False
 
     def under_min_interval(state: Any, remote_sensor: Any, *args: Any, **kwargs: Any) -> bool:
-        if remote_sensor.name == REQUEST_SENSOR and wakes.sensor_due(get_elapsed(state)):
-            return False
+        if remote_sensor.name == REQUEST_SENSOR:
+            data = state.instigator_data
+            if wakes.sensor_due(get_elapsed(state), getattr(data, "cursor", None)):
+                return False
         return is_under_min_interval(state, remote_sensor, *args, **kwargs)
 
     def sensor_loop(self: Any, workspace_process_context: Any, shutdown_event: Any) -> Any:
@@ -211,33 +253,55 @@ def install(wakes: Wakes) -> bool:
         return run
 
     def queue_loop(self: Any, workspace_process_context: Any, shutdown_event: Any) -> Any:
-        # IntervalDaemon.core_loop, whose sleep also ends when a run is queued.
-        while True:
-            started = time.monotonic()
-            yield SpanMarker.START_SPAN
-            try:
-                yield from run_iteration(self, workspace_process_context)
-            except Exception:
-                error_info = serializable_error_info_from_exc_info(sys.exc_info())
-                self._logger.error("Caught error:\n%s", error_info)
-                yield error_info
-            yield SpanMarker.END_SPAN
-            while not shutdown_event.is_set():
-                elapsed = time.monotonic() - started
-                if elapsed >= self.interval_seconds:
-                    break
-                if wakes.queue.is_set() and elapsed >= MIN_GAP_S:
-                    wakes.queue.clear()
-                    break
-                if wakes.queue.is_set():
-                    shutdown_event.wait(MIN_GAP_S - elapsed)
-                else:
-                    wakes.queue.wait(min(self.interval_seconds - elapsed, 0.5))
-                yield None
-            yield None
+        return queue_passes(
+            self,
+            workspace_process_context,
+            shutdown_event,
+            wakes.queue,
+            markers=(SpanMarker.START_SPAN, SpanMarker.END_SPAN),
+            error_info=lambda: serializable_error_info_from_exc_info(sys.exc_info()),
+        )
 
     sensor_daemon.is_under_min_interval = under_min_interval  # type: ignore[assignment]
     SensorDaemon.core_loop = sensor_loop  # type: ignore[method-assign]
     QueuedRunCoordinator.submit_run = submit_and_wake  # type: ignore[method-assign]
     QueuedRunCoordinatorDaemon.core_loop = queue_loop  # type: ignore[method-assign]
     return True
+
+
+def queue_passes(
+    daemon: Any,
+    workspace_process_context: Any,
+    shutdown_event: threading.Event,
+    wake: threading.Event,
+    *,
+    markers: tuple[Any, Any],
+    error_info: Callable[[], Any],
+) -> Any:
+    """The run queue daemon's loop (Dagster's ``IntervalDaemon.core_loop``, without its
+    jitter, which it does not use), whose sleep also ends when ``wake`` is set, at most once
+    every ``MIN_GAP_S``."""
+    start, end = markers
+    while True:
+        started = time.monotonic()
+        yield start
+        try:
+            yield from daemon.run_iteration(workspace_process_context)
+        except Exception:
+            info = error_info()
+            daemon._logger.error("Caught error:\n%s", info)
+            yield info
+        yield end
+        while not shutdown_event.is_set():
+            elapsed = time.monotonic() - started
+            if elapsed >= daemon.interval_seconds:
+                break
+            if wake.is_set() and elapsed >= MIN_GAP_S:
+                wake.clear()
+                break
+            if wake.is_set():
+                shutdown_event.wait(MIN_GAP_S - elapsed)
+            else:
+                wake.wait(min(daemon.interval_seconds - elapsed, 0.5))
+            yield None
+        yield None

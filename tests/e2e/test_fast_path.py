@@ -1,25 +1,25 @@
-"""The request sensor woken up by new requests, racing its own ticks (``runtime/wake.py``).
+"""The request sensor woken up by new requests (``runtime/wake.py``).
 
-Submits through the service arrive in bursts while an application inserts rows with plain SQL
-and the sensor ticks on its own; every arrival wakes the sensor (PostgreSQL: the trigger of
-migration 0012 and ``LISTEN``; SQLite: the daemon's poll). Whatever the interleaving:
-
-- every generation is claimed once (one ``queued`` event), by one batch, whose one run holds
-  exactly the batch's generations, and succeeds after one paid prediction;
-- the wake-ups did the claiming: the sensor's own interval is set to 60 s here, yet every
-  generation was queued within 10 s of becoming pending, all submitted after the sensor's
-  first tick (with wake-ups off, ``AI_HANDLER_SENSOR_WAKE=0``, this test fails: they wait for
-  the next tick, a minute later);
-- the ledger verifies.
+- Racing its own ticks (every second, as shipped): submits through the service arrive in
+  bursts while an application inserts rows with plain SQL, each arrival waking the sensor
+  (PostgreSQL: the trigger of migration 0012 and ``LISTEN``; SQLite: the daemon's poll).
+  Whatever the interleaving, every generation is claimed once (one ``queued`` event), by one
+  batch, whose one run holds exactly the batch's generations, and succeeds after one paid
+  prediction; the ledger verifies.
+- Idle, with the sensor's own ticks a minute apart: a submit and an application's INSERT are
+  queued within 10 s of becoming pending (with wake-ups off, ``AI_HANDLER_SENSOR_WAKE=0``,
+  that test fails: they wait for the next tick).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,18 +52,16 @@ SENSOR_INTERVAL_S = 60
 CLAIMED_WITHIN_S = 10
 
 
-@pytest.fixture(
-    scope="module",
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-)
-def env(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
+@contextlib.contextmanager
+def _stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_available: bool,
+    **env: str,
 ) -> Iterator[StackUnderTest]:
     state: Path = tmp_path_factory.mktemp(f"fast-{request.param}")
-    # The sensor's own ticks a minute apart: only wake-ups can start these generations sooner.
-    slow = {"extra_env": {"AI_HANDLER_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S)}}
     if request.param == "sqlite":
-        with running_stack(stack_config(state, **slow)) as stack:
+        with running_stack(stack_config(state, extra_env=env)) as stack:
             yield StackUnderTest(stack, App(stack.app_db_url))
         return
     with pg_databases(pg_available) as dbs:
@@ -72,7 +70,7 @@ def env(
             storage="postgres",
             dagster_pg_url=dbs.dagster_url,
             app_db_url=dbs.app_url,
-            **slow,
+            extra_env=env,
         )
         with running_stack(config) as stack:
             app = App(stack.app_db_url)
@@ -82,19 +80,89 @@ def env(
                 app.engine.dispose()
 
 
+DIALECTS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=DIALECTS)
+def env(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
+) -> Iterator[StackUnderTest]:
+    """The e2e stack: the sensor's own ticks every second, racing the woken ones."""
+    with _stack(request, tmp_path_factory, pg_available) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module", params=DIALECTS)
+def slow_ticks(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
+) -> Iterator[StackUnderTest]:
+    """The sensor's own ticks a minute apart: only wake-ups start requests sooner."""
+    with _stack(
+        request,
+        tmp_path_factory,
+        pg_available,
+        AI_HANDLER_SENSOR_INTERVAL_S=str(SENSOR_INTERVAL_S),
+    ) as stack:
+        yield stack
+
+
+def _wait_first_tick(stack: StackUnderTest) -> None:
+    with dagster_instance(stack.stack) as instance:
+        wait_for(
+            lambda: sensor_has_ticked(instance, REQUEST_SENSOR),
+            timeout_s=120,
+            what="the request sensor's first tick",
+        )
+
+
+def _queued_events(app: App, ids: list[int]) -> list[sa.Row[Any]]:
+    with app.engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.select(GenerationEvent.generation_id, GenerationEvent.at).where(
+                    GenerationEvent.generation_id.in_(ids), GenerationEvent.status == "queued"
+                )
+            ).all()
+        )
+
+
+def test_idle_requests_start_without_waiting_for_the_next_tick(
+    slow_ticks: StackUnderTest,
+) -> None:
+    """Regression for the idle wait: a request waited for the sensor's next tick. Here that
+    tick is a minute away; a submit and an application's INSERT start within seconds."""
+    stack, app = slow_ticks.stack, slow_ticks.app
+    user = unique("idle")
+    app.grant(user, 1000)
+    _wait_first_tick(slow_ticks)
+    headers = {"Authorization": f"Bearer {stack.local_api_key()}"}
+    ids: list[int] = []
+    with httpx.Client(base_url=stack.api_url, headers=headers, timeout=60) as client:
+        for n in range(3):
+            answer = client.post(
+                "/v1/generations",
+                json={"user": user, "model": "demo/pixel-sketch", "input": {"prompt": f"i{n}"}},
+            )
+            assert answer.status_code == 202, answer.text
+            ids.append(int(answer.json()["id"]))
+            app.wait_terminal(ids[-1:])
+    ids.append(app.insert(user, "demo/pixel-sketch", {"prompt": "inserted"}))
+    rows = app.wait_terminal(ids, timeout_s=SENSOR_INTERVAL_S - 5)
+    assert {r.status for r in rows.values()} == {"succeeded"}
+    waited = {
+        r.generation_id: (r.at - rows[r.generation_id].pending_since).total_seconds()
+        for r in _queued_events(app, ids)
+    }
+    assert sorted(waited) == ids
+    assert max(waited.values()) < CLAIMED_WITHIN_S, waited
+
+
 def test_racing_submits_and_ticks_claim_each_generation_once(env: StackUnderTest) -> None:
     stack, app = env.stack, env.app
     users = [unique(f"racer{i}") for i in range(SUBMITTERS)]
     for user in users:
         app.grant(user, 10_000)
     key = stack.local_api_key()
-    with dagster_instance(stack) as instance:
-        # From here the sensor's own next tick is a minute away.
-        wait_for(
-            lambda: sensor_has_ticked(instance, REQUEST_SENSOR),
-            timeout_s=120,
-            what="the request sensor's first tick",
-        )
     prompts: dict[int, str] = {}
     lock = threading.Lock()
     errors: list[str] = []
@@ -140,18 +208,8 @@ def test_racing_submits_and_ticks_claim_each_generation_once(env: StackUnderTest
     assert {r.status for r in rows.values()} == {"succeeded"}, {
         gid: (r.status, r.error_code) for gid, r in rows.items()
     }
-    with app.engine.connect() as conn:
-        queued_rows = conn.execute(
-            sa.select(GenerationEvent.generation_id, GenerationEvent.at).where(
-                GenerationEvent.generation_id.in_(ids), GenerationEvent.status == "queued"
-            )
-        ).all()
-    assert Counter(r.generation_id for r in queued_rows) == dict.fromkeys(ids, 1)
-    waited = {
-        r.generation_id: (r.at - rows[r.generation_id].pending_since).total_seconds()
-        for r in queued_rows
-    }
-    assert max(waited.values()) < CLAIMED_WITHIN_S, waited
+    queued = Counter(r.generation_id for r in _queued_events(app, ids))
+    assert queued == dict.fromkeys(ids, 1)
 
     batches: dict[str, set[int]] = defaultdict(set)
     for gid, row in rows.items():

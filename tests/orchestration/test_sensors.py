@@ -24,6 +24,7 @@ from ai_handler_dagster.orchestration.request_sensor import (
     plan_batches,
 )
 from ai_handler_dagster.resources.database import DatabaseResource
+from ai_handler_dagster.runtime import wake
 
 
 @pytest.fixture
@@ -188,3 +189,29 @@ def test_users_take_turns_and_one_backlog_cannot_starve_another(
     third = tick(db_url, instance)
     assert isinstance(third, SensorResult)
     assert {i for r in third.run_requests or [] for i in config_ids(r)} == set(heavy[10:14])
+
+
+def test_the_cursor_tells_the_daemon_whether_a_wake_up_may_start_the_next_tick(
+    db_url: str, instance: DagsterInstance
+) -> None:
+    """runtime/wake.py brings a tick forward only after a quiet one: with at most
+    AI_HANDLER_SMALL_BACKLOG (4) generations pending, queued or running. Regression: every
+    wake-up started a tick, so at a few requests a second each tick claimed one or two and
+    launched a run for each instead of batching them."""
+
+    def cursor_after_tick() -> str | None:
+        context = build_sensor_context(
+            instance=instance, resources={"database": DatabaseResource(url=db_url)}
+        )
+        generation_request_sensor(context)
+        return context.cursor
+
+    assert cursor_after_tick() == wake.QUIET_CURSOR  # nothing at all
+    insert_rows(db_url, 3)
+    assert cursor_after_tick() == wake.QUIET_CURSOR  # 3 pending, claimed by this tick
+    insert_rows(db_url, 1)
+    assert cursor_after_tick() == wake.QUIET_CURSOR  # 1 pending and 3 in flight: 4
+    insert_rows(db_url, 1)
+    assert cursor_after_tick() == wake.BUSY_CURSOR  # 1 pending and 4 in flight: 5
+    # Still 5 in flight, nothing pending: busy until the runs end.
+    assert cursor_after_tick() == wake.BUSY_CURSOR
