@@ -4,10 +4,12 @@ Proves: a stream shows ``pending`` -> ``queued`` -> ``running`` -> ``succeeded``
 process-like writer moves the generation (so each event arrives by a wake-up, LISTEN/NOTIFY on
 PostgreSQL, the worker's poller on SQLite), then ends; a dropped stream resumed with
 ``Last-Event-ID`` gets every later event, the terminal one included, and a stream resumed after
-the terminal event is 204 (an EventSource stops); a failed generation's stream ends with
-``failed`` and ``refunded: true``; many streams on one generation all see its end; and the token
-matrix: a token reads its own user's data by header or ``access_token``, and is refused when
-expired, tampered with, for another user, used to write, or when its key is revoked.
+the terminal event is 204 (an EventSource stops); a ``Last-Event-ID`` that is not an event id is
+422 (not 404) and one of another generation, or past the last event, is a position in the log; a
+failed generation's stream ends with ``failed`` and ``refunded: true``; many streams on one
+generation all see its end; and the token matrix: a token reads its own user's data by header or
+``access_token``, and is refused when expired, tampered with, for another user, used to write, or
+when its key is revoked.
 """
 
 from __future__ import annotations
@@ -215,6 +217,90 @@ def test_an_unknown_generation_is_a_problem(
 ) -> None:
     answer = reader_http.get("/v1/generations/999/events")
     assert answer.status_code == 404 and answer.headers["content-type"].startswith(PROBLEM)
+
+
+def _log(engine: sa.Engine) -> list[tuple[int, int, str]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT id, generation_id, status FROM generation_events ORDER BY id")
+        )
+        return [(r.id, r.generation_id, r.status) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["abc", "-1", "1e3", "+5", "1_000", "0x10", "1 2", "3.0", str(2**63), "9" * 40],
+)
+def test_a_malformed_last_event_id_is_422_not_404(
+    api: Api, reader_http: httpx.Client, header: str
+) -> None:
+    # Answered 404 not-found ("not an event id of this stream"), as if the generation were
+    # missing: a client could only conclude that the generation does not exist. "1_000" and
+    # "+5" were taken as 1000 and 5 (Python's int() accepts them).
+    gid = _submit(api)
+    before = _log(api.engine)
+    url = f"/v1/generations/{gid}/events"
+    # Streamed: a value taken for an event id opens a stream that would never end.
+    with reader_http.stream("GET", url, headers={"Last-Event-ID": header}) as answer:
+        assert answer.status_code == 422, answer.headers
+        answer.read()
+    _refused(answer, 422, "invalid-request")
+    body = answer.json()
+    [error] = body["errors"]
+    assert error["field"] == "header.last-event-id" and "not an event id" in error["message"]
+    assert body["detail"].startswith("Last-Event-ID: not an event id")
+    assert _log(api.engine) == before
+    with api.client() as http:
+        described = http.get(body["type"]).json()
+    assert described["status"] == 422
+
+
+def test_a_malformed_last_event_id_of_an_unknown_generation_is_still_422(
+    reader_http: httpx.Client,
+) -> None:
+    answer = reader_http.get("/v1/generations/999/events", headers={"Last-Event-ID": "abc"})
+    _refused(answer, 422, "invalid-request")
+
+
+def test_last_event_id_is_a_position_in_the_event_log(api: Api, reader_http: httpx.Client) -> None:
+    # Event ids are one sequence for every generation, so an id is a position in the log
+    # whichever generation it belongs to: the stream sends this generation's events after it.
+    ann = _submit(api, "ann")
+    bob = _submit(api, "bob")
+    _queue(api.engine, ann)  # claims both
+    _start(api.engine, ann)
+    _succeed(api.engine, ann)
+    bobs_pending = next(i for i, g, s in _log(api.engine) if g == bob and s == "pending")
+    anns = [(i, s) for i, g, s in _log(api.engine) if g == ann]
+    seen = _events(reader_http, ann, last=str(bobs_pending))
+    assert [(int(e.id), e.event) for e in seen] == [(i, s) for i, s in anns if i > bobs_pending]
+    assert [e.event for e in seen] == ["queued", "running", "succeeded"]
+    # Leading zeros are still a decimal event id, however many (int() refuses a string of
+    # over 4300 digits: that must not be a 500).
+    again = _events(reader_http, ann, last="0" * 5000 + str(bobs_pending))
+    assert [e.id for e in again] == [e.id for e in seen]
+
+
+def test_last_event_id_beyond_the_last_event(api: Api, reader_http: httpx.Client) -> None:
+    # An ended generation with nothing after the id: 204, an EventSource stops.
+    done = _submit(api)
+    _queue(api.engine, done)
+    _start(api.engine, done)
+    _succeed(api.engine, done)
+    beyond = str(2**63 - 1)
+    answer = reader_http.get(f"/v1/generations/{done}/events", headers={"Last-Event-ID": beyond})
+    assert answer.status_code == 204
+    # A live generation: the stream opens, sends no event at or before the id, and still ends
+    # when the generation does (it does not wait for ever).
+    live = _submit(api)
+    writer = _later(*_to_success(api.engine, live))
+    started = time.monotonic()
+    seen = _events(reader_http, live, last=beyond)
+    writer.join()
+    assert seen == []
+    assert time.monotonic() - started < 20
+    answer = reader_http.get(f"/v1/generations/{live}/events", headers={"Last-Event-ID": beyond})
+    assert answer.status_code == 204
 
 
 # --- user tokens ---------------------------------------------------------------------------------

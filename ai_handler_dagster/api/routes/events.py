@@ -6,7 +6,8 @@ One SSE event per row of the generation event log, in order, until the generatio
 also carries the outcome: the outputs with presigned links (``succeeded``), or the error and
 ``refunded`` (``failed``, ``canceled``: true when nothing was charged and the hold went back).
 The stream then ends. A client that lost its connection sends ``Last-Event-ID`` (a browser's
-``EventSource`` does so itself) and gets every event after that one, the terminal one included.
+``EventSource`` does so itself) and gets every event after that one, the terminal one included;
+a ``Last-Event-ID`` that is not an event id (decimal digits) is refused with 422.
 
 The stream sleeps between events: the worker's ``streams.Hub`` wakes it when its generation gets
 an event (``LISTEN/NOTIFY`` on PostgreSQL, one poller per worker on SQLite); each wake is one
@@ -27,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ai_handler_dagster import settings
 from ai_handler_dagster.api import deps
-from ai_handler_dagster.api.problems import NOT_FOUND, Problem
+from ai_handler_dagster.api.problems import INVALID_REQUEST, NOT_FOUND, Problem
 from ai_handler_dagster.api.routes.generations import MAX_ID, outputs_of, shown_row
 from ai_handler_dagster.api.streams import Hub
 from ai_handler_dagster.db.engine import session_scope
@@ -86,16 +87,36 @@ def _outcome(request: Request, row: Generation) -> dict[str, Any]:
     }
 
 
+#: Why a ``Last-Event-ID`` is refused; the ids a stream sends are plain decimals.
+_NOT_AN_EVENT_ID = f"not an event id (send the last one received: digits, at most {MAX_ID})"
+
+
 def _last_event_id(value: str | None) -> int:
-    if value is None or not value.strip():
+    """The event id to resume after (0: from the start), or a 422 problem.
+
+    An id is a position in the event log, whose ids only grow, whichever generation it belongs
+    to: the stream sends its generation's events after it. Only ASCII digits are an id (int()
+    also takes "+5", "1_000" and other scripts' digits); one past ``MAX_ID`` is refused before
+    it is converted (nor could SQLite bind it).
+    """
+    text = (value or "").strip()
+    if not text:
         return 0
-    try:
-        parsed = int(value.strip())
-    except ValueError as exc:
-        raise Problem(NOT_FOUND, "Last-Event-ID is not an event id of this stream") from exc
-    if not 0 <= parsed <= MAX_ID:
-        raise Problem(NOT_FOUND, "Last-Event-ID is not an event id of this stream")
+    digits = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(MAX_ID)):
+        raise _not_an_event_id()
+    parsed = int(digits)
+    if parsed > MAX_ID:
+        raise _not_an_event_id()
     return parsed
+
+
+def _not_an_event_id() -> Problem:
+    return Problem(
+        INVALID_REQUEST,
+        f"Last-Event-ID: {_NOT_AN_EVENT_ID}",
+        errors=[{"field": "header.last-event-id", "message": _NOT_AN_EVENT_ID}],
+    )
 
 
 @router.get(
@@ -106,6 +127,7 @@ def _last_event_id(value: str | None) -> int:
         200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
         204: {"description": "resumed after the last event of an ended generation"},
         404: {"description": "no generation has this id"},
+        422: {"description": "Last-Event-ID is not an event id (or another parameter is invalid)"},
     },
 )
 async def generation_events(
@@ -113,8 +135,10 @@ async def generation_events(
     generation_id: int = Path(ge=1, le=MAX_ID),
     last_event_id: str | None = Header(
         default=None,
-        max_length=32,
-        description="Resume after this event (sent by EventSource when it reconnects).",
+        description=(
+            "Resume after this event (sent by EventSource when it reconnects): the stream sends "
+            "the events after it. Not an event id (digits only): 422."
+        ),
     ),
     reader: deps.Reader = Depends(deps.reader),  # noqa: B008
     engine: sa.Engine = Depends(deps.engine),  # noqa: B008
