@@ -41,6 +41,7 @@ from ai_handler_dagster.api.problems import (
     ProblemType,
 )
 from ai_handler_dagster.api.routes.generations import batch_submitter
+from ai_handler_dagster.api.server import ON_SHUTDOWN
 from ai_handler_dagster.api.streams import Hub
 from ai_handler_dagster.db.engine import make_counter_engine, make_engine
 from ai_handler_dagster.pricing import PriceBook, load_pricing
@@ -173,9 +174,11 @@ def create_app(
     ``prices`` (default: ``pricing.load_pricing()``, the table of ``AI_HANDLER_PRICING_FILE``)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         app.state.hub.start()
-        yield
+        # The server calls it as it shuts connections down (server.HeadDeadline.shutdown): open
+        # event streams end then, instead of holding the shutdown until their clients leave.
+        yield {ON_SHUTDOWN: app.state.hub.end_streams}
         await app.state.hub.close()
         app.state.submitter.close()
         app.state.admitter.close()

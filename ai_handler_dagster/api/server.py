@@ -6,6 +6,15 @@ whose number is known (and written to ``port_file``) before the first request ca
 Limits against slow or greedy clients: a deadline for each request head (:class:`HeadDeadline`)
 and for its body (``limits.py``), at most ``LIMIT_CONCURRENCY`` connections per worker (503
 beyond), a keep-alive timeout between requests, and the body size limit.
+
+Stopping (SIGINT or SIGTERM, a worker's SIGTERM from uvicorn's supervisor, ``ServerHandle.stop``):
+uvicorn stops accepting, asks every open connection to shut down and waits until each has
+closed before it runs the app's lifespan shutdown. A connection closes only when its response
+is complete, and an event stream completes only when its generation ends: the protocol
+(:meth:`HeadDeadline.shutdown`) so calls the app's ``ON_SHUTDOWN`` hook, which ends the
+worker's open streams (``streams.Hub.end_streams``). This is the one exit hook every way of
+running the server goes through: uvicorn's own signal handlers are not installed in a thread,
+and its supervisor's workers are plain ``uvicorn.Server`` instances.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ KEEP_ALIVE_S = 5
 MAX_HEAD_BYTES = 64 * 1024
 #: The environment variable prometheus-client's multiprocess mode reads.
 METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
+#: The key of the app's lifespan state under which it leaves a callable the server calls (on the
+#: worker's loop) when it starts shutting its connections down: what ends long responses.
+ON_SHUTDOWN = "ai_handler.on_shutdown"
 
 
 class HeadDeadline(HttpToolsProtocol):
@@ -52,6 +64,10 @@ class HeadDeadline(HttpToolsProtocol):
     opened, or after the request's first byte, is closed; the body's own deadline is
     ``limits.BodyLimits``'. A head growing past ``MAX_HEAD_BYTES`` is not buffered further: the
     connection is closed.
+
+    When the server shuts a connection down, it also calls the app's ``ON_SHUTDOWN`` hook (once
+    per connection; the hook ends the worker's event streams, which would otherwise keep their
+    connections, and so the server, open until their clients leave).
     """
 
     _head_timer: asyncio.TimerHandle | None = None
@@ -100,6 +116,13 @@ class HeadDeadline(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        # app_state is the lifespan state: the same dict for every connection of the server.
+        on_shutdown = self.app_state.get(ON_SHUTDOWN)
+        if on_shutdown is not None:
+            on_shutdown()
 
 
 def bind(host: str, port: int) -> socket.socket:

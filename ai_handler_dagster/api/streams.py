@@ -12,6 +12,14 @@ wakes it; then it reads the events after the last one it sent. What wakes the hu
 - SQLite, which cannot notify: one poller per worker reads the ids of the generations that got
   events since its last look, every ``AI_HANDLER_API_EVENTS_POLL_MS``, and only while a stream
   is open. Its cost does not grow with the number of streams.
+
+Shutting down: uvicorn closes no connection while a response is under way, and runs the app's
+lifespan shutdown (which closes the hub) only once every connection is closed, so an open stream
+would hold the worker until its client left. ``end_streams`` ends them: each stream wakes, sees
+``ending`` and returns, which ends its response cleanly (the client reconnects with
+``Last-Event-ID``, elsewhere). The server calls it when it starts shutting its connections
+(``server.HeadDeadline.shutdown``, through the lifespan state, ``server.ON_SHUTDOWN``);
+``close`` calls it too, for a lifespan that ends while streams are open.
 """
 
 from __future__ import annotations
@@ -42,11 +50,24 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._ending = False
 
     @property
     def streams(self) -> int:
         """Streams open on this worker."""
         return sum(len(w) for w in self._waiters.values())
+
+    @property
+    def ending(self) -> bool:
+        """True once the worker is shutting down: a stream that sees it ends."""
+        return self._ending
+
+    def end_streams(self) -> None:
+        """End every open stream, and any opened later after its first events (on the loop's
+        thread; calling it again does nothing more)."""
+        if not self._ending:
+            self._ending = True
+            self._wake(None)
 
     def start(self) -> None:
         """Start listening (PostgreSQL) or polling (SQLite); call it on the worker's loop."""
@@ -58,13 +79,14 @@ class Hub:
             self._listener.start()
 
     async def close(self) -> None:
+        """End the open streams (if the server has not), then stop listening or polling."""
+        self.end_streams()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
-        self._wake(None)
 
     @contextlib.contextmanager
     def subscribe(self, generation_id: int) -> Iterator[asyncio.Event]:

@@ -7,18 +7,26 @@ PostgreSQL, the worker's poller on SQLite), then ends; a dropped stream resumed 
 the terminal event is 204 (an EventSource stops); a ``Last-Event-ID`` that is not an event id is
 422 (not 404) and one of another generation, or past the last event, is a position in the log; a
 failed generation's stream ends with ``failed`` and ``refunded: true``; many streams on one
-generation all see its end; and the token matrix: a token reads its own user's data by header or
+generation all see its end; a server stopped with streams open (``ai-handler serve`` on SIGINT or
+SIGTERM with one worker or two, the embedded server, an ASGI lifespan ending) ends each stream
+cleanly and stops; and the token matrix: a token reads its own user's data by header or
 ``access_token``, and is refused when expired, tampered with, for another user, used to write, or
 when its key is revoked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +38,8 @@ from httpx_sse import ServerSentEvent, connect_sse
 from ai_handler_dagster import generations as gens
 from ai_handler_dagster import ledger
 from ai_handler_dagster.api import keys, tokens
+from ai_handler_dagster.api.app import create_app
+from ai_handler_dagster.api.server import start_server
 from ai_handler_dagster.db.engine import session_scope
 from ai_handler_dagster.pricing import load_pricing
 from tests.support.api import Api
@@ -301,6 +311,175 @@ def test_last_event_id_beyond_the_last_event(api: Api, reader_http: httpx.Client
     assert time.monotonic() - started < 20
     answer = reader_http.get(f"/v1/generations/{live}/events", headers={"Last-Event-ID": beyond})
     assert answer.status_code == 204
+
+
+# --- shutting down with open streams ------------------------------------------------------------
+
+#: How long a stop may take with streams open (it takes about a second; a hang is for ever).
+_STOP_S = 20
+
+
+class _Follower(threading.Thread):
+    """A client following one stream: ``opened`` once its first event arrived, then ``outcome``
+    ("ended": the response ended cleanly; else the error) and the events seen."""
+
+    def __init__(self, url: str, key: str, gid: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.key, self.gid = url, key, gid
+        self.opened = threading.Event()
+        self.seen: list[str] = []
+        self.outcome: str | None = None
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        try:
+            with (
+                httpx.Client(base_url=self.url, headers=headers, timeout=60) as http,
+                connect_sse(http, "GET", f"/v1/generations/{self.gid}/events") as source,
+            ):
+                for event in source.iter_sse():
+                    self.seen.append(event.event)
+                    self.opened.set()
+            self.outcome = "ended"
+        except Exception as exc:  # a cut-off body (RemoteProtocolError), a refusal, a timeout
+            self.outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.opened.set()
+
+
+def _follow(url: str, key: str, gid: int, count: int = 3) -> list[_Follower]:
+    """``count`` clients on the stream of ``gid``, returned once each has its first event."""
+    followers = [_Follower(url, key, gid) for _ in range(count)]
+    for follower in followers:
+        follower.start()
+    for follower in followers:
+        assert follower.opened.wait(60), "a stream did not open"
+        assert follower.seen == ["pending"], follower.outcome
+    return followers
+
+
+def _assert_ended(followers: list[_Follower]) -> None:
+    for follower in followers:
+        follower.join(_STOP_S)
+        assert not follower.is_alive(), "a client is still waiting on its stream"
+        # Ended as a response ends (the closing chunk), not cut off with the connection.
+        assert (follower.outcome, follower.seen) == ("ended", ["pending"])
+
+
+def _direct_submit(engine: sa.Engine) -> tuple[int, str]:
+    """A generation that stays pending (nothing runs it) and a read key."""
+    _grant(engine, "ann", 100)
+    with session_scope(engine) as session:
+        row = gens.submit(
+            session, user_id="ann", model=IMAGE, input={"prompt": "a"}, prices=load_pricing()
+        )
+        key, _ = keys.create(session, name="reader", scopes=[keys.READ])
+    return row.id, key
+
+
+def test_stopping_the_server_ends_open_streams(engine: sa.Engine) -> None:
+    # ServerHandle.stop() (the embedded stack's, the tests') waited its 10 s and returned with
+    # the server still running: uvicorn waits for every connection to close before the lifespan
+    # shutdown, a stream's connection closes only when its generation ends, and sse-starlette
+    # ends streams only when it finds uvicorn's signal handler, which a server in a thread has
+    # not installed. The clients waited on their streams until they gave up.
+    gid, key = _direct_submit(engine)
+    with start_server(create_app(engine, prices=load_pricing())) as handle:
+        followers = _follow(handle.url, key, gid)
+        started = time.monotonic()
+        handle.stop()
+        assert time.monotonic() - started < _STOP_S
+        assert not handle._thread.is_alive(), "the server is still running"
+    _assert_ended(followers)
+
+
+@pytest.mark.parametrize(("workers", "sig"), [(1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_ai_handler_serve_stops_with_open_streams(
+    engine: sa.Engine, db_url: str, tmp_path: Path, workers: int, sig: signal.Signals
+) -> None:
+    # The real command, one worker (uvicorn's signal handlers in the process) or two (its
+    # supervisor sends each worker SIGTERM): the signal ends every open stream cleanly and the
+    # command exits 0 soon after, instead of waiting for every client to leave.
+    gid, key = _direct_submit(engine)
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "ai_handler_dagster.cli", "serve", "--workers", str(workers)),
+            *("--port", "0", "--port-file", str(port_file), "--log-level", "warning"),
+        ],
+        env={**os.environ, "AI_HANDLER_DATABASE_URL": db_url},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert process.poll() is None, "ai-handler serve exited"
+            assert time.monotonic() < deadline, "ai-handler serve did not bind its port"
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        followers = _follow(url, key, gid)
+        started = time.monotonic()
+        process.send_signal(sig)
+        assert process.wait(timeout=_STOP_S) == 0
+        assert time.monotonic() - started < _STOP_S
+        _assert_ended(followers)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_lifespan_ending_ends_open_streams(engine: sa.Engine) -> None:
+    # A server that ends the app's lifespan with responses still open (uvicorn waits for them
+    # first; others need not): Hub.close() woke every stream, each read again and went back to
+    # sleep, so its response never ended. Driven as ASGI, without uvicorn, so nothing else can
+    # end the stream.
+    gid, key = _direct_submit(engine)
+    app = create_app(engine, prices=load_pricing())
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        first = asyncio.Event()
+        asked = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Future()  # the client stays
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if b"event: pending" in message.get("body", b""):
+                first.set()
+
+        async with app.router.lifespan_context(app) as state:
+            path = f"/v1/generations/{gid}/events"
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.4"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"host", b"test"), (b"authorization", f"Bearer {key}".encode())],
+                "client": ("127.0.0.1", 50000),
+                "server": ("test", 80),
+                "state": dict(state or {}),
+            }
+            answering = asyncio.create_task(app(scope, receive, send))
+            await asyncio.wait_for(first.wait(), 60)
+        await asyncio.wait_for(answering, _STOP_S)
+
+    asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    events = b"".join(m.get("body", b"") for m in sent)
+    assert events.count(b"event: ") == 1
 
 
 # --- user tokens ---------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ a ``Last-Event-ID`` that is not an event id (decimal digits) is refused with 422
 The stream sleeps between events: the worker's ``streams.Hub`` wakes it when its generation gets
 an event (``LISTEN/NOTIFY`` on PostgreSQL, one poller per worker on SQLite); each wake is one
 read of the events after the last one sent. An idle stream costs a keep-alive comment every
-``AI_HANDLER_API_EVENTS_PING_S``.
+``AI_HANDLER_API_EVENTS_PING_S``. When the worker shuts down, the hub ends its streams: each ends
+cleanly without a terminal event, and the client reconnects with ``Last-Event-ID``.
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ async def generation_events(
                     return
                 if len(events) < _PAGE:
                     await woken.wait()
+                if hub.ending:
+                    # The worker is shutting down: end the response cleanly (the client
+                    # resumes with Last-Event-ID), or the server waits for this client to leave.
+                    return
                 woken.clear()
                 row, events = await run_in_threadpool(_read, engine, generation_id, after)
 
