@@ -31,6 +31,7 @@ from ai_handler_dagster import ledger, settings
 from ai_handler_dagster.db.engine import make_engine, session_scope
 from ai_handler_dagster.devstack.stack import Stack, StackConfig
 from ai_handler_dagster.domain import TERMINAL, UNSUCCESSFUL, GenerationStatus
+from ai_handler_dagster.errors import AiHandlerError
 from ai_handler_dagster.settings import DEFAULT_BUCKET
 
 DEMO_CREDITS = 500
@@ -152,7 +153,7 @@ Progress = Callable[[list[Followed], int | None], None]
 MAX_RECONNECTS = 5
 
 
-class DemoError(RuntimeError):
+class DemoError(AiHandlerError, RuntimeError):
     """The API refused something the demo needs (a grant, a submit, a read)."""
 
 
