@@ -20,16 +20,13 @@ from pathlib import Path
 import pytest
 
 from ai_handler_dagster.domain import RunTag
-from tests.support.db import pg_databases
 from tests.support.stack import (
-    App,
     StackUnderTest,
     dagster_instance,
     predictions_with_prompt,
-    running_stack,
     runs_of_batch,
     s3_keys,
-    stack_config,
+    stack_on,
     unique,
 )
 
@@ -65,24 +62,8 @@ def env(
         "emulator_args": EMULATOR_ARGS,
         "extra_env": {"AI_HANDLER_PRICING_FILE": str(prices)},
     }
-    if request.param == "sqlite":
-        with running_stack(stack_config(state, **settings)) as stack:
-            yield StackUnderTest(stack, App(stack.app_db_url))
-        return
-    with pg_databases(pg_available) as dbs:
-        config = stack_config(
-            state,
-            storage="postgres",
-            dagster_pg_url=dbs.dagster_url,
-            app_db_url=dbs.app_url,
-            **settings,
-        )
-        with running_stack(config) as stack:
-            app = App(stack.app_db_url)
-            try:
-                yield StackUnderTest(stack, app)
-            finally:
-                app.engine.dispose()
+    with stack_on(request.param, state, pg_available, **settings) as stack:
+        yield stack
 
 
 def test_a_deployment_generation_is_adopted_once_and_charged_its_price(

@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,15 +27,13 @@ from ai_handler_dagster.db.models import GenerationEvent
 from ai_handler_dagster.domain import RunTag
 from ai_handler_dagster.runtime.ticks import sensor_has_ticked
 from ai_handler_dagster.runtime.wake import REQUEST_SENSOR
-from tests.support.db import pg_databases
 from tests.support.stack import (
     App,
     StackUnderTest,
     dagster_instance,
     predictions_with_prompt,
-    running_stack,
     runs_of_batch,
-    stack_config,
+    stack_on,
     unique,
     wait_for,
 )
@@ -52,34 +48,6 @@ SENSOR_INTERVAL_S = 60
 CLAIMED_WITHIN_S = 10
 
 
-@contextlib.contextmanager
-def _stack(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    pg_available: bool,
-    **env: str,
-) -> Iterator[StackUnderTest]:
-    state: Path = tmp_path_factory.mktemp(f"fast-{request.param}")
-    if request.param == "sqlite":
-        with running_stack(stack_config(state, extra_env=env)) as stack:
-            yield StackUnderTest(stack, App(stack.app_db_url))
-        return
-    with pg_databases(pg_available) as dbs:
-        config = stack_config(
-            state,
-            storage="postgres",
-            dagster_pg_url=dbs.dagster_url,
-            app_db_url=dbs.app_url,
-            extra_env=env,
-        )
-        with running_stack(config) as stack:
-            app = App(stack.app_db_url)
-            try:
-                yield StackUnderTest(stack, app)
-            finally:
-                app.engine.dispose()
-
-
 DIALECTS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -88,7 +56,8 @@ def env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
 ) -> Iterator[StackUnderTest]:
     """The e2e stack: the sensor's own ticks every second, racing the woken ones."""
-    with _stack(request, tmp_path_factory, pg_available) as stack:
+    state = tmp_path_factory.mktemp(f"fast-{request.param}")
+    with stack_on(request.param, state, pg_available) as stack:
         yield stack
 
 
@@ -97,12 +66,9 @@ def slow_ticks(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_available: bool
 ) -> Iterator[StackUnderTest]:
     """The sensor's own ticks a minute apart: only wake-ups start requests sooner."""
-    with _stack(
-        request,
-        tmp_path_factory,
-        pg_available,
-        AI_HANDLER_SENSOR_INTERVAL_S=str(SENSOR_INTERVAL_S),
-    ) as stack:
+    state = tmp_path_factory.mktemp(f"fast-slow-{request.param}")
+    env = {"AI_HANDLER_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S)}
+    with stack_on(request.param, state, pg_available, extra_env=env) as stack:
         yield stack
 
 

@@ -127,6 +127,34 @@ def stack_config(state_dir: Path, **overrides: Any) -> StackConfig:
 
 
 @contextlib.contextmanager
+def stack_on(
+    dialect: str, state_dir: Path, pg_available: bool, **overrides: Any
+) -> Iterator[StackUnderTest]:
+    """The e2e stack (``stack_config`` with ``overrides``) on SQLite everywhere or on fresh
+    PostgreSQL databases for the app and Dagster's storage, with the app database it serves."""
+    from tests.support.db import pg_databases
+
+    if dialect == "sqlite":
+        with running_stack(stack_config(state_dir, **overrides)) as stack:
+            yield StackUnderTest(stack, App(stack.app_db_url))
+        return
+    with pg_databases(pg_available) as dbs:
+        config = stack_config(
+            state_dir,
+            storage="postgres",
+            dagster_pg_url=dbs.dagster_url,
+            app_db_url=dbs.app_url,
+            **overrides,
+        )
+        with running_stack(config) as stack:
+            app = App(stack.app_db_url)
+            try:
+                yield StackUnderTest(stack, app)
+            finally:
+                app.engine.dispose()
+
+
+@contextlib.contextmanager
 def dagster_instance(stack: Stack) -> Iterator[DagsterInstance]:
     """The stack's Dagster instance, opened from this process (read its runs, cancel one)."""
     instance = DagsterInstance.from_config(str(stack.dagster_home))
